@@ -1,0 +1,17 @@
+"""lmscope: open any Hugging Face language model offline, see what it computes, explain it, compress it."""
+
+from __future__ import annotations
+
+from .errors import LmscopeError
+from .lm import LM, Run
+
+__version__ = "0.1.0"
+__all__ = ["LM", "Run", "LmscopeError", "load", "__version__"]
+
+
+def load(spec: str = "smollm2", progress: bool = True) -> LM:
+    """Open a model: a built-in name (``smollm2``, ``minilm``), a HF directory, a ``.gguf`` file or a hub id."""
+    from .models.loading import load_model
+
+    model, tokenizer, source, directory = load_model(spec, progress=progress)
+    return LM(model, tokenizer, name=source.label, path=str(directory) if directory else source.location)

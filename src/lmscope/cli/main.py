@@ -1,0 +1,58 @@
+"""``lmscope`` command line: one module per verb in this package, each with ``add_parser(sub)``.
+
+Errors meant for users (``LmscopeError``) print one line on stderr and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# verb modules, in the order --help lists them; a new verb is one module + one name here
+VERBS = ["inspect", "models", "demo", "explain", "patch", "heads", "compress", "evaluate", "compare", "serve"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmscope",
+        description="Open a language model offline, see what it computes, explain it, compress it.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmscope {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb in VERBS:
+        try:
+            module = importlib.import_module(f"lmscope.cli.{verb}")
+        except ModuleNotFoundError as e:
+            if e.name == f"lmscope.cli.{verb}":
+                continue  # verb not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from ..errors import LmscopeError
+
+    try:
+        result = args.func(args)
+    except LmscopeError as e:
+        print(f"lmscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmscope: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

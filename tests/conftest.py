@@ -1,0 +1,116 @@
+"""Fixtures: tiny random models per family (from config objects, no downloads) and the real models (cached)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# tests must never reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _tiny(family: str):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lmscope.capture.session import ATTN_IMPL, register_attention
+
+    register_attention()
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=49152, n_embd=64, n_layer=3, n_head=4, n_positions=256)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "bert":
+        cfg = BertConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        )
+        model = BertModel(cfg, add_pooling_layer=False)
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = ATTN_IMPL
+    # random init leaves tiny logits; scale up so attention patterns are not uniform
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                p.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real smollm2 converted to the safetensors cache (converted once per cache)."""
+    from lmscope.models.loading import convert_gguf
+    from lmscope.models.sources import builtin_path
+
+    return convert_gguf(builtin_path("smollm2"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def causal_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def encoder_tokenizer():
+    from transformers import AutoTokenizer
+
+    from lmscope.models.sources import builtin_path
+
+    return AutoTokenizer.from_pretrained(builtin_path("minilm"))
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "bert"])
+def tiny_lm(request, causal_tokenizer, encoder_tokenizer):
+    """A tiny random LM of each family (session-scoped: do not mutate it; copy.deepcopy first)."""
+    from lmscope import LM
+
+    tok = encoder_tokenizer if request.param == "bert" else causal_tokenizer
+    return LM(_tiny(request.param), tok, name=f"tiny-{request.param}")
+
+
+@pytest.fixture()
+def make_tiny(causal_tokenizer, encoder_tokenizer):
+    """Build a fresh tiny LM of a family (safe to mutate)."""
+    from lmscope import LM
+
+    def make(family: str = "llama"):
+        tok = encoder_tokenizer if family == "bert" else causal_tokenizer
+        return LM(_tiny(family), tok, name=f"tiny-{family}")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """The real smollm2 (session-scoped: do not mutate it)."""
+    import lmscope
+
+    return lmscope.load("smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    import lmscope
+
+    return lmscope.load("minilm", progress=False)
