@@ -1,0 +1,325 @@
+/* lmscope widgets: render JSON widget specs into the page. No dependencies, no network.
+ * Each <div class="ls-widget" data-id="N"> is drawn from LMSCOPE_DATA.widgets[N].
+ * Used by the static report.html and by the `lmscope serve` page alike. */
+(function (global) {
+  "use strict";
+
+  // ---------- helpers ----------
+  function el(tag, attrs, children) {
+    var e = document.createElement(tag);
+    if (attrs) for (var k in attrs) {
+      if (k === "text") e.textContent = attrs[k];
+      else if (k === "html") e.innerHTML = attrs[k];
+      else if (k === "style") e.style.cssText = attrs[k];
+      else if (k.slice(0, 2) === "on") e.addEventListener(k.slice(2), attrs[k]);
+      else e.setAttribute(k, attrs[k]);
+    }
+    (children || []).forEach(function (c) { if (c) e.appendChild(typeof c === "string" ? document.createTextNode(c) : c); });
+    return e;
+  }
+  function fmt(v) {
+    if (v === null || v === undefined || (typeof v === "number" && isNaN(v))) return "–";
+    if (typeof v !== "number") return String(v);
+    var a = Math.abs(v);
+    if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
+    return v.toFixed(a >= 100 ? 1 : 3);
+  }
+  function showTok(t) { return String(t).replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/ /g, "·"); }
+  // sequential (white -> blue) and diverging (red <- white -> blue) color maps
+  function seqColor(t) {
+    t = Math.max(0, Math.min(1, t));
+    var r = Math.round(247 - t * (247 - 8)), g = Math.round(251 - t * (251 - 48)), b = Math.round(255 - t * (255 - 107));
+    return "rgb(" + r + "," + g + "," + b + ")";
+  }
+  function divColor(t) { // t in [-1, 1]
+    t = Math.max(-1, Math.min(1, t));
+    if (t >= 0) return "rgb(" + Math.round(255 - t * 222) + "," + Math.round(255 - t * 153) + "," + Math.round(255 - t * 43) + ")";
+    t = -t;
+    return "rgb(" + Math.round(255 - t * 41) + "," + Math.round(255 - t * 195) + "," + Math.round(255 - t * 210) + ")";
+  }
+  var tip = null;
+  function tooltip(ev, html) {
+    if (!tip) { tip = el("div", { "class": "ls-tip" }); document.body.appendChild(tip); }
+    if (html === null) { tip.style.display = "none"; return; }
+    tip.innerHTML = html; tip.style.display = "block";
+    var x = ev.clientX + 14, y = ev.clientY + 14;
+    if (x + tip.offsetWidth > window.innerWidth) x = ev.clientX - tip.offsetWidth - 10;
+    if (y + tip.offsetHeight > window.innerHeight) y = ev.clientY - tip.offsetHeight - 10;
+    tip.style.left = x + "px"; tip.style.top = y + "px";
+  }
+  function esc(s) { return String(s).replace(/[&<>"]/g, function (c) { return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]; }); }
+  function range(lo, hi) { var m = Infinity, M = -Infinity; lo.forEach(function (row) { row.forEach(function (v) { if (v !== null && !isNaN(v)) { if (v < m) m = v; if (v > M) M = v; } }); }); return [m, M]; }
+  // packed attention: base64 uint8 of sqrt(p)*255, shape [layers, heads, n, n]
+  function unpack(b64) {
+    var s = atob(b64), a = new Uint8Array(s.length);
+    for (var i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
+    return a;
+  }
+
+  // ---------- heatmap (canvas) ----------
+  function heatmap(spec, host) {
+    var z = spec.z, rows = z.length, cols = rows ? z[0].length : 0;
+    var xl = spec.x_labels || [], yl = spec.y_labels || [];
+    var mm = spec.range || range(z);
+    var lo = mm[0], hi = mm[1];
+    if (spec.diverging) { var a = Math.max(Math.abs(lo), Math.abs(hi)) || 1; lo = -a; hi = a; }
+    var maxLabels = 64;
+    var cell = Math.max(4, Math.min(spec.cell || 28, Math.floor(760 / Math.max(cols, 1))));
+    var cellH = Math.max(4, Math.min(spec.cell || 22, Math.floor(600 / Math.max(rows, 1))));
+    var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
+    var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
+    var top = showX ? Math.min(120, 8 + 6 * Math.max.apply(null, xl.map(function (s) { return showTok(s).length; }).concat([1]))) : 20;
+    var W = left + cols * cell + 10, H = top + rows * cellH + 10;
+    var canvas = el("canvas", { width: W, height: H, "class": "ls-canvas" });
+    var ctx = canvas.getContext("2d");
+    ctx.font = "11px ui-monospace, monospace"; ctx.fillStyle = "#222";
+    for (var r = 0; r < rows; r++) for (var c = 0; c < cols; c++) {
+      var v = z[r][c];
+      if (v === null || isNaN(v)) { ctx.fillStyle = "#eee"; }
+      else ctx.fillStyle = spec.diverging ? divColor(v / hi) : seqColor((v - lo) / ((hi - lo) || 1));
+      ctx.fillRect(left + c * cell, top + r * cellH, cell - (cell > 6 ? 1 : 0), cellH - (cellH > 6 ? 1 : 0));
+      if (spec.cell_text && cell >= 24) {
+        var t = String(spec.cell_text[r][c]);
+        var tt = showTok(t).slice(0, Math.floor(cell / 6.5));
+        ctx.fillStyle = ((v - lo) / ((hi - lo) || 1)) > 0.6 ? "#fff" : "#111";
+        ctx.fillText(tt, left + c * cell + 2, top + r * cellH + cellH / 2 + 4);
+      }
+    }
+    ctx.fillStyle = "#222";
+    if (showY) for (r = 0; r < rows; r++) { ctx.textAlign = "right"; ctx.fillText(showTok(yl[r]).slice(0, 22), left - 4, top + r * cellH + cellH / 2 + 4); }
+    else if (yl.length) { var stepY = Math.ceil(rows / 16); ctx.textAlign = "right"; for (r = 0; r < rows; r += stepY) ctx.fillText(String(r), left - 4, top + r * cellH + cellH / 2 + 4); }
+    if (showX) for (c = 0; c < cols; c++) { ctx.save(); ctx.translate(left + c * cell + cell / 2 + 4, top - 4); ctx.rotate(-Math.PI / 2.6); ctx.textAlign = "left"; ctx.fillText(showTok(xl[c]).slice(0, 16), 0, 0); ctx.restore(); }
+    else if (xl.length) { var stepX = Math.ceil(cols / 16); ctx.textAlign = "center"; for (c = 0; c < cols; c += stepX) ctx.fillText(String(c), left + c * cell + cell / 2, top - 6); }
+    canvas.addEventListener("mousemove", function (ev) {
+      var b = canvas.getBoundingClientRect();
+      var c2 = Math.floor((ev.clientX - b.left - left) / cell), r2 = Math.floor((ev.clientY - b.top - top) / cellH);
+      if (c2 < 0 || r2 < 0 || c2 >= cols || r2 >= rows) { tooltip(ev, null); return; }
+      var h = "<b>" + esc(spec.y_title || "row") + "</b> " + esc(showTok(yl[r2] !== undefined ? yl[r2] : r2)) +
+        "<br><b>" + esc(spec.x_title || "col") + "</b> " + esc(showTok(xl[c2] !== undefined ? xl[c2] : c2)) +
+        "<br><b>value</b> <span class='ls-val'>" + fmt(z[r2][c2]) + "</span>";
+      if (spec.hover) h += "<br>" + esc(spec.hover[r2][c2]).replace(/\n/g, "<br>");
+      canvas.setAttribute("data-hover", fmt(z[r2][c2]));
+      tooltip(ev, h);
+    });
+    canvas.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
+    var wrap = el("div", { "class": "ls-heatmap" }, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, canvas,
+      el("div", { "class": "ls-legend", text: (spec.diverging ? "blue > 0 > red; " : "") + "range " + fmt(lo) + " … " + fmt(hi) })]);
+    host.appendChild(wrap);
+    return canvas;
+  }
+
+  // ---------- colored tokens ----------
+  function tokens(spec, host) {
+    var s = spec.scores, a = 0;
+    s.forEach(function (v) { if (v !== null && Math.abs(v) > a) a = Math.abs(v); });
+    a = a || 1;
+    var box = el("div", { "class": "ls-tokens" }, [spec.label ? el("span", { "class": "ls-tok-label", text: spec.label }) : null]);
+    spec.tokens.forEach(function (t, i) {
+      var v = s[i];
+      var span = el("span", { "class": "ls-tok" + (spec.excluded && spec.excluded[i] ? " ls-excl" : ""), "data-score": fmt(v), text: showTok(t) });
+      span.style.background = v === null ? "#eee" : divColor(v / a);
+      span.addEventListener("mousemove", function (ev) { tooltip(ev, "<b>" + esc(showTok(t)) + "</b><br>score <span class='ls-val'>" + fmt(v) + "</span>"); });
+      span.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
+      box.appendChild(span);
+    });
+    host.appendChild(box);
+  }
+
+  // ---------- table (click a header to sort) ----------
+  function table(spec, host) {
+    var t = el("table", { "class": "ls-table" });
+    var hl = {}; (spec.highlight || []).forEach(function (i) { hl[i] = 1; });
+    var rows = spec.rows.map(function (r, i) { return { r: r, i: i }; });
+    var thead = el("thead"), tr = el("tr"), tbody = el("tbody"), dir = 1, last = -1;
+    function draw() {
+      tbody.innerHTML = "";
+      rows.forEach(function (o) {
+        var row = el("tr", hl[o.i] ? { "class": "ls-hl" } : null);
+        o.r.forEach(function (v) { row.appendChild(el("td", { text: typeof v === "number" ? fmt(v) : (v === null ? "–" : String(v)) })); });
+        tbody.appendChild(row);
+      });
+    }
+    spec.columns.forEach(function (c, j) {
+      tr.appendChild(el("th", { text: c, title: "sort", onclick: function () {
+        dir = last === j ? -dir : 1; last = j;
+        rows.sort(function (a, b) { var x = a.r[j], y = b.r[j]; return (x > y ? 1 : x < y ? -1 : 0) * dir; }); draw();
+      } }));
+    });
+    thead.appendChild(tr); t.appendChild(thead); t.appendChild(tbody); draw();
+    host.appendChild(el("div", { "class": "ls-table-wrap" }, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, t]));
+  }
+
+  // ---------- lines / bars (SVG) ----------
+  var NS = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs) { var e = document.createElementNS(NS, tag); for (var k in attrs) e.setAttribute(k, attrs[k]); return e; }
+  var PALETTE = ["#2166ac", "#d6604d", "#1b7837", "#762a83", "#e08214", "#35978f", "#8c510a", "#c51b7d"];
+  function lines(spec, host) {
+    var W = 640, H = 260, L = 50, R = 130, T = 16, B = 36;
+    var xs = [], ys = [];
+    spec.series.forEach(function (s) { xs = xs.concat(s.x); ys = ys.concat(s.y.filter(function (v) { return v !== null; })); });
+    var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys.concat([spec.y_min !== undefined ? spec.y_min : Infinity])), y1 = Math.max.apply(null, ys);
+    if (y1 === y0) { y1 += 1; y0 -= 1; } if (x1 === x0) x1 += 1;
+    function px(x) { return L + (x - x0) / (x1 - x0) * (W - L - R); }
+    function py(y) { return H - B - (y - y0) / (y1 - y0) * (H - T - B); }
+    var g = svg("svg", { width: W, height: H, "class": "ls-svg" });
+    g.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
+    g.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
+    [y0, (y0 + y1) / 2, y1].forEach(function (v) { var t = svg("text", { x: L - 4, y: py(v) + 4, "text-anchor": "end", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
+    [x0, Math.round((x0 + x1) / 2), x1].forEach(function (v) { var t = svg("text", { x: px(v), y: H - B + 14, "text-anchor": "middle", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
+    var xt = svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", "class": "ls-axis" }); xt.textContent = spec.x_title || ""; g.appendChild(xt);
+    var yt = svg("text", { x: 12, y: T + (H - T - B) / 2, "text-anchor": "middle", "class": "ls-axis", transform: "rotate(-90 12 " + (T + (H - T - B) / 2) + ")" }); yt.textContent = spec.y_title || ""; g.appendChild(yt);
+    spec.series.forEach(function (s, k) {
+      var col = PALETTE[k % PALETTE.length], d = "";
+      s.x.forEach(function (x, i) { if (s.y[i] !== null) d += (d ? "L" : "M") + px(x).toFixed(1) + "," + py(s.y[i]).toFixed(1); });
+      g.appendChild(svg("path", { d: d, fill: "none", stroke: col, "stroke-width": 2 }));
+      s.x.forEach(function (x, i) {
+        if (s.y[i] === null) return;
+        var c = svg("circle", { cx: px(x), cy: py(s.y[i]), r: 3.5, fill: col });
+        c.addEventListener("mousemove", function (ev) { tooltip(ev, "<b>" + esc(s.name) + "</b><br>" + esc(spec.x_title || "x") + " " + fmt(x) + "<br>" + esc(spec.y_title || "y") + " <span class='ls-val'>" + fmt(s.y[i]) + "</span>" + (s.labels ? "<br>" + esc(s.labels[i]) : "")); });
+        c.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
+        g.appendChild(c);
+      });
+      var lt = svg("text", { x: W - R + 8, y: T + 14 + k * 16, fill: col, "class": "ls-axis" }); lt.textContent = s.name; g.appendChild(lt);
+    });
+    host.appendChild(el("div", null, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, g]));
+  }
+  function bars(spec, host) {
+    var n = spec.values.length, W = 640, rowH = 18, L = 200, H = n * rowH + 10;
+    var M = Math.max.apply(null, spec.values.map(Math.abs).concat([1e-12]));
+    var g = svg("svg", { width: W, height: H, "class": "ls-svg" });
+    spec.values.forEach(function (v, i) {
+      var w = Math.abs(v) / M * (W - L - 70);
+      var r = svg("rect", { x: L, y: i * rowH + 4, width: Math.max(1, w), height: rowH - 4, fill: v >= 0 ? "#2166ac" : "#d6604d" });
+      r.addEventListener("mousemove", function (ev) { tooltip(ev, esc(spec.labels[i]) + ": <span class='ls-val'>" + fmt(v) + "</span>"); });
+      r.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
+      g.appendChild(r);
+      var t = svg("text", { x: L - 6, y: i * rowH + 16, "text-anchor": "end", "class": "ls-axis" }); t.textContent = String(spec.labels[i]).slice(0, 30); g.appendChild(t);
+      var tv = svg("text", { x: L + w + 4, y: i * rowH + 16, "class": "ls-axis" }); tv.textContent = fmt(v); g.appendChild(tv);
+    });
+    host.appendChild(el("div", null, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, g]));
+  }
+
+  // ---------- choice: one of several widgets, picked from a dropdown ----------
+  function choice(spec, host) {
+    var sel = el("select", { "class": "ls-select" });
+    spec.options.forEach(function (o, i) { sel.appendChild(el("option", { value: i, text: o.label })); });
+    var body = el("div");
+    function draw() { body.innerHTML = ""; render(spec.options[+sel.value].widget, body); }
+    sel.addEventListener("change", draw);
+    host.appendChild(el("div", null, [el("label", { "class": "ls-ctl" }, [(spec.label || "show") + " ", sel]), body]));
+    draw();
+  }
+
+  // ---------- attention explorer: heatmap / head view / model view, layer & head controls ----------
+  function attention(spec, host) {
+    var L = spec.n_layers, Hh = spec.n_heads, n = spec.n, data = unpack(spec.packed);
+    var labels = spec.labels;
+    function val(l, h, q, k) { var x = data[((l * Hh + h) * n + q) * n + k] / 255; return x * x; }
+    function matrix(l, h) {
+      var z = [];
+      for (var q = 0; q < n; q++) {
+        var row = [];
+        for (var k = 0; k < n; k++) {
+          if (h === "mean") { var s = 0; for (var hh = 0; hh < Hh; hh++) s += val(l, hh, q, k); row.push(s / Hh); }
+          else row.push(val(l, h, q, k));
+        }
+        z.push(row);
+      }
+      return z;
+    }
+    var layerSel = el("select", { "class": "ls-select ls-layer" }), headSel = el("select", { "class": "ls-select ls-head" }), modeSel = el("select", { "class": "ls-select ls-mode" });
+    for (var l = 0; l < L; l++) layerSel.appendChild(el("option", { value: l, text: "layer " + l }));
+    headSel.appendChild(el("option", { value: "mean", text: "mean of heads" }));
+    for (var h = 0; h < Hh; h++) headSel.appendChild(el("option", { value: h, text: "head " + h + (spec.kv_groups ? " (kv " + spec.kv_groups[h] + ")" : "") }));
+    [["heatmap", "heatmap"], ["head", "head view"], ["model", "model view"]].forEach(function (m) { modeSel.appendChild(el("option", { value: m[0], text: m[1] })); });
+    headSel.value = spec.head !== undefined ? spec.head : 0; layerSel.value = spec.layer || 0;
+    var body = el("div", { "class": "ls-attn-body" });
+    var note = spec.note ? el("div", { "class": "ls-note", text: spec.note }) : null;
+    function draw() {
+      body.innerHTML = "";
+      var l = +layerSel.value, h = headSel.value === "mean" ? "mean" : +headSel.value, mode = modeSel.value;
+      if (mode === "heatmap") heatmap({ z: matrix(l, h), x_labels: labels, y_labels: labels, x_title: "key", y_title: "query", range: [0, 1], title: "layer " + l + ", " + (h === "mean" ? "mean of heads" : "head " + h) }, body);
+      else if (mode === "head") headView(matrix(l, h), body);
+      else modelView(body);
+    }
+    function headView(z, into) {
+      var win = Math.min(n, 48), start = 0;
+      var ctl = el("div", { "class": "ls-ctl" });
+      var pic = el("div");
+      if (n > win) {
+        var slider = el("input", { type: "range", min: 0, max: n - win, value: n - win, "class": "ls-window" });
+        start = n - win;
+        slider.addEventListener("input", function () { start = +slider.value; paint(); });
+        ctl.appendChild(el("span", { text: "window of " + win + " tokens: " })); ctl.appendChild(slider);
+      }
+      into.appendChild(ctl); into.appendChild(pic);
+      function paint() {
+        pic.innerHTML = "";
+        var rowH = 16, W = 520, H = win * rowH + 20, xL = 170, xR = 350;
+        var g = svg("svg", { width: W, height: H, "class": "ls-svg ls-headview" });
+        var linesArr = [];
+        for (var q = start; q < start + win; q++) for (var k = start; k < start + win; k++) {
+          var w = z[q][k]; if (w < 0.01) continue;
+          var ln = svg("line", { x1: xL + 4, y1: 14 + (q - start) * rowH, x2: xR - 4, y2: 14 + (k - start) * rowH, stroke: "#2166ac", "stroke-opacity": Math.min(1, w), "stroke-width": 1 + 2 * w, "data-q": q });
+          linesArr.push(ln); g.appendChild(ln);
+        }
+        for (var i = start; i < start + win; i++) (function (i) {
+          var a = svg("text", { x: xL, y: 18 + (i - start) * rowH, "text-anchor": "end", "class": "ls-tokq" }); a.textContent = showTok(labels[i]).slice(0, 20);
+          var b = svg("text", { x: xR, y: 18 + (i - start) * rowH, "class": "ls-tokk" }); b.textContent = showTok(labels[i]).slice(0, 20);
+          a.addEventListener("mouseenter", function (ev) {
+            linesArr.forEach(function (ln) { ln.style.display = +ln.getAttribute("data-q") === i ? "" : "none"; });
+            var top = z[i].map(function (v, k) { return [v, k]; }).sort(function (x, y) { return y[0] - x[0]; }).slice(0, 5);
+            tooltip(ev, "<b>" + esc(showTok(labels[i])) + "</b> attends to:<br>" + top.map(function (t) { return esc(showTok(labels[t[1]])) + " <span class='ls-val'>" + fmt(t[0]) + "</span>"; }).join("<br>"));
+          });
+          a.addEventListener("mouseleave", function (ev) { linesArr.forEach(function (ln) { ln.style.display = ""; }); tooltip(ev, null); });
+          g.appendChild(a); g.appendChild(b);
+        })(i);
+        pic.appendChild(g);
+      }
+      paint();
+    }
+    function modelView(into) {
+      var size = Math.max(24, Math.min(64, Math.floor(900 / Hh) - 6));
+      var grid = el("div", { "class": "ls-grid", style: "grid-template-columns: 60px repeat(" + Hh + ", " + (size + 4) + "px)" });
+      grid.appendChild(el("div"));
+      for (var h = 0; h < Hh; h++) grid.appendChild(el("div", { "class": "ls-axis", text: "h" + h }));
+      for (var l = 0; l < L; l++) {
+        grid.appendChild(el("div", { "class": "ls-axis", text: "layer " + l }));
+        for (h = 0; h < Hh; h++) (function (l, h) {
+          var c = el("canvas", { width: size, height: size, "class": "ls-thumb", title: "layer " + l + " head " + h });
+          var ctx = c.getContext("2d"), img = ctx.createImageData(size, size);
+          for (var y = 0; y < size; y++) for (var x = 0; x < size; x++) {
+            var q = Math.floor(y * n / size), k = Math.floor(x * n / size), v = Math.sqrt(val(l, h, q, k)), o = (y * size + x) * 4;
+            img.data[o] = 247 - v * 239; img.data[o + 1] = 251 - v * 203; img.data[o + 2] = 255 - v * 148; img.data[o + 3] = 255;
+          }
+          ctx.putImageData(img, 0, 0);
+          c.addEventListener("click", function () { layerSel.value = l; headSel.value = h; modeSel.value = "heatmap"; draw(); });
+          grid.appendChild(c);
+        })(l, h);
+      }
+      into.appendChild(el("div", { "class": "ls-note", text: "click a head to open it" }));
+      into.appendChild(grid);
+    }
+    [layerSel, headSel, modeSel].forEach(function (s) { s.addEventListener("change", draw); });
+    host.appendChild(el("div", { "class": "ls-attn" }, [note, el("div", { "class": "ls-ctl" }, ["view ", modeSel, " ", layerSel, " ", headSel]), body]));
+    draw();
+  }
+
+  var RENDER = { heatmap: heatmap, tokens: tokens, table: table, lines: lines, bars: bars, choice: choice, attention: attention,
+    text: function (s, h) { h.appendChild(el("p", { "class": "ls-text", text: s.text })); },
+    html: function (s, h) { h.appendChild(el("div", { html: s.html })); },
+    image: function (s, h) { h.appendChild(el("img", { src: "data:image/png;base64," + s.png, "class": "ls-img", alt: s.alt || "" })); } };
+  function render(spec, host) {
+    var f = RENDER[spec.type];
+    if (!f) { host.appendChild(el("div", { "class": "ls-error", text: "unknown widget " + spec.type })); return; }
+    f(spec, host);
+  }
+  function renderAll(root, data) {
+    (root || document).querySelectorAll(".ls-widget").forEach(function (host) {
+      if (host.getAttribute("data-done")) return;
+      host.setAttribute("data-done", "1");
+      render(data.widgets[+host.getAttribute("data-id")], host);
+    });
+  }
+  global.lmscope = { render: render, renderAll: renderAll, fmt: fmt };
+})(window);
