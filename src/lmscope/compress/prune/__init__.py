@@ -1,0 +1,67 @@
+"""Pruning: unstructured (magnitude, Wanda, N:M) and structured, physically removed (heads, neurons, layers).
+
+Importing this package registers the recipe step handlers with ``lmscope.compress.recipe``.
+"""
+
+from __future__ import annotations
+
+from ..recipe import PruneHeads, PruneLayers, PruneNeurons, PruneUnstructured, register_step
+from .heads import head_scores, plan_heads, prune_heads, rebuild_heads, remove_heads
+from .layers import block_influence, prune_layers, rebuild_layers, remove_layers
+from .neurons import neuron_scores, prune_neurons, rebuild_neurons, remove_neurons
+from .unstructured import HONEST_NOTE, prune_unstructured
+
+
+@register_step(PruneUnstructured)
+class UnstructuredPruner:
+    def apply(self, lm, step, calib) -> dict:
+        return prune_unstructured(lm, step.sparsity, step.method, step.n_m, calib)
+
+    def rebuild(self, model, step, info) -> None:
+        """Nothing to rebuild: the zeros live in the dense state dict."""
+
+
+@register_step(PruneHeads)
+class HeadPruner:
+    def apply(self, lm, step, calib) -> dict:
+        return prune_heads(lm, step.fraction, step.method, calib, step.seed)
+
+    def rebuild(self, model, step, info) -> None:
+        rebuild_heads(model, info)
+
+
+@register_step(PruneNeurons)
+class NeuronPruner:
+    def apply(self, lm, step, calib) -> dict:
+        return prune_neurons(lm, step.fraction, step.method, calib, step.seed)
+
+    def rebuild(self, model, step, info) -> None:
+        rebuild_neurons(model, info)
+
+
+@register_step(PruneLayers)
+class LayerPruner:
+    def apply(self, lm, step, calib) -> dict:
+        return prune_layers(lm, step.layers)
+
+    def rebuild(self, model, step, info) -> None:
+        rebuild_layers(model, info)
+
+
+__all__ = [
+    "HONEST_NOTE",
+    "block_influence",
+    "head_scores",
+    "neuron_scores",
+    "plan_heads",
+    "prune_heads",
+    "prune_layers",
+    "prune_neurons",
+    "prune_unstructured",
+    "rebuild_heads",
+    "rebuild_layers",
+    "rebuild_neurons",
+    "remove_heads",
+    "remove_layers",
+    "remove_neurons",
+]

@@ -1,0 +1,248 @@
+"""Attention-head pruning that physically removes heads (the model gets smaller and faster).
+
+Grouped-query aware: in a layer with G KV heads, each serving h query heads, query heads are removed within
+their KV group, every kept group keeps the same number h' of query heads (attention repeats each KV head
+h' times, so ``num_key_value_groups`` stays one number per layer) and a KV head with its k/v rows goes only
+when its whole group goes. Per-layer head counts may differ; ``lm.n_heads_at(i)`` reads them from o_proj.
+
+Which heads go is chosen by an exact dynamic program over layers: for a target number of removed heads it
+minimises the summed score of the removed heads under the grouping constraint. Scores come from
+``importance`` (gradient of the calibration loss w.r.t. a per-head gate, Michel et al. 2019, or the explain
+teammate's ``head_importance`` when available), ``magnitude`` (‖W_O^h‖·‖W_V^kv(h)‖) or ``random`` (a seeded
+baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...errors import LmscopeError
+from ._calib import calibration_inputs
+from ._linear import keep_inputs, keep_outputs, set_module, weight_out_in
+from ._origin import get_origin, set_origin
+
+ORDERS = ("importance", "magnitude", "random")
+
+
+# -- layout of one attention layer --------------------------------------------------------------------
+def layer_layout(lm, layer: int) -> tuple[int, int]:
+    """(query heads, query heads per KV head) currently in ``layer``."""
+    attn = lm.blocks[layer].get_submodule(lm.family.attn)
+    n_q = lm.n_heads_at(layer)
+    per_kv = int(getattr(attn, "num_key_value_groups", 1) or 1)
+    return n_q, per_kv
+
+
+# -- scores ---------------------------------------------------------------------------------------------
+def magnitude_scores(lm) -> list[torch.Tensor]:
+    """‖W_O columns of head h‖_F · ‖W_V rows of its KV head‖_F per layer (higher = keep)."""
+    fam, hd = lm.family, lm.head_dim
+    out = []
+    for i, block in enumerate(lm.blocks):
+        n_q, per_kv = layer_layout(lm, i)
+        wo = weight_out_in(block.get_submodule(fam.o)).detach().float()
+        o_norm = wo.reshape(wo.shape[0], n_q, hd).pow(2).sum((0, 2)).sqrt()
+        wv = weight_out_in(block.get_submodule(fam.v)).detach().float()
+        if fam.fused_qkv:
+            width = n_q * hd
+            wv = wv[2 * width : 3 * width]
+        v_norm = wv.reshape(-1, hd, wv.shape[1]).pow(2).sum((1, 2)).sqrt()
+        out.append(o_norm * v_norm.repeat_interleave(per_kv))
+    return out
+
+
+def random_scores(lm, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(lm.n_heads_at(i), generator=g) for i in range(lm.n_layers)]
+
+
+def gradient_importance(lm, calib=None) -> list[torch.Tensor]:
+    """Expected |∂loss/∂gate_h| over calibration windows, gate_h scaling head h's output (Michel et al.)."""
+    from ...capture.session import hooks
+
+    if not lm.is_causal:
+        raise LmscopeError("gradient head importance needs a causal LM", "use --prune-method magnitude")
+    gates = [torch.ones(lm.n_heads_at(i), requires_grad=True) for i in range(lm.n_layers)]
+    total = [torch.zeros(lm.n_heads_at(i)) for i in range(lm.n_layers)]
+
+    def gate(i):
+        return lambda t, name: t * gates[i][None, None, :, None].to(t.dtype)
+
+    interventions = {f"blocks.{i}.attn.head_out": gate(i) for i in range(lm.n_layers)}
+    with torch.enable_grad():
+        for batch in calibration_inputs(lm, calib):
+            with hooks(lm, [], interventions):
+                logits = lm.output_of(lm.forward(batch)).float()
+            ids = batch["input_ids"]
+            loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+            grads = torch.autograd.grad(loss, gates)
+            for t, g in zip(total, grads, strict=True):
+                t += g.abs()
+    return total
+
+
+def head_scores(lm, order: str = "importance", calib=None, seed: int = 0) -> list[torch.Tensor]:
+    """One score per current head per layer; higher means more worth keeping."""
+    if order == "magnitude":
+        return magnitude_scores(lm)
+    if order == "random":
+        return random_scores(lm, seed)
+    if order == "importance":
+        return gradient_importance(lm, calib)
+    raise LmscopeError(f"unknown head order '{order}'", f"use one of: {', '.join(ORDERS)}")
+
+
+# -- planning -------------------------------------------------------------------------------------------
+def _layer_options(scores: torch.Tensor, per_kv: int) -> dict[int, tuple[float, list[int]]]:
+    """For one layer: removed-count -> (cost = summed score of removed heads, kept heads), best per count."""
+    n_q = len(scores)
+    n_kv = n_q // per_kv
+    s = scores.double().reshape(n_kv, per_kv)
+    total = float(s.sum())
+    options: dict[int, tuple[float, list[int]]] = {}
+    order_in_group = torch.argsort(s, dim=1, descending=True)
+    for keep_per in range(1, per_kv + 1):
+        kept_in = torch.gather(s, 1, order_in_group[:, :keep_per])
+        group_value = kept_in.sum(1)
+        group_rank = torch.argsort(group_value, descending=True)
+        for keep_groups in range(1, n_kv + 1):
+            groups = sorted(group_rank[:keep_groups].tolist())
+            kept = sorted(g * per_kv + int(j) for g in groups for j in order_in_group[g, :keep_per])
+            removed = n_q - len(kept)
+            cost = total - float(group_value[groups].sum())
+            if removed not in options or cost < options[removed][0]:
+                options[removed] = (cost, kept)
+    return options
+
+
+def plan_heads(lm, scores: list[torch.Tensor], n_remove: int) -> dict[int, list[int]]:
+    """Kept heads per layer (current numbering) removing ``n_remove`` heads in total, or the nearest count
+    the grouping allows; minimises the summed score of the removed heads (exact DP over layers)."""
+    options = [_layer_options(scores[i], layer_layout(lm, i)[1]) for i in range(lm.n_layers)]
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # removed so far -> (cost, choice per layer)
+    for opts in options:
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for done, (cost, choice) in best.items():
+            for r, (c, _) in opts.items():
+                key = done + r
+                if key not in nxt or cost + c < nxt[key][0]:
+                    nxt[key] = (cost + c, [*choice, r])
+        best = nxt
+    reachable = sorted(best, key=lambda r: (abs(r - n_remove), r))
+    choice = best[reachable[0]][1]
+    return {i: options[i][r][1] for i, r in enumerate(choice)}
+
+
+# -- physical removal ---------------------------------------------------------------------------------
+@torch.no_grad()
+def remove_heads(lm, keep: dict[int, list[int]], track_origin: bool = True) -> dict:
+    """Slice q/k/v/o so that layer i keeps only query heads ``keep[i]`` (current numbering, any order).
+
+    Returns the JSON info a rebuild needs: kept heads per layer and the resulting layout.
+    """
+    fam, hd = lm.family, lm.head_dim
+    origin = get_origin(lm.model, lm.n_layers, lm.n_heads)
+    info = {}
+    for i in sorted(keep):
+        kept = sorted(int(h) for h in keep[i])
+        n_q, per_kv = layer_layout(lm, i)
+        if not kept or len(set(kept)) != len(kept) or kept[0] < 0 or kept[-1] >= n_q:
+            raise LmscopeError(
+                f"layer {i}: cannot keep heads {kept} of {n_q}", "keep at least one existing head per layer"
+            )
+        groups: dict[int, list[int]] = {}
+        for h in kept:
+            groups.setdefault(h // per_kv, []).append(h)
+        sizes = {len(v) for v in groups.values()}
+        if len(sizes) != 1:
+            raise LmscopeError(
+                f"layer {i}: every kept KV group must keep the same number of query heads, got "
+                f"{ {g: len(v) for g, v in groups.items()} }",
+                "remove query heads evenly across the KV groups that stay",
+            )
+        new_per_kv = sizes.pop()
+        kv_kept = sorted(groups)
+        block = lm.blocks[i]
+        attn = block.get_submodule(fam.attn)
+        q_rows = [h * hd + d for h in kept for d in range(hd)]
+        kv_rows = [g * hd + d for g in kv_kept for d in range(hd)]
+        if fam.fused_qkv:  # GPT-2: one Conv1D producing [q | k | v]
+            width = n_q * hd
+            rows = q_rows + [width + r for r in q_rows] + [2 * width + r for r in q_rows]
+            set_module(block, fam.q, keep_outputs(block.get_submodule(fam.q), rows))
+            attn.split_size = len(kept) * hd
+            attn.num_heads = len(kept)
+            attn.embed_dim = len(kept) * hd
+        else:
+            set_module(block, fam.q, keep_outputs(block.get_submodule(fam.q), q_rows))
+            set_module(block, fam.k, keep_outputs(block.get_submodule(fam.k), kv_rows))
+            set_module(block, fam.v, keep_outputs(block.get_submodule(fam.v), kv_rows))
+        set_module(block, fam.o, keep_inputs(block.get_submodule(fam.o), q_rows))
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = new_per_kv
+        if hasattr(attn, "num_attention_heads"):  # BERT
+            attn.num_attention_heads = len(kept)
+            attn.all_head_size = len(kept) * hd
+        before = origin["heads"][str(i)]
+        origin["heads"][str(i)] = [before[h] for h in kept]
+        info[str(i)] = {
+            "kept": kept,
+            "kv_kept": kv_kept,
+            "per_kv": new_per_kv,
+            "heads_before": n_q,
+            "original_layer": origin["layers"][i],
+        }
+    if track_origin:
+        set_origin(lm.model, origin)
+    return info
+
+
+def prune_heads(lm, fraction: float = 0.25, order: str = "importance", calib=None, seed: int = 0) -> dict:
+    """Remove ``fraction`` of all query heads (GQA aware) chosen by ``order``; returns the step info."""
+    if not 0.0 <= fraction < 1.0:
+        raise LmscopeError(f"head fraction {fraction} is outside [0, 1)", "use e.g. 0.25")
+    total = sum(lm.n_heads_at(i) for i in range(lm.n_layers))
+    target = int(round(total * fraction))
+    if target == 0:
+        return {"order": order, "heads_before": total, "heads_removed": 0, "layers": {}}
+    scores = head_scores(lm, order, calib, seed)
+    keep = plan_heads(lm, scores, target)
+    before = {i: lm.n_heads_at(i) for i in keep}
+    changed = {i: k for i, k in keep.items() if len(k) < before[i]}
+    layers = remove_heads(lm, changed)
+    removed = sum(before[i] - len(k) for i, k in keep.items())
+    return {
+        "order": order,
+        "heads_before": total,
+        "n_layers": lm.n_layers,
+        "heads_removed": removed,
+        "heads_removed_target": target,
+        "fraction_removed": removed / total,
+        "layers": layers,
+        "scores": [[round(float(x), 6) for x in s] for s in scores],
+        "note": ""
+        if removed == target
+        else f"nearest count the KV grouping allows: {removed} (asked {target})",
+    }
+
+
+def rebuild_heads(model, info: dict) -> None:
+    """Re-create the pruned head shapes of ``info`` on a freshly built model (weights come from the state dict)."""
+    from ...lm import LM
+
+    lm = LM(model, None)
+    keep = _current_layers(lm, info)
+    remove_heads(lm, {i: info["layers"][k]["kept"] for i, k in keep.items()}, track_origin=False)
+
+
+def _current_layers(lm, info: dict) -> dict[int, str]:
+    """Map info's layer keys to the fresh model's layers (it may already have its final, shallower depth)."""
+    if lm.n_layers == info.get("n_layers", lm.n_layers):
+        return {int(k): k for k in info["layers"]}
+    where = {orig: i for i, orig in enumerate(get_origin(lm.model)["layers"])}
+    out = {}
+    for k, v in info["layers"].items():
+        if v.get("original_layer") in where:
+            out[where[v["original_layer"]]] = k
+    return out
