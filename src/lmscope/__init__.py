@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging as _logging
+
+# optional extras (torchao) log load failures of GPU-only kernels at import time; they are irrelevant on CPU
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from .errors import LmscopeError
 from .lm import LM, Run
 

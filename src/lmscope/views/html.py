@@ -50,13 +50,39 @@ class Section:
         return self
 
     def tokens(self, tokens, scores, label: str = "", excluded=None) -> Section:
-        return self.add({"type": "tokens", "tokens": list(tokens), "scores": _plain(scores), "label": label,
-                         "excluded": _plain(excluded) if excluded is not None else None})
+        return self.add(
+            {
+                "type": "tokens",
+                "tokens": list(tokens),
+                "scores": _plain(scores),
+                "label": label,
+                "excluded": _plain(excluded) if excluded is not None else None,
+            }
+        )
 
-    def heatmap(self, z, x_labels=None, y_labels=None, title="", x_title="", y_title="", diverging=False,
-                cell_text=None, hover=None, value_range=None) -> Section:
-        spec = {"type": "heatmap", "z": _plain(z), "x_labels": _plain(x_labels) or [], "y_labels": _plain(y_labels) or [],
-                "title": title, "x_title": x_title, "y_title": y_title, "diverging": diverging}
+    def heatmap(
+        self,
+        z,
+        x_labels=None,
+        y_labels=None,
+        title="",
+        x_title="",
+        y_title="",
+        diverging=False,
+        cell_text=None,
+        hover=None,
+        value_range=None,
+    ) -> Section:
+        spec = {
+            "type": "heatmap",
+            "z": _plain(z),
+            "x_labels": _plain(x_labels) or [],
+            "y_labels": _plain(y_labels) or [],
+            "title": title,
+            "x_title": x_title,
+            "y_title": y_title,
+            "diverging": diverging,
+        }
         if cell_text is not None:
             spec["cell_text"] = cell_text
         if hover is not None:
@@ -66,19 +92,37 @@ class Section:
         return self.add(spec)
 
     def table(self, columns, rows, highlight=None, title="") -> Section:
-        return self.add({"type": "table", "columns": list(columns), "rows": _plain(rows),
-                         "highlight": list(highlight or []), "title": title})
+        return self.add(
+            {
+                "type": "table",
+                "columns": list(columns),
+                "rows": _plain(rows),
+                "highlight": list(highlight or []),
+                "title": title,
+            }
+        )
 
     def lines(self, series, title="", x_title="", y_title="") -> Section:
-        return self.add({"type": "lines", "series": [{**s, "x": _plain(s["x"]), "y": _plain(s["y"])} for s in series],
-                         "title": title, "x_title": x_title, "y_title": y_title})
+        return self.add(
+            {
+                "type": "lines",
+                "series": [{**s, "x": _plain(s["x"]), "y": _plain(s["y"])} for s in series],
+                "title": title,
+                "x_title": x_title,
+                "y_title": y_title,
+            }
+        )
 
     def bars(self, labels, values, title="") -> Section:
-        return self.add({"type": "bars", "labels": [str(x) for x in labels], "values": _plain(values), "title": title})
+        return self.add(
+            {"type": "bars", "labels": [str(x) for x in labels], "values": _plain(values), "title": title}
+        )
 
     def choice(self, options: list[tuple[str, dict]], label: str = "show") -> Section:
         """A dropdown that switches between widgets: ``options`` = [(label, widget_spec), ...]."""
-        return self.add({"type": "choice", "label": label, "options": [{"label": k, "widget": w} for k, w in options]})
+        return self.add(
+            {"type": "choice", "label": label, "options": [{"label": k, "widget": w} for k, w in options]}
+        )
 
     def text(self, text: str) -> Section:
         return self.add({"type": "text", "text": text})
@@ -107,8 +151,11 @@ class Report:
 
     def data(self) -> dict:
         """The report as JSON (title, sections, widgets) — what the web UI fetches."""
-        return {"title": self.title, "subtitle": self.subtitle,
-                "sections": [{"title": s.title, "note": s.note, "widgets": s.widgets} for s in self.sections]}
+        return {
+            "title": self.title,
+            "subtitle": self.subtitle,
+            "sections": [{"title": s.title, "note": s.note, "widgets": s.widgets} for s in self.sections],
+        }
 
     def render(self, embedded: bool = False) -> str:
         root = f"lmscope-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,129 @@
+"""``lmscope inspect``: capture a model's internals on a text; write report.html, PNGs, run.json, tensors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import LmscopeError
+from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+
+EXAMPLE = 'lmscope inspect --model smollm2 --text "The capital of France is" --out out/'
+
+
+def add_parser(sub) -> None:
+    p = add_verb(sub, "inspect", "attention, activations and logit lens for one text", EXAMPLE, run)
+    add_model_arg(p)
+    add_text_args(p)
+    p.add_argument(
+        "--out", required=True, help="output directory (report.html, PNGs, run.json, tensors.safetensors)"
+    )
+    p.add_argument(
+        "--capture",
+        action="append",
+        default=None,
+        help="extra capture names/globs, e.g. 'blocks.*.attn.head_out' (repeatable); "
+        "every layer's attn.pattern, resid_post and mlp.hidden are always captured",
+    )
+    p.add_argument(
+        "--layer", type=int, default=None, help="layer for the static attention figures (default: last)"
+    )
+    p.add_argument("--head", default="mean", help="head for the static attention figures (default: mean)")
+    p.add_argument(
+        "--max-capture-gb",
+        type=float,
+        default=None,
+        help="refuse captures larger than this (default: half of free RAM)",
+    )
+    p.add_argument("--no-png", action="store_true", help="skip the static PNG figures")
+
+
+def inspect(
+    lm,
+    text: str,
+    out: str,
+    capture=None,
+    layer=None,
+    head="mean",
+    truncate=False,
+    max_capture_gb=None,
+    png: bool = True,
+) -> dict:
+    """Run the inspect job; returns run.json's content. Writes nothing unless every step succeeds."""
+    from ..views.report import build_inspect_report, save_pngs
+
+    check_out_dir(out)
+    if layer is not None and not 0 <= layer < lm.n_layers:
+        raise LmscopeError(f"--layer {layer} is out of range", f"this model has layers 0..{lm.n_layers - 1}")
+    if head != "mean":
+        try:
+            head = int(head)
+        except ValueError:
+            raise LmscopeError(f"--head must be a number or 'mean', got '{head}'", "e.g. --head 3") from None
+        if not 0 <= head < lm.n_heads:
+            raise LmscopeError(f"--head {head} is out of range", f"this model has heads 0..{lm.n_heads - 1}")
+    names = ["blocks.*.attn.pattern", "blocks.*.resid_post", "blocks.*.mlp.hidden"]
+    if lm.is_causal:
+        names.append("logits")
+    names += capture or []
+    max_bytes = int(max_capture_gb * 2**30) if max_capture_gb else None
+    run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate)
+    summary = run_summary(run)
+    with atomic_out(out) as tmp:
+        build_inspect_report(run).write(tmp / "report.html")
+        if png:
+            summary["pngs"] = save_pngs(run, tmp, layer=layer, head=head)
+        run.save_tensors(tmp / "tensors.safetensors")
+        (tmp / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+def run_summary(run) -> dict:
+    import torch
+
+    lm = run.lm
+    s = run.summary()
+    s["n_tokens"] = len(s["tokens"][0])
+    s["n_params"] = lm.n_params()
+    layers = []
+    for i in range(lm.n_layers):
+        row = {"layer": i}
+        p = run.tensors.get(f"blocks.{i}.attn.pattern")
+        if p is not None:
+            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # [b, h, q]
+            row["attention_entropy_mean"] = round(float(ent[0].mean()), 4)
+            row["attention_entropy_per_head"] = [round(float(x), 4) for x in ent[0].mean(-1)]
+        r = run.tensors.get(f"blocks.{i}.resid_post")
+        if r is not None:
+            row["resid_norm_mean"] = round(float(r[0].norm(dim=-1).mean()), 4)
+        layers.append(row)
+    s["layers"] = layers
+    if lm.is_causal:
+        last = int(run.attention_mask[0].sum()) - 1
+        probs = torch.softmax(run.output[0, last].float(), -1).topk(5)
+        s["prediction"] = [
+            {"token": lm.tokenizer.decode([int(i)]), "prob": round(float(p), 5)}
+            for p, i in zip(probs.values, probs.indices)
+        ]
+    return s
+
+
+def run(args) -> int:
+    text = get_text(args)
+    check_out_dir(args.out)
+    lm = load_model(args.model)
+    summary = inspect(
+        lm,
+        text,
+        args.out,
+        args.capture,
+        args.layer,
+        args.head,
+        args.truncate,
+        args.max_capture_gb,
+        png=not args.no_png,
+    )
+    pred = f" → {summary['prediction'][0]['token']!r}" if "prediction" in summary else ""
+    print(f"{lm.name}: {summary['n_tokens']} tokens{pred}", file=sys.stderr)
+    print(f"{args.out.rstrip('/')}/report.html")
+    return 0
