@@ -8,8 +8,8 @@ import logging as _logging
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from .errors import LmscopeError
-from .lm import LM, Run
+from .errors import LmscopeError  # noqa: E402
+from .lm import LM, Run  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LM", "Run", "LmscopeError", "load", "__version__"]
