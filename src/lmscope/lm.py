@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,7 @@ class LM:
         interventions: dict[str, Intervention] | None = None,
         max_bytes: int | None = None,
         truncate: bool = False,
+        progress: bool = False,
     ) -> Run:
         """One forward pass over ``text`` that records the ``capture`` names (globs; default: patterns + residuals)."""
         inputs = self.encode(text, truncate=truncate)
@@ -136,7 +138,7 @@ class LM:
         names = expand(capture, self.n_layers, has_logits=self.is_causal) if capture else []
         batch, seq = inputs["input_ids"].shape
         check_fits(self, names, batch, seq, max_bytes)
-        with torch.no_grad(), hooks(self, names, interventions) as session:
+        with torch.no_grad(), hooks(self, names, interventions) as session, self._block_progress(progress and seq >= 256):
             out = self.forward(inputs)
         return Run(
             lm=self,
@@ -146,6 +148,23 @@ class LM:
             tensors=session.tensors,
             output=self.output_of(out).detach(),
         )
+
+    @contextmanager
+    def _block_progress(self, show: bool):
+        """A progress bar that advances as each block finishes (for long captures)."""
+        if not show:
+            yield
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.n_layers, desc="capture", unit="layer", leave=False)
+        handles = [b.register_forward_hook(lambda *a: bar.update(1)) for b in self.blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            bar.close()
 
     def __repr__(self) -> str:
         return (

@@ -67,7 +67,7 @@ def inspect(
         names.append("logits")
     names += capture or []
     max_bytes = int(max_capture_gb * 2**30) if max_capture_gb else None
-    run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate)
+    run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate, progress=True)
     summary = run_summary(run)
     with atomic_out(out) as tmp:
         build_inspect_report(run).write(tmp / "report.html")
