@@ -89,6 +89,8 @@ class Section:
             spec["hover"] = hover
         if value_range is not None:
             spec["range"] = list(value_range)
+        if log:
+            spec["log"] = True
         return self.add(spec)
 
     def table(self, columns, rows, highlight=None, title="") -> Section:

@@ -106,10 +106,12 @@ def head_view(att: np.ndarray, tokens: list[str], layer: int, head: int | str, w
 def residual_norms(norms: np.ndarray, tokens: list[str]):
     """Token x layer heatmap of the residual-stream norm."""
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.25 * len(tokens)), 0.18 * norms.shape[0] + 1.5))
-    im = ax.imshow(norms, cmap="viridis", aspect="auto", interpolation="nearest")
+    from matplotlib.colors import LogNorm
+
+    im = ax.imshow(norms, cmap="viridis", aspect="auto", interpolation="nearest", norm=LogNorm())
     _ticks(ax, tokens, "x")
     ax.set_ylabel("layer")
-    ax.set_title("residual stream norm after each block")
+    ax.set_title("residual stream norm after each block (log color scale)")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     return fig

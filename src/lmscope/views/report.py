@@ -65,6 +65,7 @@ def build_inspect_report(run, index: int = 0, lens_k: int = 5) -> Report:
             title="residual stream norm",
             x_title="token",
             y_title="layer",
+            log=True,
         )
         if all(f"blocks.{i}.mlp.hidden" in run.tensors for i in range(lm.n_layers)):
             options = []

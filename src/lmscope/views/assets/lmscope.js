@@ -64,6 +64,12 @@
     var lo = mm[0], hi = mm[1];
     if (spec.diverging) { var a = Math.max(Math.abs(lo), Math.abs(hi)) || 1; lo = -a; hi = a; }
     var maxLabels = 64;
+    // log color scale for heavy-tailed values (e.g. residual norms with an attention-sink token)
+    var useLog = spec.log && lo > 0;
+    function norm(v) {
+      if (useLog) return (Math.log(v) - Math.log(lo)) / ((Math.log(hi) - Math.log(lo)) || 1);
+      return (v - lo) / ((hi - lo) || 1);
+    }
     var cell = Math.max(4, Math.min(spec.cell || 28, Math.floor(760 / Math.max(cols, 1))));
     var cellH = Math.max(4, Math.min(spec.cell || 22, Math.floor(600 / Math.max(rows, 1))));
     var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
@@ -76,12 +82,12 @@
     for (var r = 0; r < rows; r++) for (var c = 0; c < cols; c++) {
       var v = z[r][c];
       if (v === null || isNaN(v)) { ctx.fillStyle = "#eee"; }
-      else ctx.fillStyle = spec.diverging ? divColor(v / hi) : seqColor((v - lo) / ((hi - lo) || 1));
+      else ctx.fillStyle = spec.diverging ? divColor(v / hi) : seqColor(norm(v));
       ctx.fillRect(left + c * cell, top + r * cellH, cell - (cell > 6 ? 1 : 0), cellH - (cellH > 6 ? 1 : 0));
       if (spec.cell_text && cell >= 24) {
         var t = String(spec.cell_text[r][c]);
         var tt = showTok(t).slice(0, Math.floor(cell / 6.5));
-        ctx.fillStyle = ((v - lo) / ((hi - lo) || 1)) > 0.6 ? "#fff" : "#111";
+        ctx.fillStyle = norm(v) > 0.6 ? "#fff" : "#111";
         ctx.fillText(tt, left + c * cell + 2, top + r * cellH + cellH / 2 + 4);
       }
     }
@@ -103,7 +109,7 @@
     });
     canvas.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
     var wrap = el("div", { "class": "ls-heatmap" }, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, canvas,
-      el("div", { "class": "ls-legend", text: (spec.diverging ? "blue > 0 > red; " : "") + "range " + fmt(lo) + " … " + fmt(hi) })]);
+      el("div", { "class": "ls-legend", text: (spec.diverging ? "blue > 0 > red; " : "") + (useLog ? "log color scale; " : "") + "range " + fmt(lo) + " … " + fmt(hi) })]);
     host.appendChild(wrap);
     return canvas;
   }
