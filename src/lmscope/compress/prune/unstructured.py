@@ -57,7 +57,7 @@ def keep_mask(
     score: torch.Tensor, sparsity: float, per_row: bool, nm: tuple[int, int] | None
 ) -> torch.Tensor:
     """Boolean keep-mask over an [out, in] score: drop the lowest ``sparsity`` fraction (or N:M)."""
-    keep = torch.ones_like(score, dtype=torch.bool)
+    keep = torch.ones(score.shape, dtype=torch.bool)
     if nm is not None:
         n, m = nm
         out_f, in_f = score.shape
