@@ -1,0 +1,339 @@
+"""Explanations before vs after compression: what changed inside the model, not only its perplexity.
+
+For one text, ``compare(original, compressed)`` measures
+- per head: Jensen–Shannon divergence (bits, 0..1) between the two models' attention patterns, averaged
+  over query positions; heads that pruning removed are reported as ``removed``;
+- per layer: logit-lens drift, KL(original ‖ compressed) of the lens distributions (nats, mean over
+  positions); layers that were removed are ``removed``;
+- per attribution method: Spearman correlation and top-k overlap of the token attributions for the same
+  target (the original model's top prediction);
+- the output: top-1 agreement and KL over positions.
+Heads and layers are lined up through ``config.lmscope_origin`` (written by the pruners), so a pruned
+model's head 3 is compared with the original head it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LmscopeError
+
+DEFAULT_METHODS = ("saliency", "input_x_gradient", "occlusion")
+LN2 = math.log(2.0)
+
+
+def _origin(lm) -> tuple[list[int], dict[int, list[int]]]:
+    from .prune._origin import get_origin
+
+    o = get_origin(lm.model, lm.n_layers, lm.n_heads)
+    return o["layers"], {i: o["heads"][str(i)] for i in range(lm.n_layers)}
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence in bits along the last axis (0 = identical, 1 = disjoint supports)."""
+    p, q = p.double().clamp_min(0), q.double().clamp_min(0)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.clamp_min(1e-300).log() - b.clamp_min(1e-300).log()), 0.0).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)) / LN2
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) in nats along the last axis, from log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def spearman(a, b) -> float | None:
+    from scipy.stats import spearmanr
+
+    a, b = list(map(float, a)), list(map(float, b))
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return 1.0 if a == b else None
+    return float(spearmanr(a, b).statistic)
+
+
+def topk_overlap(a, b, k: int) -> float:
+    """|top-k(|a|) ∩ top-k(|b|)| / k."""
+    k = min(k, len(a))
+    ta = set(torch.tensor(a).abs().topk(k).indices.tolist())
+    tb = set(torch.tensor(b).abs().topk(k).indices.tolist())
+    return len(ta & tb) / k
+
+
+@dataclass
+class Comparison:
+    a_name: str
+    b_name: str
+    text: str
+    tokens: list[str]
+    heads: list[dict]  # {layer, head, js | None, status, b_layer, b_head} in the original numbering
+    layers: list[dict]  # {layer, status, lens_kl, mean_head_js, b_layer}
+    attribution: dict[str, dict]
+    top1_agreement: float
+    output_kl: float
+    structure: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    # -- summaries ------------------------------------------------------------------------------------
+    def most_changed_heads(self, n: int = 10) -> list[dict]:
+        kept = [h for h in self.heads if h["js"] is not None]
+        return sorted(kept, key=lambda h: -h["js"])[:n]
+
+    def most_changed_layers(self, n: int = 5) -> list[dict]:
+        kept = [x for x in self.layers if x["lens_kl"] is not None]
+        return sorted(kept, key=lambda x: -x["lens_kl"])[:n]
+
+    @property
+    def removed_heads(self) -> list[tuple[int, int]]:
+        return [(h["layer"], h["head"]) for h in self.heads if h["status"] == "removed"]
+
+    @property
+    def max_head_js(self) -> float:
+        return max((h["js"] for h in self.heads if h["js"] is not None), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "a": self.a_name,
+            "b": self.b_name,
+            "text": self.text,
+            "tokens": self.tokens,
+            "top1_agreement": self.top1_agreement,
+            "output_kl": self.output_kl,
+            "attribution": self.attribution,
+            "layers": self.layers,
+            "heads": self.heads,
+            "most_changed_heads": self.most_changed_heads(),
+            "most_changed_layers": self.most_changed_layers(),
+            "removed_heads": [list(x) for x in self.removed_heads],
+            "structure": self.structure,
+            "notes": self.notes,
+            "units": {
+                "js": "Jensen-Shannon divergence of attention rows, bits (0..1), mean over query positions",
+                "lens_kl": "KL(a || b) of logit-lens distributions, nats, mean over positions",
+                "output_kl": "KL(a || b) of next-token distributions, nats, mean over positions",
+            },
+        }
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    def to_text(self) -> str:
+        lines = [
+            f"compare {self.a_name} -> {self.b_name} on {len(self.tokens)} tokens",
+            f"output: top-1 agreement {self.top1_agreement:.1%}, KL {self.output_kl:.4f} nats/token",
+        ]
+        if self.structure:
+            lines.append(f"structure: {self.structure}")
+        removed = self.removed_heads
+        lines.append(
+            f"heads: {len(removed)} removed; max JS among kept {self.max_head_js:.3f} bits; most changed: "
+            + ", ".join(f"L{h['layer']}H{h['head']} {h['js']:.3f}" for h in self.most_changed_heads(5))
+        )
+        rl = [x["layer"] for x in self.layers if x["status"] == "removed"]
+        lines.append(
+            "layers (logit-lens KL): "
+            + ", ".join(f"L{x['layer']} {x['lens_kl']:.3f}" for x in self.most_changed_layers(5))
+            + (f"; removed: {rl}" if rl else "")
+        )
+        for m, v in self.attribution.items():
+            if "error" in v:
+                lines.append(f"attribution {m}: not computed ({v['error']})")
+            else:
+                sp = "n/a" if v["spearman"] is None else f"{v['spearman']:.3f}"
+                lines.append(f"attribution {m}: Spearman {sp}, top-{v['k']} overlap {v['topk_overlap']:.2f}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def report(self, path=None):
+        from ..views.html import Report
+
+        rep = Report(f"Compare: {self.a_name} vs {self.b_name}", subtitle=self.text[:200])
+        sec = rep.section("Summary", note="what the compressed model does differently on this text")
+        sec.text(self.to_text())
+        n_layers = max(h["layer"] for h in self.heads) + 1
+        n_heads = max(h["head"] for h in self.heads) + 1
+        z = [[None] * n_heads for _ in range(n_layers)]
+        cell = [[""] * n_heads for _ in range(n_layers)]
+        for h in self.heads:
+            z[h["layer"]][h["head"]] = h["js"]
+            cell[h["layer"]][h["head"]] = "removed" if h["status"] == "removed" else ""
+        hs = rep.section(
+            "Attention heads: Jensen–Shannon divergence (bits)",
+            note="0 = same pattern; empty cells marked 'removed' are heads the compression removed",
+        )
+        hs.heatmap(
+            z,
+            x_labels=[f"H{i}" for i in range(n_heads)],
+            y_labels=[f"L{i}" for i in range(n_layers)],
+            x_title="head (original numbering)",
+            y_title="layer",
+            cell_text=cell,
+            value_range=[0, 1],
+        )
+        hs.table(
+            ["layer", "head", "JS (bits)"],
+            [[h["layer"], h["head"], round(h["js"], 4)] for h in self.most_changed_heads(10)],
+        )
+        ls = rep.section(
+            "Layers: logit-lens drift", note="KL(original ‖ compressed) of what each layer predicts"
+        )
+        kept = [x for x in self.layers if x["lens_kl"] is not None]
+        ls.lines(
+            [
+                {
+                    "name": "logit-lens KL (nats)",
+                    "x": [x["layer"] for x in kept],
+                    "y": [x["lens_kl"] for x in kept],
+                },
+                {
+                    "name": "mean head JS (bits)",
+                    "x": [x["layer"] for x in kept],
+                    "y": [x["mean_head_js"] for x in kept],
+                },
+            ],
+            x_title="layer",
+            y_title="divergence",
+        )
+        ls.table(
+            ["layer", "status", "lens KL", "mean head JS"],
+            [[x["layer"], x["status"], _r(x["lens_kl"]), _r(x["mean_head_js"])] for x in self.layers],
+            highlight=[i for i, x in enumerate(self.layers) if x["status"] == "removed"],
+        )
+        at = rep.section("Attributions", note="same target (the original's top prediction) in both models")
+        rows = [
+            [m, _r(v.get("spearman")), _r(v.get("topk_overlap")), v.get("k", ""), v.get("error", "")]
+            for m, v in self.attribution.items()
+        ]
+        at.table(["method", "Spearman", "top-k overlap", "k", "note"], rows)
+        for m, v in self.attribution.items():
+            if "a" in v:
+                at.tokens(self.tokens, v["a"], label=f"{m}: {self.a_name}")
+                at.tokens(self.tokens, v["b"], label=f"{m}: {self.b_name}")
+        if path is not None:
+            rep.write(path)
+        return rep
+
+    def _repr_html_(self) -> str:
+        return self.report()._repr_html_()
+
+
+def _r(v, nd: int = 4):
+    return "" if v is None else round(v, nd)
+
+
+def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
+    from ..explain.attribution.base import get_method
+    from ..explain.targets import Objective, Target, encode_prompt, make_target
+
+    out = {}
+    ids = encode_prompt(lm_a, text)
+    obj_a = Objective(lm_a, ids, make_target(lm_a))
+    target = Target(kind="token", token_id=obj_a.target.token_id, token=obj_a.target.token)
+    obj_b = Objective(lm_b, ids, target)
+    for name in methods:
+        try:
+            method = get_method(name)
+            sa = method.attribute(obj_a).scores
+            sb = method.attribute(obj_b).scores
+        except LmscopeError as e:
+            out[name] = {"error": str(e)}
+            continue
+        out[name] = {
+            "spearman": spearman(sa, sb),
+            "topk_overlap": topk_overlap(sa, sb, k),
+            "k": min(k, len(sa)),
+            "target": target.token,
+            "a": [float(x) for x in sa],
+            "b": [float(x) for x in sb],
+        }
+    return out
+
+
+@torch.no_grad()
+def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate: bool = False) -> Comparison:
+    """Compare the internals of ``lm_a`` (the original) and ``lm_b`` (a compressed version) on ``text``."""
+    if not lm_a.is_causal or not lm_b.is_causal:
+        raise LmscopeError("compare needs causal language models", "use e.g. --model smollm2")
+    if lm_a.vocab_size != lm_b.vocab_size or lm_a.d_model != lm_b.d_model:
+        raise LmscopeError(
+            f"{lm_b.name} is not a compressed version of {lm_a.name} (vocabulary or width differ)",
+            "pass the original model with --model and its compressed copy with --against",
+        )
+    names = ["blocks.*.attn.pattern", "blocks.*.resid_post"]
+    run_a = lm_a.run(text, capture=names, truncate=truncate)
+    run_b = lm_b.run(text, capture=names, truncate=truncate)
+    if not torch.equal(run_a.input_ids, run_b.input_ids):
+        raise LmscopeError(
+            "the two models tokenize the text differently", "compare models with one tokenizer"
+        )
+    layers_a, heads_a = _origin(lm_a)
+    layers_b, heads_b = _origin(lm_b)
+    where_b = {orig: i for i, orig in enumerate(layers_b)}
+
+    heads, layers = [], []
+    from ..explain.lens import lens_logits
+
+    for i, orig_layer in enumerate(layers_a):
+        pa = run_a.tensors[f"blocks.{i}.attn.pattern"][0]
+        j = where_b.get(orig_layer)
+        layer_js = []
+        for h, orig_head in enumerate(heads_a[i]):
+            row = {
+                "layer": orig_layer,
+                "head": orig_head,
+                "js": None,
+                "status": "removed",
+                "b_layer": j,
+                "b_head": None,
+            }
+            if j is not None and orig_head in heads_b[j]:
+                hb = heads_b[j].index(orig_head)
+                pb = run_b.tensors[f"blocks.{j}.attn.pattern"][0, hb]
+                js = float(js_divergence(pa[h], pb).mean())
+                row.update(js=js, status="kept", b_head=hb)
+                layer_js.append(js)
+            heads.append(row)
+        lens_kl = None
+        if j is not None:
+            la = torch.log_softmax(lens_logits(lm_a, run_a.tensors[f"blocks.{i}.resid_post"][0].float()), -1)
+            lb = torch.log_softmax(lens_logits(lm_b, run_b.tensors[f"blocks.{j}.resid_post"][0].float()), -1)
+            lens_kl = float(kl_divergence(la, lb).mean())
+        layers.append(
+            {
+                "layer": orig_layer,
+                "status": "kept" if j is not None else "removed",
+                "b_layer": j,
+                "lens_kl": lens_kl,
+                "mean_head_js": sum(layer_js) / len(layer_js) if layer_js else None,
+            }
+        )
+    la = torch.log_softmax(run_a.output[0].float(), -1)
+    lb = torch.log_softmax(run_b.output[0].float(), -1)
+    agreement = float((la.argmax(-1) == lb.argmax(-1)).double().mean())
+    output_kl = float(kl_divergence(la, lb).mean())
+    attribution = _attribution(lm_a, lm_b, text, methods, k) if methods else {}
+    from .structure import structure_diff
+
+    structure = structure_diff(lm_a, lm_b).summary()
+    return Comparison(
+        a_name=lm_a.name,
+        b_name=lm_b.name,
+        text=text,
+        tokens=run_a.tokens(0),
+        heads=heads,
+        layers=layers,
+        attribution=attribution,
+        top1_agreement=agreement,
+        output_kl=output_kl,
+        structure=structure,
+    )
