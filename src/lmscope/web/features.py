@@ -1,0 +1,133 @@
+"""What each tab of the page runs: thin job functions over the public lmscope API (no analysis here).
+
+Each returns a ``Result``: ``view`` is the JSON the page draws (``Report.data()`` sections rendered by
+lmscope.js), ``report`` and ``data`` are the downloads — the same report.html / JSON the CLI writes.
+Explain, Heads and Compare come from the explain / compress packages; when those are missing from
+this build, ``unavailable(name)`` says so and the page shows that message instead of a result.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .jobs import JobContext
+
+INSPECT_CAPTURE = ["blocks.*.attn.pattern", "blocks.*.resid_post", "blocks.*.mlp.hidden"]
+
+
+@dataclass
+class Result:
+    """A finished job: ``view`` is what the page draws; ``report`` / ``data`` are the downloads."""
+
+    view: dict
+    report: Any = None  # views.html.Report, downloaded as report.html
+    data: dict | None = None  # downloaded as result.json
+    name: str = "result"
+
+
+# -- optional parts: (module, attribute) each tab needs ----------------------------------------------
+OPTIONAL = {
+    "explain": ("lmscope.explain.api", "explain"),
+    "heads": ("lmscope.explain.heads", "head_scores"),
+    "compare": ("lmscope.compress.compare", "compare"),
+}
+
+
+def _optional(name: str):
+    module, attr = OPTIONAL[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+def unavailable(name: str) -> str | None:
+    """None when the ``name`` tab can run in this build; otherwise a one-line reason for the page."""
+    try:
+        _optional(name)
+    except (ImportError, AttributeError) as e:
+        module, attr = OPTIONAL[name]
+        return f"{name} is not available in this build ({module}.{attr} could not be imported: {e})"
+    return None
+
+
+def status() -> dict:
+    out = {}
+    for name in OPTIONAL:
+        why = unavailable(name)
+        out[name] = {"available": why is None, "reason": why}
+    out["explain"]["methods"] = _explain_methods() if out["explain"]["available"] else []
+    return out
+
+
+def _explain_methods() -> list[str]:
+    try:
+        from ..explain.attribution.base import method_names
+
+        return method_names()
+    except ImportError:
+        return []
+
+
+# -- Inspect ---------------------------------------------------------------------------------------
+def inspect(ctx: JobContext, lm, text: str) -> Result:
+    """The inspect report (attention, activations, logit lens) and run.json, as ``lmscope inspect`` writes."""
+    from ..cli.inspect import run_summary
+    from ..views.report import build_inspect_report
+
+    ctx.progress(0.05, "running the model")
+    run = lm.run(text, capture=INSPECT_CAPTURE + (["logits"] if lm.is_causal else []))
+    ctx.progress(0.6, "building the views")
+    report = build_inspect_report(run)
+    ctx.progress(0.9, "summarising")
+    data = run_summary(run)
+    return Result(
+        view={"report": report.data(), "tokens": run.tokens(0)}, report=report, data=data, name="inspect"
+    )
+
+
+def pattern(ctx: JobContext, lm, text: str, layer: int, head: int) -> Result:
+    """One head's attention on ``text``: the attention explorer opened at ``layer``/``head``."""
+    from ..views.attention import attention_widget
+    from ..views.html import Report
+
+    ctx.progress(0.1, f"attention of layer {layer}, head {head}")
+    run = lm.run(text, capture=["blocks.*.attn.pattern"])
+    widget = attention_widget(run, layer=layer, head=head)
+    report = Report(f"lmscope: {lm.name} layer {layer} head {head}")
+    report.section(f"Layer {layer}, head {head}", "attention pattern on the current text").add(widget)
+    return Result(
+        view={"report": report.data(), "layer": layer, "head": head}, report=report, name=f"L{layer}H{head}"
+    )
+
+
+def generate(ctx: JobContext, lm, text: str, steps: int) -> Result:
+    """Greedy continuation of ``text``, one token per step: the page's generation-step picker."""
+    inputs = lm.encode(text)
+    ids = inputs["input_ids"]
+    tokens, probs = [], []
+    for step in range(steps):
+        ctx.progress(step / steps, f"generating token {step + 1} of {steps}")
+        with torch.no_grad():
+            logits = lm.output_of(lm.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+        p = torch.softmax(logits[0, -1].float(), -1)
+        best = int(p.argmax())
+        tokens.append(lm.tokenizer.decode([best]))
+        probs.append(round(float(p[best]), 5))
+        ids = torch.cat([ids, torch.tensor([[best]])], dim=1)
+    data = {"model": lm.name, "prompt": text, "tokens": tokens, "probs": probs}
+    return Result(view=data, data=data, name="generate")
+
+
+# -- Explain / Heads / Compare (other packages' public API) -------------------------------------------
+def explain(ctx: JobContext, lm, text: str, target=None, contrast=None, pair=None, methods=None) -> Result:
+    raise NotImplementedError
+
+
+def heads(ctx: JobContext, lm, text: str) -> Result:
+    raise NotImplementedError
+
+
+def compare(ctx: JobContext, original, compressed, text: str) -> Result:
+    raise NotImplementedError

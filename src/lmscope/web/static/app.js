@@ -1,0 +1,235 @@
+/* lmscope serve page: talks to the JSON API, draws results with the shared lmscope.js widgets.
+ * Every job is POST /api/jobs -> id, then GET /api/jobs/{id}?wait=… until done; DELETE cancels. */
+(function () {
+  "use strict";
+  var $ = function (id) { return document.getElementById(id); };
+  var info = null, tab = "inspect", current = null, step = null;
+
+  // ---------- messages ----------
+  function showMsg(text, kind) {
+    var m = $("msg");
+    m.textContent = text; m.className = "app-msg " + (kind || "error"); m.hidden = !text;
+  }
+  function clearMsg() { showMsg("", ""); }
+
+  // ---------- HTTP ----------
+  function api(method, url, body) {
+    var opts = { method: method, headers: {} };
+    if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+    return fetch(url, opts).then(function (r) {
+      return r.text().then(function (t) {
+        var data = null;
+        try { data = t ? JSON.parse(t) : null; } catch (e) { data = null; }
+        if (!r.ok) {
+          var err = new Error((data && data.error) || ("the server answered " + r.status + " " + r.statusText));
+          err.status = r.status; throw err;
+        }
+        return data;
+      });
+    }, function () { throw new Error("cannot reach the lmscope server: is it still running?"); });
+  }
+
+  // ---------- jobs ----------
+  function setJob(job) {
+    var box = $("job");
+    if (!job) { box.hidden = true; return; }
+    box.hidden = false;
+    $("job-bar").style.width = Math.round(100 * (job.progress || 0)) + "%";
+    $("job-msg").textContent = job.kind + ": " + job.message + (job.status === "running" ? " (" + Math.round(100 * job.progress) + "%)" : "");
+    $("cancel").disabled = !(job.status === "queued" || job.status === "running");
+  }
+  function runJob(body) {
+    clearMsg();
+    if (current) { api("DELETE", "/api/jobs/" + current.id).catch(function () {}); }
+    var mine = { id: null, cancelled: false };
+    current = mine;
+    setJob({ kind: body.kind, message: "sending", progress: 0, status: "queued" });
+    return api("POST", "/api/jobs", body).then(function (job) {
+      mine.id = job.id;
+      return poll(mine, job);
+    }).then(function (job) {
+      if (current === mine) current = null;
+      return job;
+    }, function (err) {
+      if (current === mine) { current = null; setJob(null); }
+      throw err;
+    });
+  }
+  function poll(mine, job) {
+    setJob(job);
+    if (job.status === "done") { $("job").hidden = true; return job; }
+    if (job.status === "error") { setJob(null); throw new Error(job.error || "the job failed"); }
+    if (job.status === "cancelled") { setJob(null); var e = new Error("cancelled"); e.cancelled = true; throw e; }
+    return api("GET", "/api/jobs/" + job.id + "?wait=0.4").then(function (j) { return poll(mine, j); });
+  }
+  function fail(err) {
+    if (err && err.cancelled) showMsg("Cancelled.", "note");
+    else showMsg(err && err.message ? err.message : String(err), "error");
+  }
+
+  // ---------- drawing ----------
+  function renderReport(report, host) {
+    host.innerHTML = "";
+    (report.sections || []).forEach(function (s) {
+      host.appendChild(el("h2", "app-h2", s.title));
+      if (s.note) host.appendChild(el("div", "ls-note", s.note));
+      s.widgets.forEach(function (w) {
+        var div = el("div", "ls-widget");
+        host.appendChild(div);
+        try { lmscope.render(w, div); } catch (e) { div.appendChild(el("div", "ls-error", "could not draw this view: " + e.message)); }
+      });
+    });
+  }
+  function el(tag, cls, text) { var e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
+  function downloads(panel, job) {
+    var box = panel.querySelector(".app-downloads");
+    box.innerHTML = "";
+    Object.keys(job.downloads || {}).forEach(function (name) {
+      var a = el("a", "app-dl", "⤓ " + name);
+      a.href = job.downloads[name]; a.setAttribute("download", "");
+      box.appendChild(a);
+    });
+  }
+  function panel(name) { return $("panel-" + name); }
+
+  // ---------- inputs ----------
+  function model() { return $("model").value; }
+  function modelInfo(id) { return info.models.filter(function (m) { return m.id === id; })[0]; }
+  function text() { return $("text").value; }
+  function opt(id) { var v = $(id).value; return v === "" ? null : v; }
+
+  // ---------- tabs ----------
+  var RUN = {
+    inspect: function () {
+      var p = panel("inspect");
+      return runJob({ kind: "inspect", model: model(), text: text() }).then(function (job) {
+        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
+      });
+    },
+    explain: function () {
+      var p = panel("explain"), m = modelInfo(model());
+      var methods = Array.prototype.map.call(document.querySelectorAll("#methods input:checked"), function (c) { return c.value; });
+      var body = { kind: "explain", model: model(), text: step ? step.text : text(), target: opt("target"), contrast: opt("contrast"), methods: methods.length ? methods : null };
+      if (m && !m.causal) body.pair = opt("pair");
+      return runJob(body).then(function (job) {
+        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
+      });
+    },
+    heads: function () {
+      var p = panel("heads");
+      return runJob({ kind: "heads", model: model(), text: text() }).then(function (job) {
+        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job); clickableHeads(p);
+      });
+    },
+    compare: function () {
+      var p = panel("compare");
+      return runJob({ kind: "compare", original: $("cmp-a").value, compressed: $("cmp-b").value, text: text() }).then(function (job) {
+        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
+      });
+    }
+  };
+  function run() {
+    var why = unavailable(tab);
+    if (why) { showMsg(why, "error"); return Promise.resolve(); }
+    return RUN[tab]().catch(fail);
+  }
+  function unavailable(name) {
+    var f = info && info.features[name];
+    return f && !f.available ? f.reason : null;
+  }
+  function switchTab(name) {
+    tab = name;
+    document.querySelectorAll(".app-tab").forEach(function (b) { b.classList.toggle("active", b.getAttribute("data-tab") === name); });
+    document.querySelectorAll(".app-panel").forEach(function (p) { p.hidden = p.id !== "panel-" + name; });
+    clearMsg();
+  }
+
+  // ---------- heads: click a row to see that head's pattern ----------
+  function showPattern(layer, head) {
+    $("hp-layer").value = layer; $("hp-head").value = head;
+    return runJob({ kind: "pattern", model: model(), text: text(), layer: +layer, head: +head }).then(function (job) {
+      renderReport(job.result.report, $("head-pattern"));
+    }).catch(fail);
+  }
+  function clickableHeads(p) {
+    p.querySelectorAll(".app-out table.ls-table").forEach(function (t) {
+      var cols = Array.prototype.map.call(t.querySelectorAll("thead th"), function (th) { return th.textContent.trim().toLowerCase(); });
+      var li = cols.indexOf("layer"), hi = cols.indexOf("head");
+      if (li < 0 || hi < 0) return;
+      t.classList.add("app-clickable");
+      t.querySelector("tbody").addEventListener("click", function (ev) {
+        var tr = ev.target.closest("tr"); if (!tr) return;
+        var cells = tr.querySelectorAll("td");
+        showPattern(parseInt(cells[li].textContent, 10), parseInt(cells[hi].textContent, 10));
+      });
+    });
+  }
+  function fillHeadPickers() {
+    var m = modelInfo(model()); if (!m) return;
+    [["hp-layer", m.n_layers], ["hp-head", m.n_heads]].forEach(function (x) {
+      var s = $(x[0]); s.innerHTML = "";
+      for (var i = 0; i < x[1]; i++) { var o = el("option", null, String(i)); o.value = i; s.appendChild(o); }
+    });
+  }
+
+  // ---------- explain: generation steps ----------
+  function generate() {
+    var n = +$("gen-steps").value || 5;
+    var prompt = text();
+    return runJob({ kind: "generate", model: model(), text: prompt, steps: n }).then(function (job) {
+      var box = $("steps"); box.innerHTML = "";
+      job.result.tokens.forEach(function (t, k) {
+        var b = el("button", "app-step", k + ": " + JSON.stringify(t));
+        b.title = "p = " + job.result.probs[k].toFixed(3);
+        b.addEventListener("click", function () {
+          box.querySelectorAll(".app-step").forEach(function (x) { x.classList.remove("active"); });
+          b.classList.add("active");
+          step = { text: prompt + job.result.tokens.slice(0, k).join(""), target: t, k: k };
+          $("target").value = t;
+          $("step-info").textContent = "explaining step " + k + ": why " + JSON.stringify(t) + " follows " + JSON.stringify(step.text.slice(-60));
+        });
+        box.appendChild(b);
+      });
+    }).catch(fail);
+  }
+  function clearStep() { step = null; $("steps").innerHTML = ""; $("step-info").textContent = ""; }
+
+  // ---------- start ----------
+  function onModel() {
+    var m = modelInfo(model()); if (!m) return;
+    $("model-info").textContent = m.family + " · " + m.n_layers + " layers · " + m.n_heads + " heads" +
+      (m.n_kv_heads !== m.n_heads ? " (" + m.n_kv_heads + " KV)" : "") + " · " + (m.n_params / 1e6).toFixed(1) + "M params";
+    $("pair-label").hidden = m.causal;
+    $("gen").disabled = !m.causal;
+    fillHeadPickers(); clearStep();
+  }
+  function start(data) {
+    info = data;
+    ["model", "cmp-a", "cmp-b"].forEach(function (id) {
+      data.models.forEach(function (m) { var o = el("option", null, m.id); o.value = m.id; $(id).appendChild(o); });
+    });
+    if (data.models.length > 1) $("cmp-b").value = data.models[1].id;
+    $("limits").textContent = "limits: " + data.limits.max_chars + " characters, " + data.limits.max_tokens + " tokens";
+    ["explain", "heads", "compare"].forEach(function (name) {
+      var why = unavailable(name), box = panel(name).querySelector(".app-unavailable");
+      box.hidden = !why; box.textContent = why ? "Not available: " + why : "";
+    });
+    (data.features.explain.methods || []).forEach(function (name) {
+      var c = el("input"); c.type = "checkbox"; c.value = name;
+      var l = el("label", "app-method"); l.appendChild(c); l.appendChild(document.createTextNode(" " + name));
+      $("methods").appendChild(l);
+    });
+    onModel();
+    document.querySelectorAll(".app-tab").forEach(function (b) { b.addEventListener("click", function () { switchTab(b.getAttribute("data-tab")); }); });
+    $("model").addEventListener("change", onModel);
+    $("run").addEventListener("click", run);
+    $("text").addEventListener("keydown", function (ev) { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); run(); } });
+    $("text").addEventListener("input", clearStep);
+    $("cancel").addEventListener("click", function () { if (current && current.id) api("DELETE", "/api/jobs/" + current.id).catch(fail); });
+    $("gen").addEventListener("click", generate);
+    $("hp-show").addEventListener("click", function () { showPattern($("hp-layer").value, $("hp-head").value); });
+    document.body.setAttribute("data-ready", "1");
+  }
+  window.addEventListener("error", function (ev) { showMsg("page error: " + ev.message, "error"); });
+  api("GET", "/api/info").then(start).catch(fail);
+})();

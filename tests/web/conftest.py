@@ -1,0 +1,108 @@
+"""Fixtures for the web tests: the app on tiny models (TestClient) and a live uvicorn on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _wait_job(client, job_id: str, limit: int = 600) -> dict:
+    """Poll a job until it finishes (long-poll; bounded by a number of polls, not by a clock)."""
+    for _ in range(limit):
+        job = client.get(f"/api/jobs/{job_id}", params={"wait": 1}).json()
+        if job["status"] in ("done", "error", "cancelled"):
+            return job
+    raise AssertionError(f"job {job_id} never finished: {job}")
+
+
+@pytest.fixture()
+def wait_job():
+    """``wait_job(client, job_id)`` -> the finished job's JSON (works with TestClient and httpx.Client)."""
+    return _wait_job
+
+
+def _root_conftest(config):
+    """tests/conftest.py as loaded by pytest (it builds the tiny models; reused, not copied)."""
+    root = Path(__file__).resolve().parent.parent / "conftest.py"
+    for plugin in config.pluginmanager.get_plugins():
+        if Path(getattr(plugin, "__file__", "") or "").resolve() == root:
+            return plugin
+    raise RuntimeError("tests/conftest.py is not loaded")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(request, causal_tokenizer, encoder_tokenizer):
+    """A tiny random llama (causal, GQA) and bert (encoder), shared by a module's tests: do not mutate."""
+    from lmscope import LM
+
+    tiny = _root_conftest(request.config)._tiny
+    return {
+        "tiny-llama": LM(tiny("llama"), causal_tokenizer, name="tiny-llama"),
+        "tiny-bert": LM(tiny("bert"), encoder_tokenizer, name="tiny-bert"),
+    }
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models):
+    """A TestClient on an app serving the tiny models (one per module; tests change limits with monkeypatch)."""
+    from fastapi.testclient import TestClient
+
+    from lmscope.web.server import create_app
+
+    with TestClient(create_app(tiny_models)) as client:
+        yield client
+
+
+@pytest.fixture()
+def limits(client, monkeypatch):
+    """The module client's limits, restored after the test: ``limits.max_chars = 10``."""
+    from lmscope.web.server import Limits
+
+    current = Limits(**vars(client.app.state.lmscope.limits))
+    monkeypatch.setattr(client.app.state.lmscope, "limits", current)
+    return current
+
+
+class LiveServer:
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves this very socket
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture()
+def live_server():
+    """``live_server(models, limits=None)`` -> a LiveServer on 127.0.0.1 (stopped after the test)."""
+    from lmscope.web.server import create_app
+
+    servers = []
+
+    def start(models, limits=None):
+        s = LiveServer(create_app(models, limits))
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
