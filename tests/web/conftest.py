@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _wait_job(client, job_id: str, limit: int = 600) -> dict:
@@ -36,13 +38,20 @@ def _root_conftest(config):
 
 @pytest.fixture(scope="module")
 def tiny_models(request, causal_tokenizer, encoder_tokenizer):
-    """A tiny random llama (causal, GQA) and bert (encoder), shared by a module's tests: do not mutate."""
+    """Tiny random llama (causal, GQA) and bert (encoder), and the llama with one head's queries changed
+    (stands in for a compressed copy); shared by a module's tests: do not mutate."""
     from lmscope import LM
 
     tiny = _root_conftest(request.config)._tiny
+    llama = LM(tiny("llama"), causal_tokenizer, name="tiny-llama")
+    changed = copy.deepcopy(llama.model)  # "compressed": layer 1, head 2 attends differently
+    q = changed.get_submodule(llama.family.blocks)[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        q[2 * llama.head_dim : 3 * llama.head_dim].mul_(-3.0)
     return {
-        "tiny-llama": LM(tiny("llama"), causal_tokenizer, name="tiny-llama"),
+        "tiny-llama": llama,
         "tiny-bert": LM(tiny("bert"), encoder_tokenizer, name="tiny-bert"),
+        "tiny-changed": LM(changed, causal_tokenizer, name="tiny-changed"),
     }
 
 

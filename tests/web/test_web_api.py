@@ -11,7 +11,7 @@ import pytest
 
 def test_info_lists_exactly_the_registered_models(client):
     info = client.get("/api/info").json()
-    assert [m["id"] for m in info["models"]] == ["tiny-llama", "tiny-bert"]
+    assert [m["id"] for m in info["models"]] == ["tiny-llama", "tiny-bert", "tiny-changed"]
     llama = info["models"][0]
     assert (llama["n_layers"], llama["n_heads"], llama["n_kv_heads"], llama["causal"]) == (3, 4, 2, True)
     assert info["models"][1]["causal"] is False
@@ -96,7 +96,11 @@ BAD = [
         "over this server's limit of 20 tokens",
     ),
     ({"kind": "inspect", "model": "/etc/passwd", "text": "hi"}, 422, "unknown model '/etc/passwd'"),
-    ({"kind": "inspect", "model": "smollm2", "text": "hi"}, 422, "this server has: tiny-llama, tiny-bert"),
+    (
+        {"kind": "inspect", "model": "smollm2", "text": "hi"},
+        422,
+        "this server has: tiny-llama, tiny-bert, tiny-changed",
+    ),
     ({"kind": "inspect", "model": ["tiny-llama"], "text": "hi"}, 422, "'model' must be a string"),
     ({"kind": "rm -rf", "model": "tiny-llama", "text": "hi"}, 422, "unknown job kind"),
     (
@@ -150,6 +154,55 @@ def test_body_size_limit_and_malformed_json(client, limits):
     assert r.status_code == 422 and r.json()["error"] == "the request body is not valid JSON"
     r = client.post("/api/jobs", json=["inspect"])
     assert r.status_code == 422 and "JSON object" in r.json()["error"]
+
+
+def test_heads_job_is_what_lmscope_heads_computes(client, tiny_models, wait_job):
+    from lmscope.explain.heads import analyze_heads
+
+    text = "the cat sat on the mat and the cat sat on the mat again"
+    r = client.post(
+        "/api/jobs", json={"kind": "heads", "model": "tiny-llama", "text": text, "scored_on": "text"}
+    )
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "done", job
+    titles = [s["title"] for s in job["result"]["report"]["sections"]]
+    assert titles[:2] == ["Head importance", "What each head does"]
+    data = client.get(job["downloads"]["result.json"]).json()
+    expected = analyze_heads(tiny_models["tiny-llama"], text).to_json()
+    assert len(data["heads"]) == 12
+    for got, want in zip(data["heads"], expected["heads"]):
+        assert (got["layer"], got["head"]) == (want["layer"], want["head"])
+        assert got["ablation_mean"] == pytest.approx(want["ablation_mean"], abs=1e-5)
+        assert got["previous_token"] == pytest.approx(want["previous_token"], abs=1e-5)
+    r = client.post(
+        "/api/jobs", json={"kind": "heads", "model": "tiny-llama", "text": "", "scored_on": "text"}
+    )
+    assert r.status_code == 422 and "the text is empty" in r.json()["error"]
+    r = client.post("/api/jobs", json={"kind": "heads", "model": "tiny-llama", "scored_on": "/etc/passwd"})
+    assert r.status_code == 422 and "'scored_on' must be" in r.json()["error"]
+
+
+def test_compare_finds_the_changed_head(client, wait_job):
+    text = "one two three four five six"
+    r = client.post(
+        "/api/jobs",
+        json={"kind": "compare", "original": "tiny-llama", "compressed": "tiny-changed", "text": text},
+    )
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "done", job
+    data = client.get(job["downloads"]["result.json"]).json()
+    js = {(h["layer"], h["head"]): h["js"] for h in data["heads"]}
+    assert max(js[0, h] for h in range(4)) < 1e-6  # layer 0 is untouched
+    assert js[1, 2] > 1e-3 and js[1, 2] == max(js[1, h] for h in range(4))
+    titles = [s["title"] for s in job["result"]["report"]["sections"]]
+    assert any(t.startswith("Structure") for t in titles) and "Attributions" in titles
+    r = client.post(
+        "/api/jobs",
+        json={"kind": "compare", "original": "tiny-llama", "compressed": "tiny-bert", "text": text},
+    )
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "error" and "causal" in job["error"]
 
 
 def test_explain_when_missing_says_so(client, monkeypatch):

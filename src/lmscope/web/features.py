@@ -32,7 +32,7 @@ class Result:
 # -- optional parts: (module, attribute) each tab needs ----------------------------------------------
 OPTIONAL = {
     "explain": ("lmscope.explain.api", "explain"),
-    "heads": ("lmscope.explain.heads", "head_scores"),
+    "heads": ("lmscope.explain.heads", "analyze_heads"),
     "compare": ("lmscope.compress.compare", "compare"),
 }
 
@@ -125,9 +125,38 @@ def explain(ctx: JobContext, lm, text: str, target=None, contrast=None, pair=Non
     raise NotImplementedError
 
 
-def heads(ctx: JobContext, lm, text: str) -> Result:
-    raise NotImplementedError
+def heads(ctx: JobContext, lm, text: str | None) -> Result:
+    """Importance and characterization of every head (``lmscope heads``), on ``text`` or the built-in text."""
+    from ..cli.heads import heads_report
+
+    analyze_heads = _optional("heads")
+
+    def progress(done: int, total: int) -> None:
+        ctx.progress(0.05 + 0.85 * done / total, f"ablating heads: layer {done} of {total}")
+
+    ctx.progress(0.02, "scoring heads")
+    scores = analyze_heads(lm, text, progress=progress)
+    ctx.progress(0.95, "building the views")
+    report = heads_report(scores, f"Heads: {lm.name}")
+    source = "the text above" if text is not None else "the built-in text"
+    return Result(
+        view={"report": report.data(), "scored_on": source},
+        report=report,
+        data=scores.to_json(),
+        name="heads",
+    )
 
 
 def compare(ctx: JobContext, original, compressed, text: str) -> Result:
-    raise NotImplementedError
+    """Original vs compressed on ``text`` (``lmscope compare``): attention divergence, attribution
+    agreement, logit-lens drift and the structure diff."""
+    run_compare = _optional("compare")
+    ctx.progress(0.05, f"comparing {original.name} with {compressed.name}")
+    result = run_compare(original, compressed, text)
+    ctx.progress(0.8, "building the views")
+    report = result.report()
+    if not any(sec.title.startswith("Structure") for sec in report.sections):
+        from ..compress.structure import structure_diff
+
+        structure_diff(original, compressed).add_to(report, changed_only=True)
+    return Result(view={"report": report.data()}, report=report, data=result.to_dict(), name="compare")

@@ -210,8 +210,19 @@ class App:
         if kind == "compare":
             return self._compare_job(data)
         entry = self.model(data)
-        text = self.text(data, entry)
         lm = entry.lm
+        if kind == "heads":
+            scored_on = _str_field(data, "scored_on") or "builtin"
+            if scored_on not in ("builtin", "text"):
+                raise BadRequest(
+                    "'scored_on' must be 'builtin' (the built-in text) or 'text' (the text sent)"
+                )
+            text = self.text(data, entry) if scored_on == "text" else None
+            why = features.unavailable("heads")
+            if why:
+                raise BadRequest(why, 501)
+            return self.jobs.submit(kind, entry.id, lambda ctx: features.heads(ctx, lm, text))
+        text = self.text(data, entry)
         if kind == "inspect":
             return self.jobs.submit(kind, entry.id, lambda ctx: features.inspect(ctx, lm, text))
         if kind == "pattern":
@@ -241,11 +252,6 @@ class App:
                 raise BadRequest(why, 501)
             opts = {"target": target, "contrast": contrast, "pair": pair, "methods": methods or None}
             return self.jobs.submit(kind, entry.id, lambda ctx: features.explain(ctx, lm, text, **opts))
-        if kind == "heads":
-            why = features.unavailable("heads")
-            if why:
-                raise BadRequest(why, 501)
-            return self.jobs.submit(kind, entry.id, lambda ctx: features.heads(ctx, lm, text))
         raise BadRequest(f"unknown job kind '{kind}'")
 
     def _compare_job(self, data: dict):

@@ -117,7 +117,7 @@
     },
     heads: function () {
       var p = panel("heads");
-      return runJob({ kind: "heads", model: model(), text: text() }).then(function (job) {
+      return runJob({ kind: "heads", model: model(), text: text(), scored_on: $("heads-on").value }).then(function (job) {
         renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job); clickableHeads(p);
       });
     },
@@ -128,11 +128,7 @@
       });
     }
   };
-  function run() {
-    var why = unavailable(tab);
-    if (why) { showMsg(why, "error"); return Promise.resolve(); }
-    return RUN[tab]().catch(fail);
-  }
+  function run() { return RUN[tab]().catch(fail); }  // the server checks input first, then availability
   function unavailable(name) {
     var f = info && info.features[name];
     return f && !f.available ? f.reason : null;
