@@ -10,7 +10,7 @@ from torch import nn
 from ._linear import is_conv1d
 
 #: calibration budget used when a step does not say: windows x tokens
-DEFAULT_WINDOWS = 16
+DEFAULT_WINDOWS = 8
 DEFAULT_WINDOW_TOKENS = 256
 
 
