@@ -72,6 +72,7 @@ class Section:
         cell_text=None,
         hover=None,
         value_range=None,
+        log=False,
     ) -> Section:
         spec = {
             "type": "heatmap",
@@ -89,6 +90,8 @@ class Section:
             spec["hover"] = hover
         if value_range is not None:
             spec["range"] = list(value_range)
+        if log:
+            spec["log"] = True
         if log:
             spec["log"] = True
         return self.add(spec)
