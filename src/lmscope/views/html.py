@@ -73,6 +73,7 @@ class Section:
         hover=None,
         value_range=None,
         log=False,
+        cell=None,
     ) -> Section:
         spec = {
             "type": "heatmap",
@@ -92,6 +93,8 @@ class Section:
             spec["range"] = list(value_range)
         if log:
             spec["log"] = True
+        if cell:
+            spec["cell"] = cell
         if log:
             spec["log"] = True
         return self.add(spec)

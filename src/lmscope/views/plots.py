@@ -63,8 +63,9 @@ def model_view(att: np.ndarray, tokens: list[str]):
                 ax.set_ylabel(str(i), fontsize=6, rotation=0, labelpad=8)
             if i == 0:
                 ax.set_title(f"h{h}", fontsize=7)
-    fig.suptitle("model view: layers (rows) x heads (columns)", fontsize=9)
-    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    fig.suptitle("model view: layers (rows) x heads (columns)", fontsize=9, y=1 - 0.1 / (layers * 0.9))
+    height = layers * 0.9
+    fig.subplots_adjust(wspace=0.05, hspace=0.05, top=1 - 0.45 / height, bottom=0.1 / height)
     return fig
 
 

@@ -116,6 +116,7 @@ def build_inspect_report(run, index: int = 0, lens_k: int = 5) -> Report:
             cell_text=cell,
             hover=hover,
             value_range=(0, 1),
+            cell=60,
         )
         final = np.asarray(lens.final_token_prob)[:, -1]
         final_tok = lens.top_tokens[-1][n - 1][0]

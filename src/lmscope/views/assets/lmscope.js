@@ -20,6 +20,7 @@
   function fmt(v) {
     if (v === null || v === undefined || (typeof v === "number" && isNaN(v))) return "–";
     if (typeof v !== "number") return String(v);
+    if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
     var a = Math.abs(v);
     if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
     return v.toFixed(a >= 100 ? 1 : 3);
@@ -70,7 +71,7 @@
       if (useLog) return (Math.log(v) - Math.log(lo)) / ((Math.log(hi) - Math.log(lo)) || 1);
       return (v - lo) / ((hi - lo) || 1);
     }
-    var cell = Math.max(4, Math.min(spec.cell || 28, Math.floor(760 / Math.max(cols, 1))));
+    var cell = Math.max(4, Math.min(spec.cell || 28, Math.floor((spec.cell ? 1000 : 760) / Math.max(cols, 1))));
     var cellH = Math.max(4, Math.min(spec.cell || 22, Math.floor(600 / Math.max(rows, 1))));
     var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
     var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
