@@ -1,0 +1,315 @@
+"""Activation patching: which internals carry the difference between a clean and a corrupted prompt.
+
+Run the corrupted prompt, but copy one activation from the clean run into it, and measure how much
+of the clean answer comes back: ``(m_patched - m_corrupt) / (m_clean - m_corrupt)`` (0 = corrupted,
+1 = clean), where ``m`` is the logit difference target - contrast at the last position (or the target
+logit alone). Sites: the residual stream entering each block (``resid_pre``) at each position, each
+attention head's output (all positions), and each MLP's output (all positions).
+
+Speed: all patches at one layer run as one batch, and the blocks before that layer are not run again:
+they return what they computed in the corrupted run (``replay_blocks``), since a patch at layer L
+cannot change anything before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..capture.session import hooks
+from ..errors import LmscopeError
+
+RESID_SITE = "resid_pre"
+
+
+# -- shared machinery (also used by heads.py) ---------------------------------------------------
+def record_block_outputs(lm, inputs: dict[str, torch.Tensor], names=(), interventions=None):
+    """One no-grad forward of the base model; returns (last hidden state, raw block outputs, captured)."""
+    outputs: list = [None] * lm.n_layers
+    handles = []
+    for i, block in enumerate(lm.blocks):
+
+        def keep(mod, args, out, i=i):
+            outputs[i] = out
+
+        handles.append(block.register_forward_hook(keep))
+    try:
+        with torch.no_grad(), hooks(lm, names, interventions) as session:
+            hidden = base_forward(lm, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, outputs, session.tensors
+
+
+def _take_rows(output, rows: torch.Tensor):
+    if isinstance(output, torch.Tensor):
+        return output[rows]
+    if isinstance(output, tuple):
+        return tuple(_take_rows(o, rows) if isinstance(o, torch.Tensor) else o for o in output)
+    return output
+
+
+@contextmanager
+def replay_blocks(lm, upto: int, outputs: list, rows: torch.Tensor):
+    """Blocks ``0..upto-1`` return their recorded ``outputs`` (rows ``rows`` of the recording) uncomputed.
+
+    Correct only when the forward that follows feeds the same tokens as the recording and changes
+    nothing before block ``upto``.
+    """
+    patched = []
+    # only block upto-1's output is read downstream; earlier blocks just need to return quickly
+    taken = _take_rows(outputs[upto - 1], rows) if upto > 0 else None
+    try:
+        for i in range(upto):
+            block = lm.blocks[i]
+
+            def replay(*args, _out=taken, **kwargs):
+                return _out
+
+            block.forward = replay
+            patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def base_forward(lm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden state (after the final norm, before the unembedding): [batch, pos, d_model]."""
+    kwargs = {"use_cache": False} if lm.is_causal else {}
+    return lm.model.base_model(**inputs, **kwargs).last_hidden_state
+
+
+def unembed(lm, hidden: torch.Tensor) -> torch.Tensor:
+    if not lm.family.unembed:
+        raise LmscopeError(f"{lm.name} has no language-model head", "use a causal model such as smollm2")
+    return lm.module(lm.family.unembed)(hidden)
+
+
+def single_token(lm, text: str, role: str = "target") -> int:
+    """The id of ``text`` when it is exactly one token; otherwise an error that shows its tokenization."""
+    if text is None or text == "":
+        raise LmscopeError(f"the {role} token is empty", f'pass --{role} " Mary" (note the leading space)')
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [lm.tokenizer.decode([i]) for i in ids]
+        raise LmscopeError(
+            f"the {role} {text!r} is {len(ids)} tokens, not one: {pieces} (ids {ids})",
+            f"pass a single-token --{role}, e.g. {pieces[0]!r} (its first token), or another word",
+        )
+    return int(ids[0])
+
+
+# -- patching -------------------------------------------------------------------------------
+@dataclass
+class PatchingResult:
+    """Patched metrics per site. ``resid``/``heads``/``mlp`` are normalized to [0, 1]-ish (None if undefined)."""
+
+    model: str
+    tokens: list[str]  # clean prompt tokens
+    corrupt_tokens: list[str]
+    target: str
+    contrast: str | None
+    target_id: int
+    contrast_id: int | None
+    metric_clean: float
+    metric_corrupt: float
+    resid_raw: np.ndarray  # [layers, pos] metric with resid_pre[layer, pos] patched
+    heads_raw: np.ndarray  # [layers, heads]
+    mlp_raw: np.ndarray  # [layers]
+    layers: list[int]
+    resid_site: str = RESID_SITE
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def metric_name(self) -> str:
+        if self.contrast is None:
+            return f"logit[{self.target!r}]"
+        return f"logit[{self.target!r}] - logit[{self.contrast!r}]"
+
+    def _normalize(self, raw: np.ndarray) -> np.ndarray | None:
+        span = self.metric_clean - self.metric_corrupt
+        if span == 0:
+            return None
+        return (raw - self.metric_corrupt) / span
+
+    @property
+    def resid(self) -> np.ndarray | None:
+        return self._normalize(self.resid_raw)
+
+    @property
+    def heads(self) -> np.ndarray | None:
+        return self._normalize(self.heads_raw)
+
+    @property
+    def mlp(self) -> np.ndarray | None:
+        return self._normalize(self.mlp_raw)
+
+    def to_json(self) -> dict:
+        def grid(a):
+            if a is None:
+                return None
+            return [[_num(v) for v in row] for row in a] if a.ndim == 2 else [_num(v) for v in a]
+
+        return {
+            "model": self.model,
+            "tokens": self.tokens,
+            "corrupt_tokens": self.corrupt_tokens,
+            "target": self.target,
+            "contrast": self.contrast,
+            "target_id": self.target_id,
+            "contrast_id": self.contrast_id,
+            "metric": self.metric_name,
+            "metric_clean": self.metric_clean,
+            "metric_corrupt": self.metric_corrupt,
+            "normalization": "(m_patched - m_corrupt) / (m_clean - m_corrupt): 0 = corrupted, 1 = clean",
+            "layers": self.layers,
+            "resid_site": self.resid_site,
+            "resid": grid(self.resid),
+            "heads": grid(self.heads),
+            "mlp": grid(self.mlp),
+            "raw": {"resid": grid(self.resid_raw), "heads": grid(self.heads_raw), "mlp": grid(self.mlp_raw)},
+            **self.meta,
+        }
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if np.isnan(v) else round(v, 6)
+
+
+def _check_layers(lm, layers: Sequence[int] | None) -> list[int]:
+    if layers is None:
+        return list(range(lm.n_layers))
+    bad = [i for i in layers if not 0 <= int(i) < lm.n_layers]
+    if bad:
+        raise LmscopeError(
+            f"layer {bad[0]} is out of range: {lm.name} has {lm.n_layers} layers",
+            f"use layers 0..{lm.n_layers - 1}",
+        )
+    return sorted({int(i) for i in layers})
+
+
+def patch(
+    lm,
+    clean: str,
+    corrupt: str,
+    target: str,
+    contrast: str | None = None,
+    layers: Sequence[int] | None = None,
+    normalize: bool = True,
+    skip_identical: bool = True,
+) -> PatchingResult:
+    """Patch clean activations into the corrupted run, one site at a time; see the module docstring.
+
+    ``normalize=True`` raises when the clean and corrupted metrics are equal (nothing to restore);
+    ``normalize=False`` allows it (the raw grids are still right, the normalized ones are None).
+    ``skip_identical``: a residual position whose clean and corrupted activations are equal (e.g. the
+    tokens before the first changed one) is not run; patching it cannot change anything, so its
+    metric is the corrupted one.
+    """
+    if not lm.is_causal:
+        raise LmscopeError(
+            f"activation patching needs a causal language model; {lm.name} is an encoder",
+            "use a causal model such as smollm2",
+        )
+    layers = _check_layers(lm, layers)
+    target_id = single_token(lm, target, "target")
+    contrast_id = single_token(lm, contrast, "contrast") if contrast is not None else None
+    clean_in, corrupt_in = lm.encode(clean), lm.encode(corrupt)
+    n_clean, n_corrupt = clean_in["input_ids"].shape[1], corrupt_in["input_ids"].shape[1]
+    if n_clean != n_corrupt:
+        raise LmscopeError(
+            f"the clean prompt is {n_clean} tokens and the corrupted one {n_corrupt}; they must be equally long",
+            "change words for words of the same token count (e.g. swap one name for another)",
+        )
+
+    def metric(hidden_last: torch.Tensor) -> torch.Tensor:
+        logits = unembed(lm, hidden_last).float()
+        m = logits[:, target_id]
+        return m - logits[:, contrast_id] if contrast_id is not None else m
+
+    site_names = [f"blocks.{i}.{s}" for i in layers for s in (RESID_SITE, "attn.head_out", "mlp.out")]
+    clean_hidden, _, clean_acts = record_block_outputs(lm, clean_in, site_names)
+    resid_names = [f"blocks.{i}.{RESID_SITE}" for i in layers]
+    corrupt_hidden, corrupt_blocks, corrupt_acts = record_block_outputs(lm, corrupt_in, resid_names)
+    with torch.no_grad():
+        m_clean = float(metric(clean_hidden[:, -1])[0])
+        m_corrupt = float(metric(corrupt_hidden[:, -1])[0])
+    if normalize and abs(m_clean - m_corrupt) < 1e-6:
+        raise LmscopeError(
+            f"the metric is the same for both prompts ({m_clean:.4f}), so there is nothing to restore",
+            "make the corrupted prompt change the answer (e.g. swap the names), or pick another target",
+        )
+
+    seq = n_clean
+    n_heads = max(lm.n_heads_at(i) for i in range(lm.n_layers))
+    resid_raw = np.full((lm.n_layers, seq), np.nan)
+    heads_raw = np.full((lm.n_layers, n_heads), np.nan)
+    mlp_raw = np.full(lm.n_layers, np.nan)
+    n_runs = 0
+    for layer in layers:
+        h_here = lm.n_heads_at(layer)
+        clean_resid = clean_acts[f"blocks.{layer}.{RESID_SITE}"][0]
+        clean_heads = clean_acts[f"blocks.{layer}.attn.head_out"][0]
+        clean_mlp = clean_acts[f"blocks.{layer}.mlp.out"][0]
+        pos = torch.arange(seq)
+        if skip_identical:
+            same = (clean_resid == corrupt_acts[f"blocks.{layer}.{RESID_SITE}"][0]).all(-1)
+            pos = pos[~same]
+            resid_raw[layer, same.numpy()] = m_corrupt
+        n_pos = len(pos)
+        rows = n_pos + h_here + 1  # one row per patched position, per head, and the MLP
+        resid_rows = torch.arange(n_pos)
+
+        def put_resid(x, name, clean_resid=clean_resid, pos=pos, resid_rows=resid_rows):
+            x = x.clone()
+            x[resid_rows, pos] = clean_resid[pos]
+            return x
+
+        def put_heads(x, name, clean_heads=clean_heads, h_here=h_here, n_pos=n_pos):
+            x = x.clone()
+            for h in range(h_here):
+                x[n_pos + h, :, h] = clean_heads[:, h]
+            return x
+
+        def put_mlp(x, name, clean_mlp=clean_mlp, n_pos=n_pos, h_here=h_here):
+            x = x.clone()
+            x[n_pos + h_here] = clean_mlp
+            return x
+
+        interventions = {
+            f"blocks.{layer}.{RESID_SITE}": put_resid,
+            f"blocks.{layer}.attn.head_out": put_heads,
+            f"blocks.{layer}.mlp.out": put_mlp,
+        }
+        batch = {k: v.expand(rows, -1) for k, v in corrupt_in.items()}
+        zeros = torch.zeros(rows, dtype=torch.long)
+        with torch.no_grad(), replay_blocks(lm, layer, corrupt_blocks, zeros), hooks(lm, (), interventions):
+            values = metric(base_forward(lm, batch)[:, -1]).double().numpy()
+        n_runs += rows
+        resid_raw[layer, pos.numpy()] = values[:n_pos]
+        heads_raw[layer, :h_here] = values[n_pos : n_pos + h_here]
+        mlp_raw[layer] = values[n_pos + h_here]
+
+    return PatchingResult(
+        model=lm.name,
+        tokens=lm.token_strings(clean_in["input_ids"][0]),
+        corrupt_tokens=lm.token_strings(corrupt_in["input_ids"][0]),
+        target=target,
+        contrast=contrast,
+        target_id=target_id,
+        contrast_id=contrast_id,
+        metric_clean=m_clean,
+        metric_corrupt=m_corrupt,
+        resid_raw=resid_raw,
+        heads_raw=heads_raw,
+        mlp_raw=mlp_raw,
+        layers=layers,
+        meta={"kv_heads": [lm.kv_group(h) for h in range(n_heads)], "patched_runs": n_runs},
+    )
