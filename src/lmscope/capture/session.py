@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .names import split
@@ -55,8 +55,13 @@ def lmscope_attention(
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
+    mask = attention_mask
+    if mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
+        # SDPA's mask builder skips a purely causal mask (is_causal fast path); rebuild it here
+        q_len, k_len = query.shape[2], key.shape[2]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
         if mask.dtype == torch.bool:
             mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill(
                 ~mask, torch.finfo(scores.dtype).min
@@ -76,8 +81,9 @@ def lmscope_attention(
 def register_attention() -> None:
     """Make ``attn_implementation="lmscope"`` known to transformers (idempotent)."""
     ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPL, lmscope_attention)
-    # an additive float mask works for both our eager path and SDPA
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, eager_mask)
+    # SDPA's own masks (boolean, or None for a purely causal batch) keep the uncaptured path as fast as
+    # plain SDPA; the eager path turns them into the additive mask HF's eager attention uses
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
 
 
 def _first(output):
