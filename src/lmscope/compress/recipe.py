@@ -396,7 +396,12 @@ class Calibration:
         if self._ids is None:
             import torch
 
-            ids = self.lm.tokenizer(self.text, return_tensors="pt", truncation=False)["input_ids"][0]
+            need = self.window * self.n_windows
+            text = self.text
+            # tokenizing a few hundred KB is slow; ~8 characters per token is plenty for the budget
+            ids = self.lm.tokenizer(text[: need * 8], return_tensors="pt", truncation=False)["input_ids"][0]
+            if len(ids) < need and len(text) > need * 8:
+                ids = self.lm.tokenizer(text, return_tensors="pt", truncation=False)["input_ids"][0]
             self._ids = ids[: self.window * self.n_windows].to(torch.long)
             if len(self._ids) < 16:
                 raise LmscopeError(
@@ -406,7 +411,7 @@ class Calibration:
 
     def windows(self, window: int | None = None, n: int | None = None):
         """Calibration token windows: a list of ``[1, window]`` LongTensors (the last may be shorter)."""
-        window = window or self.window
+        window = min(window or self.window, self.lm.max_positions)
         ids = self.token_ids()
         out = [ids[i : i + window].unsqueeze(0) for i in range(0, len(ids), window)]
         out = [w for w in out if w.shape[1] >= 8]

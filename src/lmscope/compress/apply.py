@@ -1,0 +1,236 @@
+"""``compress(lm, recipe)``: run a recipe's steps in order and return what changed (``CompressResult``)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LmscopeError
+from .recipe import Calibration, Recipe, StepConfig, handler_for
+
+
+def as_recipe(recipe) -> Recipe:
+    """A Recipe from a Recipe, one step, a list of steps, a dict or a path to a JSON file."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, StepConfig):
+        return Recipe((recipe,))
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.from_json(recipe)
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (list, tuple)):
+        if all(isinstance(s, StepConfig) for s in recipe):
+            return Recipe.of(*recipe)
+        return Recipe.from_dict(list(recipe))
+    raise LmscopeError(
+        f"cannot read a recipe from {type(recipe).__name__}", "pass a Recipe, steps or a JSON path"
+    )
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the state dict as stored (tied/shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _params(model) -> int:
+    """Logical parameter count: a quantized linear counts in*out however it is packed; tied tensors once."""
+    from .quantize.modules import Int8Embedding, Int8TiedHead, QuantizedLinear
+
+    seen, total = set(), 0
+    for mod in model.modules():
+        if isinstance(mod, Int8TiedHead):
+            continue
+        if isinstance(mod, QuantizedLinear):
+            total += mod.in_features * mod.out_features
+        elif isinstance(mod, Int8Embedding):
+            total += mod.num_embeddings * mod.embedding_dim
+        for p in mod.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+@dataclass
+class CompressResult:
+    """The compressed model and, per step, what its handler reported (``infos``, JSON)."""
+
+    lm: Any  # the compressed LM
+    recipe: Recipe
+    infos: list[dict]
+    bytes_before: int
+    bytes_after: int
+    params_before: int
+    params_after: int
+    seconds: float
+    original: Any = None  # the untouched LM (None when compressed in place)
+    meta: dict = field(default_factory=dict)
+
+    def layer_errors(self) -> list[dict]:
+        """Per-layer quantization error rows (SQNR, output error), worst first."""
+        for step, info in zip(self.recipe.steps, self.infos):
+            if step.kind == "quantize":
+                return info.get("layers", [])
+        return []
+
+    def structure_diff(self):
+        if self.original is None:
+            return None
+        from .structure import structure_diff
+
+        return structure_diff(self.original.model, self.lm.model, "original", "compressed")
+
+    def summary(self) -> dict:
+        return {
+            "model": getattr(self.lm, "name", "model"),
+            "recipe": self.recipe.to_dict(),
+            "describe": self.recipe.describe(),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "bytes_ratio": round(self.bytes_after / max(1, self.bytes_before), 4),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "seconds": round(self.seconds, 2),
+            "steps": [{"step": s.to_dict(), "info": i} for s, i in zip(self.recipe.steps, self.infos)],
+        }
+
+    def to_text(self, worst: int = 5) -> str:
+        mb = 2**20
+        lines = [
+            f"recipe: {self.recipe.describe()}",
+            f"bytes:  {self.bytes_before / mb:.1f} MB -> {self.bytes_after / mb:.1f} MB "
+            f"({self.bytes_after / max(1, self.bytes_before):.1%})",
+            f"params: {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M",
+        ]
+        rows = self.layer_errors()
+        if rows:
+            lines.append(f"worst {min(worst, len(rows))} layers (SQNR, dB; output on calibration text):")
+            for r in rows[:worst]:
+                out = "—" if r["output_sqnr_db"] is None else f"{r['output_sqnr_db']:.1f}"
+                lines.append(
+                    f"  {r['layer']:<40} weight {r['weight_sqnr_db']:6.1f}  output {out:>6}  {r['how']}"
+                )
+        return "\n".join(lines)
+
+    def report(self, path: str | os.PathLike | None = None) -> str:
+        """Self-contained HTML: structure diff + per-layer SQNR table."""
+        from ..views.html import Report
+
+        rep = Report(f"Compress: {getattr(self.lm, 'name', 'model')}", subtitle=self.recipe.describe())
+        sec = rep.section("Summary", note="bytes of the state dict as stored; parameters counted logically")
+        sec.table(
+            ["", "before", "after", "ratio"],
+            [
+                [
+                    "bytes",
+                    self.bytes_before,
+                    self.bytes_after,
+                    f"{self.bytes_after / max(1, self.bytes_before):.3f}",
+                ],
+                [
+                    "params",
+                    self.params_before,
+                    self.params_after,
+                    f"{self.params_after / max(1, self.params_before):.3f}",
+                ],
+            ],
+        )
+        diff = self.structure_diff()
+        if diff is not None:
+            diff.add_to(rep, changed_only=False)
+        rows = self.layer_errors()
+        if rows:
+            sec = rep.section(
+                "Per-layer quantization error (worst first)",
+                note="SQNR = 20·log10(‖w‖/‖w − ŵ‖); output SQNR on calibration activations (higher is better)",
+            )
+            cols = ["layer", "shape", "bits", "how", "weight SQNR dB", "output SQNR dB", "output rel. error"]
+            table = [
+                [
+                    r["layer"],
+                    "×".join(map(str, r["shape"])),
+                    r["bits"],
+                    r["how"],
+                    r["weight_sqnr_db"],
+                    r["output_sqnr_db"],
+                    r["output_rel_error"],
+                ]
+                for r in rows
+            ]
+            sec.table(cols, table, highlight=list(range(min(5, len(table)))))
+            with_out = [r for r in rows if r["output_sqnr_db"] is not None][:40]
+            if with_out:
+                sec.bars(
+                    [r["layer"] for r in with_out],
+                    [r["output_sqnr_db"] for r in with_out],
+                    title="output SQNR (dB), worst 40",
+                )
+        for step, info in zip(self.recipe.steps, self.infos):
+            if step.kind != "quantize":
+                small = {k: v for k, v in info.items() if not isinstance(v, (list, dict))}
+                if small:
+                    rep.section(f"Step {step.kind}").table(
+                        ["key", "value"], [[k, str(v)] for k, v in small.items()]
+                    )
+        if path is not None:
+            rep.write(path)
+        return rep.render()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from .storage import save
+
+        return save(self, directory)
+
+
+def compress(lm, recipe, calibration_text: str | None = None, inplace: bool = False) -> CompressResult:
+    """Apply ``recipe`` to ``lm`` (a copy unless ``inplace``) and return the result.
+
+    ``calibration_text`` defaults to the calibration half of lmscope's built-in text, which never overlaps
+    the evaluation half. Every step's config is validated against the model before any step runs.
+    """
+    from ..lm import LM
+
+    recipe = as_recipe(recipe)
+    recipe.check(lm)
+    handlers = [handler_for(s) for s in recipe.steps]
+    original = None
+    if not inplace:
+        original = lm
+        lm = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
+    before_bytes, before_params = state_bytes(lm.model), _params(lm.model)
+    calib = Calibration(lm, calibration_text)
+    infos = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for step, handler in zip(recipe.steps, handlers):
+            t = time.perf_counter()
+            info = handler.apply(lm, step, calib) or {}
+            info.setdefault("seconds", round(time.perf_counter() - t, 2))
+            infos.append(info)
+    lm.model.eval()
+    lm._lmscope_modified = True
+    lm.compressed_by = recipe
+    return CompressResult(
+        lm=lm,
+        recipe=recipe,
+        infos=infos,
+        bytes_before=before_bytes,
+        bytes_after=state_bytes(lm.model),
+        params_before=before_params,
+        params_after=_params(lm.model),
+        seconds=time.perf_counter() - start,
+        original=original,
+    )

@@ -1,0 +1,82 @@
+"""Quantization: one registered handler for the ``quantize`` step, one file per scheme.
+
+A scheme is a function ``(lm, step, calib, targets) -> list[Quantized]`` registered in ``SCHEMES``; the
+handler captures calibration inputs, runs the scheme, swaps the modules in, quantizes the token
+embedding (tied head included) to int8 rows, and records per-layer SQNR / output error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..recipe import Quantize, register_step
+from . import _common as C
+
+SCHEMES: dict[str, Callable] = {}
+
+
+@dataclass
+class Quantized:
+    """One replaced layer: the new module, the fp weight it approximates and how its input was scaled."""
+
+    name: str
+    module: nn.Module
+    kind: str  # int8 | w8a8 | int4 (the module type to rebuild)
+    ref_weight: torch.Tensor  # the float weight this module stands for (after any smoothing folds)
+    bias: torch.Tensor | None
+    how: str
+    input_scale: torch.Tensor | None = None  # module input = original input / input_scale
+    meta: dict = field(default_factory=dict)
+
+
+def scheme(name: str):
+    def deco(fn):
+        SCHEMES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_step(Quantize)
+class QuantizeHandler:
+    def apply(self, lm, step: Quantize, calib) -> dict:
+        from . import gptq, int4, int8, smooth, w8a8  # noqa: F401  (register the schemes)
+
+        targets = C.block_linears(lm, step.skip)
+        names = [n for n, _ in targets]
+        windows = calib.windows() if calib is not None else []
+        inputs = C.capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
+        done: list[Quantized] = SCHEMES[step.scheme](lm, step, calib, targets)
+        rows, modules = [], {}
+        for q in done:
+            x = inputs.get(q.name)
+            if x is not None and q.input_scale is not None:
+                x = x / q.input_scale
+            rows.append(C.error_row(q.name, q.ref_weight, q.bias, q.module, x, q.how))
+            C.set_module(lm.model, q.name, q.module)
+            modules[q.name] = {"kind": q.kind, **q.meta}
+        emb = C.quantize_embeddings(lm)
+        if emb is not None:
+            rows.extend(emb.pop("rows"))
+        return {
+            "scheme": step.scheme,
+            "modules": modules,
+            "embedding": emb,
+            "layers": C.rank_rows(rows),
+            "calibration_tokens": int(sum(w.shape[1] for w in windows)),
+        }
+
+    def rebuild(self, model: nn.Module, step: Quantize, info: dict) -> None:
+        for name, meta in info["modules"].items():
+            lin = model.get_submodule(name)
+            C.set_module(
+                model,
+                name,
+                C.empty_module(meta["kind"], lin.in_features, lin.out_features, lin.bias is not None, meta),
+            )
+        if info.get("embedding"):
+            C.rebuild_embeddings(model, info["embedding"])

@@ -1,0 +1,201 @@
+"""Shared plumbing for the quantization schemes: target layers, module construction, calibration inputs,
+the tied int8 embedding/head, and the per-layer error rows."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from ...errors import LmscopeError
+from .affine import QuantSpec, affine_params, pack_int4, quantize, sqnr
+from .modules import Int4Linear, Int8Embedding, Int8Linear, Int8TiedHead, QuantizedLinear, W8A8Linear
+
+INT8_CHANNEL = QuantSpec(bits=8, symmetric=True, granularity="per_channel")
+ERROR_TOKENS = 128  # calibration tokens used for the per-layer output error
+
+
+def int4_spec(group_size: int) -> QuantSpec:
+    return QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=group_size)
+
+
+def block_linears(lm, skip=()) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers inside the transformer blocks (model-relative names), minus ``skip`` globs."""
+    prefix = lm.family.blocks
+    out = []
+    for name, mod in lm.model.named_modules():
+        if not name.startswith(prefix + ".") or not isinstance(mod, nn.Linear):
+            continue
+        if any(fnmatch.fnmatch(name, pat) for pat in skip):
+            continue
+        out.append((name, mod))
+    if not out:
+        raise LmscopeError(
+            f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
+            "quantization supports Linear-based families such as llama/qwen2/mistral and bert",
+        )
+    return out
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _copy_bias(linear: nn.Linear, q: QuantizedLinear) -> None:
+    if linear.bias is not None:
+        q.bias.data.copy_(linear.bias.detach().float())
+
+
+def make_int8(linear: nn.Linear, weight: torch.Tensor | None = None) -> Int8Linear:
+    w = (linear.weight if weight is None else weight).detach().float()
+    q = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None)
+    scale, zero = affine_params(w, INT8_CHANNEL)
+    q.qweight.copy_(quantize(w, scale, zero, INT8_CHANNEL))
+    q.scale.copy_(scale.flatten())
+    _copy_bias(linear, q)
+    return q
+
+
+def make_w8a8(linear: nn.Linear, weight: torch.Tensor | None = None, outliers=None) -> W8A8Linear:
+    w = (linear.weight if weight is None else weight).detach().float().clone()
+    n_out = 0 if outliers is None else len(outliers)
+    q = W8A8Linear(linear.in_features, linear.out_features, linear.bias is not None, n_outliers=n_out)
+    if n_out:
+        idx = torch.as_tensor(outliers, dtype=torch.long)
+        q.outlier_index.copy_(idx)
+        q.outlier_weight.copy_(w[:, idx].to(torch.bfloat16))
+        w[:, idx] = 0.0
+    scale, zero = affine_params(w, INT8_CHANNEL)
+    q.qweight.copy_(quantize(w, scale, zero, INT8_CHANNEL))
+    q.scale.copy_(scale.flatten())
+    _copy_bias(linear, q)
+    return q
+
+
+def make_int4(linear: nn.Linear, group_size: int, codes=None, scale=None, zero=None) -> Int4Linear:
+    """RTN int4 from the weight, or from given (codes, scale, zero) (GPTQ)."""
+    q = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+    if codes is None:
+        spec = int4_spec(group_size)
+        w = linear.weight.detach().float()
+        scale, zero = affine_params(w, spec)
+        codes = quantize(w, scale, zero, spec)
+    q.qweight.copy_(pack_int4(codes.reshape(linear.out_features, -1)))
+    q.scale.copy_(scale.reshape(linear.out_features, -1).to(torch.float16))
+    q.zero.copy_(zero.reshape(linear.out_features, -1).to(torch.uint8))
+    _copy_bias(linear, q)
+    return q
+
+
+def empty_module(kind: str, in_features: int, out_features: int, bias: bool, meta: dict) -> nn.Module:
+    """An uninitialised quantized module of the saved kind/shape (filled by load_state_dict)."""
+    if kind == "int8":
+        return Int8Linear(in_features, out_features, bias)
+    if kind == "w8a8":
+        return W8A8Linear(in_features, out_features, bias, n_outliers=int(meta.get("n_outliers", 0)))
+    if kind == "int4":
+        return Int4Linear(in_features, out_features, bias, group_size=int(meta["group_size"]))
+    raise LmscopeError(f"unknown quantized module kind '{kind}' in the saved recipe", "re-save the model")
+
+
+# -- embedding / LM head ------------------------------------------------------------------------------
+def quantize_embeddings(lm) -> dict | None:
+    """Store the token embedding (and a tied LM head) as int8 rows. Returns info for rebuild, or None."""
+    fam = lm.family
+    if not fam.causal or fam.embed is None:
+        return None
+    emb = lm.module(fam.embed)
+    if not isinstance(emb, nn.Embedding):
+        return None
+    head = lm.module(fam.unembed) if fam.unembed else None
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    w = emb.weight.detach().float()
+    q = Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+    scale, zero = affine_params(w, INT8_CHANNEL)
+    q.qweight.copy_(quantize(w, scale, zero, INT8_CHANNEL))
+    q.scale.copy_(scale.flatten())
+    rows = [_row("(embedding) " + fam.embed, w, q.dequantized_weight(), 8, "int8 per row")]
+    set_module(lm.model, fam.embed, q)
+    head_info = None
+    if tied:
+        set_module(lm.model, fam.unembed, Int8TiedHead(q))
+        head_info = "tied"
+    elif isinstance(head, nn.Linear) and head.bias is None:
+        hq = make_int8(head)
+        rows.append(_row(fam.unembed, head.weight.detach().float(), hq.dequantized_weight(), 8, "int8"))
+        set_module(lm.model, fam.unembed, hq)
+        head_info = "int8"
+    return {"embed": fam.embed, "head": fam.unembed, "head_mode": head_info, "rows": rows}
+
+
+def rebuild_embeddings(model: nn.Module, info: dict) -> None:
+    emb = model.get_submodule(info["embed"])
+    q = Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+    set_module(model, info["embed"], q)
+    if info.get("head_mode") == "tied":
+        set_module(model, info["head"], Int8TiedHead(q))
+    elif info.get("head_mode") == "int8":
+        head = model.get_submodule(info["head"])
+        set_module(model, info["head"], Int8Linear(head.in_features, head.out_features, False))
+
+
+# -- calibration inputs and error rows -------------------------------------------------------------------
+@torch.no_grad()
+def capture_inputs(lm, names: list[str], windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The input rows ``[tokens, in_features]`` each named module sees over ``windows`` (float32)."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+    for n in names:
+
+        def pre(mod, args, n=n):
+            x = args[0]
+            got[n].append(x.detach().reshape(-1, x.shape[-1]).float())
+
+        handles.append(lm.model.get_submodule(n).register_forward_pre_hook(pre))
+    try:
+        for ids in windows:
+            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items() if v}
+
+
+def _row(name, w, w_hat, bits, how, out_sqnr=None, rel_err=None) -> dict:
+    return {
+        "layer": name,
+        "shape": list(w.shape),
+        "bits": bits,
+        "how": how,
+        "weight_sqnr_db": round(sqnr(w, w_hat), 2),
+        "output_sqnr_db": None if out_sqnr is None else round(out_sqnr, 2),
+        "output_rel_error": None if rel_err is None else round(rel_err, 6),
+    }
+
+
+@torch.no_grad()
+def error_row(
+    name: str, weight: torch.Tensor, bias, module: nn.Module, x: torch.Tensor | None, how: str
+) -> dict:
+    """Weight SQNR and the output error of ``module`` vs the original linear on calibration inputs ``x``."""
+    w = weight.detach().float()
+    w_hat = module.dequantized_weight()
+    out_sqnr = rel = None
+    if x is not None and len(x):
+        ref = torch.nn.functional.linear(x, w, None if bias is None else bias.detach().float())
+        got = module(x).float()
+        out_sqnr = sqnr(ref, got)
+        rel = float((ref - got).norm() / ref.norm().clamp_min(1e-30))
+    return _row(name, w, w_hat, getattr(module, "bits", 8), how, out_sqnr, rel)
+
+
+def rank_rows(rows: list[dict]) -> list[dict]:
+    """Worst first: by output SQNR when measured, else by weight SQNR."""
+
+    def key(r):
+        v = r["output_sqnr_db"] if r["output_sqnr_db"] is not None else r["weight_sqnr_db"]
+        return v if v is not None else float("inf")
+
+    return sorted(rows, key=key)

@@ -1,0 +1,204 @@
+"""Quantized drop-in modules. Weights live as integers in memory and on disk; matmuls use PyTorch's kernels.
+
+Compute paths (chosen by measurement on this CPU, see docs/quantization.md):
+
+* ``Int8Linear`` (weight-only): prefill casts the int8 codes to bf16 (exact: |q| <= 127) and runs a bf16
+  matmul, then applies the per-channel scale in fp32; decode (<= 16 rows) uses
+  ``aten._weight_int8pack_mm``. Activations are rounded to bf16; weights are never widened in memory.
+* ``W8A8Linear``: activations quantized per token (symmetric int8, dynamic), ``torch._int_mm`` (int8 x int8
+  -> int32, oneDNN/AMX), then ``x_scale * w_scale``. Optional outlier input channels are kept out of the
+  int8 path and multiplied in bf16.
+* ``Int4Linear``: 4-bit codes packed two per byte + per-group fp16 scale and uint8 zero point; the
+  forward unpacks to a bf16 weight and runs a bf16 matmul.
+* ``Int8Embedding`` / ``Int8TiedHead``: the token embedding as int8 rows; a tied LM head reuses it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .affine import unpack_int4
+
+DECODE_ROWS = 16  # at most this many rows: the decode kernels win (measured)
+BF16 = torch.bfloat16
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.reshape(-1, k)
+
+
+class QuantizedLinear(nn.Module):
+    """Base: ``in_features``/``out_features`` like nn.Linear, an optional fp32 bias, ``dequantized_weight()``."""
+
+    bits = 8
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def _finish(self, y: torch.Tensor, shape) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:  # [out, in] float32, in the input space of this module
+        raise NotImplementedError
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight-only, symmetric per output channel."""
+
+    scheme = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = _rows(x, self.in_features).to(BF16)
+        if x2.shape[0] <= DECODE_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(BF16)).float()
+        else:
+            y = F.linear(x2, self.qweight.to(BF16)).float() * self.scale
+        return self._finish(y, shape).to(dtype if dtype.is_floating_point else torch.float32)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+
+class W8A8Linear(QuantizedLinear):
+    """int8 weights (per channel) x int8 activations (per token, dynamic); ``torch._int_mm``."""
+
+    scheme = "w8a8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, n_outliers: int = 0):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.n_outliers = n_outliers
+        if n_outliers:
+            # input channels kept out of int8: their activations and weights stay in bf16
+            self.register_buffer("outlier_index", torch.zeros(n_outliers, dtype=torch.long))
+            self.register_buffer("outlier_weight", torch.zeros(out_features, n_outliers, dtype=BF16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = _rows(x, self.in_features).float()
+        extra = None
+        if self.n_outliers:
+            extra = F.linear(x2.index_select(1, self.outlier_index).to(BF16), self.outlier_weight).float()
+            x2 = x2.index_fill(1, self.outlier_index, 0.0)
+        x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        xq = torch.round(x2 / x_scale).to(torch.int8)
+        y = torch._int_mm(xq, self.qweight.t()).float() * (x_scale * self.scale)
+        if extra is not None:
+            y = y + extra
+        return self._finish(y, shape).to(dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = self.qweight.float() * self.scale[:, None]
+        if self.n_outliers:
+            w[:, self.outlier_index] = self.outlier_weight.float()
+        return w
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", bf16_outlier_channels={self.n_outliers}" if self.n_outliers else ""
+        )
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight-only, asymmetric per group of ``group_size`` inputs; codes packed two per byte."""
+
+    bits = 4
+    scheme = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64):
+        super().__init__(in_features, out_features, bias)
+        self.group_size = group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+
+    def _weight(self, dtype) -> torch.Tensor:
+        q = unpack_int4(self.qweight).to(dtype).view(self.out_features, -1, self.group_size)
+        w = (q - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        y = F.linear(_rows(x, self.in_features).to(BF16), self._weight(BF16)).float()
+        return self._finish(y, shape).to(dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._weight(torch.float32)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored as int8 rows with one fp32 scale per token."""
+
+    bits = 8
+    scheme = "int8"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).float() * self.scale[ids].unsqueeze(-1)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+class Int8TiedHead(nn.Module):
+    """LM head tied to an ``Int8Embedding`` (the same int8 matrix; not a second copy)."""
+
+    bits = 8
+    scheme = "int8"
+
+    def __init__(self, embedding: Int8Embedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: saved once, under the embedding
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self._embedding
+        shape = x.shape
+        x2 = _rows(x, self.in_features).to(BF16)
+        if x2.shape[0] <= DECODE_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), e.qweight, e.scale.to(BF16)).float()
+        else:
+            y = F.linear(x2, e.qweight.to(BF16)).float() * e.scale
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._embedding.dequantized_weight()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to the int8 embedding"
