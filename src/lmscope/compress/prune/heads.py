@@ -184,8 +184,9 @@ def remove_heads(lm, keep: dict[int, list[int]], track_origin: bool = True) -> d
         if hasattr(attn, "num_attention_heads"):  # BERT
             attn.num_attention_heads = len(kept)
             attn.all_head_size = len(kept) * hd
-        before = origin["heads"][str(i)]
-        origin["heads"][str(i)] = [before[h] for h in kept]
+        if track_origin:
+            before = origin["heads"][str(i)]
+            origin["heads"][str(i)] = [before[h] for h in kept]
         info[str(i)] = {
             "kept": kept,
             "kv_kept": kv_kept,
