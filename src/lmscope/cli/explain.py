@@ -1,0 +1,119 @@
+"""``lmscope explain``: token attributions with a measured faithfulness score per method; writes
+report.html and attributions.json."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import LmscopeError
+from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+
+EXAMPLE = (
+    'lmscope explain --model smollm2 --text "When Mary and John went to the store, John gave a drink to" '
+    '--target " Mary" --out out/'
+)
+
+
+def add_parser(sub) -> None:
+    p = add_verb(
+        sub, "explain", "token attributions for one output, ranked by measured faithfulness", EXAMPLE, run
+    )
+    add_model_arg(p)
+    add_text_args(p, required=False)
+    p.add_argument(
+        "--target", default=None, help='the token to explain, e.g. " Mary" (default: the top prediction)'
+    )
+    p.add_argument("--contrast", default=None, help='explain logit(target) − logit(contrast), e.g. " John"')
+    p.add_argument(
+        "--pair", default=None, help="encoders: explain the cosine similarity of --text and this text"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated attribution methods, or 'list' to print them (default: all)",
+    )
+    p.add_argument("--generate", type=int, default=0, help="explain each of N greedily generated tokens")
+    p.add_argument(
+        "--baseline",
+        default="pad",
+        help="the 'absent token': pad | eos | zero (embedding) | mask (default: pad)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="uniform integrated-gradients steps (default: adaptive, error ≤ 1%%)",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="cap on adaptive IG steps (default: 1024)")
+    p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
+    p.add_argument(
+        "--exclude-special",
+        action="store_true",
+        help="never perturb special tokens (BOS, chat markers); score 0",
+    )
+    p.add_argument("--no-sanity", action="store_true", help="skip the model-randomization sanity check")
+    p.add_argument("--out", default=None, help="output directory (report.html, attributions.json)")
+
+
+def print_methods() -> int:
+    from ..explain.attribution.base import REGISTRY, method_names
+
+    for name in method_names():
+        cls = REGISTRY[name]
+        print(f"{name:22s} {cls.summary}")
+    return 0
+
+
+def run(args) -> int:
+    if args.methods is not None and args.methods.strip() == "list":
+        return print_methods()
+    if args.out is None:
+        raise LmscopeError("--out is required", "pass an output directory, e.g. --out out/")
+    check_out_dir(args.out)
+    text = get_text(args)
+    if args.steps is not None and args.steps < 1:
+        raise LmscopeError(f"--steps must be positive, got {args.steps}", "e.g. --steps 64")
+    if args.max_steps is not None and args.max_steps < 2:
+        raise LmscopeError(f"--max-steps must be at least 2, got {args.max_steps}", "e.g. --max-steps 512")
+    from ..explain.api import explain, resolve_methods
+    from ..explain.targets import BASELINES
+
+    if args.baseline not in BASELINES:
+        raise LmscopeError(f"unknown baseline '{args.baseline}'", f"use one of: {', '.join(BASELINES)}")
+    if args.generate < 0:
+        raise LmscopeError("--generate must be 0 or more", "e.g. --generate 3")
+    resolve_methods(args.methods)
+    lm = load_model(args.model)
+    config = {"integrated_gradients": {"max_steps": args.max_steps}} if args.max_steps else None
+    result = explain(
+        lm,
+        text,
+        target=args.target,
+        contrast=args.contrast,
+        pair=args.pair,
+        methods=args.methods,
+        baseline=args.baseline,
+        steps=args.steps,
+        generate=args.generate,
+        chat=args.chat,
+        exclude_special=args.exclude_special,
+        sanity=not args.no_sanity,
+        config=config,
+        truncate=args.truncate,
+    )
+    with atomic_out(args.out) as tmp:
+        result.write_json(tmp / "attributions.json")
+        result.report(tmp / "report.html")
+    first = result.first
+    print(f"target: {first.target['description']} = {first.target['value']:.4g}", file=sys.stderr)
+    if first.ranking:
+        print(f"most faithful here: {', '.join(first.ranking[:3])}", file=sys.stderr)
+    ig = first.methods.get("integrated_gradients")
+    if ig is not None:
+        print(
+            f"integrated_gradients: {ig.info['steps']} steps, completeness error {ig.info['completeness_error']:.3g}"
+            f" ({100 * ig.info['relative_completeness_error']:.2f}% of |Δf|)",
+            file=sys.stderr,
+        )
+    print(f"{args.out.rstrip('/')}/report.html")
+    return 0

@@ -1,0 +1,247 @@
+"""``explain``: token attributions for one target with a measured faithfulness score per method.
+
+from lmscope.explain.api import explain
+res = explain(lm, "When Mary and John went to the store, John gave a drink to", target=" Mary")
+res.to_json()          # {tokens, target, methods: {name: {scores, faithfulness, ...}}, ranking, ...}
+res.report("out/report.html")
+res.steps[0].methods["integrated_gradients"].info["completeness_error"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LmscopeError
+from .attribution.base import Attribution, get_method, method_names
+from .faithfulness import faithfulness, random_baseline, randomized_copy, spearman
+from .targets import Objective, Target, encode_prompt, make_target
+
+#: what `explain` runs when no methods are named: every registered method
+DEFAULT_METHODS = None
+
+
+@dataclass
+class Explanation:
+    """Attributions for one target (one generation step)."""
+
+    tokens: list[str]
+    special: list[bool]
+    target: dict
+    methods: dict[str, Attribution]
+    ranking: list[str] = field(default_factory=list)
+    random_baseline: dict | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    sanity_layers: int | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "special": self.special,
+            "target": self.target,
+            "methods": {name: a.to_dict() for name, a in self.methods.items()},
+            "ranking": self.ranking,
+            "random_baseline": self.random_baseline,
+            "skipped": self.skipped,
+            "sanity_randomized_top_layers": self.sanity_layers,
+        }
+
+
+@dataclass
+class ExplainResult:
+    """``steps[0]`` explains the next token after the text; with ``generate`` each later step explains
+    the next generated token given the text plus the tokens generated before it."""
+
+    model: str
+    text: str
+    steps: list[Explanation]
+    seconds: float = 0.0
+
+    @property
+    def first(self) -> Explanation:
+        return self.steps[0]
+
+    def to_json(self) -> dict:
+        out = {
+            "model": self.model,
+            "text": self.text,
+            **self.first.to_json(),
+            "seconds": round(self.seconds, 3),
+        }
+        if len(self.steps) > 1:
+            out["steps"] = [s.to_json() for s in self.steps]
+        return _finite(out)
+
+    def write_json(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=1, allow_nan=False)
+
+    def build_report(self):
+        from .attribution.report import explain_report
+
+        return explain_report(self)
+
+    def report(self, path=None) -> str:
+        """The self-contained HTML report (written to ``path`` when given)."""
+        rep = self.build_report()
+        if path is not None:
+            rep.write(path)
+        return rep.render()
+
+    def _repr_html_(self) -> str:
+        return self.build_report().render(embedded=True)
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+def resolve_methods(methods) -> list[str]:
+    names = method_names()
+    if methods is None:
+        return names
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not methods:
+        raise LmscopeError("no attribution method given", f"use one or more of: {', '.join(names)}")
+    for m in methods:
+        if m not in names:
+            raise LmscopeError(f"unknown attribution method '{m}'", f"use one of: {', '.join(names)}")
+    return list(dict.fromkeys(methods))
+
+
+def explain_objective(
+    objective: Objective,
+    methods,
+    config: dict | None = None,
+    faithful: bool = True,
+    sanity: bool = True,
+    sanity_layers: int | None = None,
+    seed: int = 0,
+    progress=None,
+) -> Explanation:
+    """Run ``methods`` on one objective, score each for faithfulness, rank them."""
+    config = config or {}
+    results, skipped = {}, {}
+    names = resolve_methods(methods)
+    for i, name in enumerate(names):
+        method = get_method(name, **config.get(name, {}))
+        why = method.supports(objective.lm)
+        if why:
+            skipped[name] = why
+            continue
+        if progress:
+            progress(i / len(names), f"{name}")
+        torch.manual_seed(seed)
+        results[name] = method.attribute(objective)
+        if faithful and results[name].unit == "token":
+            fa = faithfulness(objective, results[name].scores)
+            results[name].faithfulness = fa
+    rand_copy = None
+    if sanity and results:
+        rand_lm, sanity_layers = randomized_copy(objective.lm, sanity_layers, seed=seed)
+        rand_obj = Objective(
+            rand_lm,
+            objective.ids,
+            objective.target,
+            objective.baseline,
+            objective.exclude_special,
+            objective.batch_size,
+        )
+        for name, res in results.items():
+            if res.unit != "token":
+                continue
+            torch.manual_seed(seed)
+            other = get_method(name, **config.get(name, {})).attribute(rand_obj)
+            fa = res.faithfulness if res.faithfulness is not None else {}
+            fa["randomization_spearman"] = spearman(res.scores, other.scores)
+            res.faithfulness = fa
+        rand_copy = sanity_layers
+        del rand_lm, rand_obj
+    ranked = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
+    ranked.sort(key=lambda n: -results[n].faithfulness["aopc_sum"])
+    for place, n in enumerate(ranked, 1):
+        results[n].faithfulness["rank"] = place
+    return Explanation(
+        tokens=objective.tokens,
+        special=objective.special,
+        target=objective.describe(),
+        methods=results,
+        ranking=ranked,
+        random_baseline=random_baseline(objective, seed=seed) if faithful else None,
+        skipped=skipped,
+        sanity_layers=rand_copy,
+    )
+
+
+def explain(
+    lm,
+    text: str,
+    target: str | None = None,
+    contrast: str | None = None,
+    pair: str | None = None,
+    methods=DEFAULT_METHODS,
+    baseline: str = "pad",
+    steps: int | None = None,
+    generate: int = 0,
+    chat: bool = False,
+    exclude_special: bool = False,
+    faithful: bool = True,
+    sanity: bool = True,
+    seed: int = 0,
+    config: dict | None = None,
+    truncate: bool = False,
+    progress=None,
+) -> ExplainResult:
+    """Explain ``lm``'s output on ``text``.
+
+    target/contrast: one token each (``None``: the model's top prediction); pair: encoders only, the
+    second text of a cosine similarity. methods: names or a comma-separated string (None: all).
+    baseline: pad | eos | zero | mask (the "absent token" for IG, occlusion, SHAP and faithfulness).
+    steps: uniform IG steps (None: adaptive until the completeness error ≤ 1%). generate: explain
+    each of N greedily generated tokens. config: per-method settings, e.g.
+    ``{"integrated_gradients": {"max_steps": 256}}``. sanity: model-randomization check.
+    """
+    t0 = time.perf_counter()
+    if generate < 0:
+        raise LmscopeError("--generate must be 0 or more", "e.g. --generate 3")
+    if generate and (target is not None or contrast is not None or not lm.is_causal):
+        raise LmscopeError(
+            "--generate explains each generated token; it cannot take --target/--contrast (or an encoder)",
+            "drop --target/--contrast, or drop --generate",
+        )
+    resolve_methods(methods)
+    config = {k: dict(v) for k, v in (config or {}).items()}
+    if steps is not None:
+        if steps < 1:
+            raise LmscopeError(f"--steps must be positive, got {steps}", "e.g. --steps 64")
+        config.setdefault("integrated_gradients", {})["steps"] = steps
+    tgt = make_target(lm, target, contrast, pair)
+    ids = encode_prompt(lm, text, chat=chat, truncate=truncate)
+    out = []
+    for step in range(max(1, generate)):
+        objective = Objective(lm, ids, tgt if step == 0 else Target(kind="token"), baseline, exclude_special)
+        out.append(
+            explain_objective(
+                objective,
+                methods,
+                config,
+                faithful=faithful,
+                sanity=sanity and step == 0,
+                seed=seed,
+                progress=progress,
+            )
+        )
+        if generate:
+            ids = torch.cat([ids, torch.tensor([objective.target.token_id])])
+    return ExplainResult(model=lm.name, text=text, steps=out, seconds=time.perf_counter() - t0)

@@ -1,0 +1,270 @@
+"""What an attribution explains: a scalar ``f`` of the model's output, and the input it is computed on.
+
+``Objective`` binds a model, one tokenized input and a target (next token, named token, contrast, or
+the cosine similarity of two texts' pooled embeddings for encoders). Every attribution method only
+talks to an ``Objective``: ``f_embeds`` (differentiable, on token embeddings) and ``f_masks``
+(forward-only, tokens absent where the mask is 0 are replaced by the baseline embedding, length kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LmscopeError
+
+BASELINES = ("pad", "eos", "zero", "mask")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A scalar of the model output. ``kind``: ``token`` (logit of ``token_id``), ``contrast``
+    (logit of ``token_id`` minus logit of ``contrast_id``) or ``cosine`` (encoders: cosine similarity
+    of the mean-pooled last hidden states of the text and ``pair``)."""
+
+    kind: str
+    token_id: int | None = None
+    token: str | None = None
+    contrast_id: int | None = None
+    contrast: str | None = None
+    pair: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind}
+        if self.kind in ("token", "contrast"):
+            d.update(token=self.token, token_id=self.token_id)
+        if self.kind == "contrast":
+            d.update(contrast=self.contrast, contrast_id=self.contrast_id)
+        if self.kind == "cosine":
+            d.update(pair=self.pair)
+        return d
+
+    def describe(self) -> str:
+        if self.kind == "token":
+            return f"logit of {self.token!r}"
+        if self.kind == "contrast":
+            return f"logit {self.token!r} − logit {self.contrast!r}"
+        return "cosine similarity of the mean-pooled embeddings of the text and the pair"
+
+
+def single_token_id(lm, text: str, flag: str = "--target") -> int:
+    """The id of ``text`` when it is exactly one token; otherwise an error showing its tokenization."""
+    if text is None or text == "":
+        raise LmscopeError(f"{flag} is empty", f'pass one token, e.g. {flag} " Mary"')
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return int(ids[0])
+    pieces = [lm.tokenizer.decode([i]) for i in ids]
+    shown = " + ".join(repr(p) for p in pieces)
+    first = repr(pieces[0]) if pieces else "''"
+    raise LmscopeError(
+        f"{flag} {text!r} is {len(ids)} tokens ({shown}), an attribution target must be one token",
+        f"pass the first token {first} (e.g. {flag} {first}), or another string that is a single token",
+    )
+
+
+def make_target(
+    lm, target: str | None = None, contrast: str | None = None, pair: str | None = None
+) -> Target:
+    """Build a ``Target`` from user strings. ``target=None`` on a causal model means the top prediction
+    (resolved later by ``Objective``)."""
+    if not lm.is_causal:
+        if target is not None or contrast is not None:
+            raise LmscopeError(
+                "--target/--contrast need a causal language model; this one is an encoder",
+                "for an encoder pass --pair TEXT: lmscope explains the cosine similarity of the two texts",
+            )
+        if not pair or not pair.strip():
+            raise LmscopeError(
+                "an encoder needs a second text to compare with",
+                "pass --pair TEXT (lmscope explains the cosine similarity of the two texts' embeddings)",
+            )
+        return Target(kind="cosine", pair=pair)
+    if pair is not None:
+        raise LmscopeError(
+            "--pair is for encoders (cosine similarity of two texts)",
+            "drop --pair, or use --target/--contrast with a causal model",
+        )
+    if contrast is not None:
+        if target is None:
+            raise LmscopeError(
+                "--contrast needs --target", 'pass both, e.g. --target " Mary" --contrast " John"'
+            )
+        a = single_token_id(lm, target, "--target")
+        b = single_token_id(lm, contrast, "--contrast")
+        if a == b:
+            raise LmscopeError("--target and --contrast are the same token", "pass two different tokens")
+        return Target(kind="contrast", token_id=a, token=target, contrast_id=b, contrast=contrast)
+    if target is None:
+        return Target(kind="token")  # the model's top prediction, filled in by Objective
+    a = single_token_id(lm, target, "--target")
+    return Target(kind="token", token_id=a, token=target)
+
+
+def encode_prompt(lm, text: str, chat: bool = False, truncate: bool = False) -> torch.Tensor:
+    """Token ids [n] of ``text``; with ``chat`` the tokenizer's chat template wraps it as a user turn
+    (its special tokens are kept and shown)."""
+    if chat:
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise LmscopeError("this tokenizer has no chat template", "drop --chat")
+        if not text or not text.strip():
+            raise LmscopeError("the text is empty", "pass some text with --text or --text-file")
+        templated = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        ids = lm.tokenizer(templated, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if len(ids) > lm.max_positions:
+            raise LmscopeError(f"the templated text is {len(ids)} tokens, too long", "shorten the text")
+        return ids
+    return lm.encode(text, truncate=truncate)["input_ids"][0]
+
+
+def baseline_id(lm, baseline: str) -> int | None:
+    """Token id whose embedding is the baseline (None for the zero embedding)."""
+    tok = lm.tokenizer
+    if baseline not in BASELINES:
+        raise LmscopeError(f"unknown baseline '{baseline}'", f"use one of: {', '.join(BASELINES)}")
+    if baseline == "zero":
+        return None
+    tid = {"pad": tok.pad_token_id, "eos": tok.eos_token_id, "mask": tok.mask_token_id}[baseline]
+    if tid is None:
+        others = [b for b in BASELINES if b != baseline]
+        raise LmscopeError(f"this tokenizer has no {baseline} token", f"use --baseline {' or '.join(others)}")
+    return int(tid)
+
+
+@dataclass
+class Objective:
+    """One input + one target: the scalar ``f`` every attribution method explains.
+
+    ``ids`` [n] are the input tokens. ``baseline`` names the "absent token" (pad/eos/mask token
+    embedding, or the zero embedding). With ``exclude_special`` the special tokens (BOS, chat
+    template markers, [CLS]/[SEP]) are never perturbed: they stay in every baseline and get score 0.
+    """
+
+    lm: object
+    ids: torch.Tensor
+    target: Target
+    baseline: str = "pad"
+    exclude_special: bool = False
+    batch_size: int = 32
+    position: int = -1  # the position whose output is explained (causal: always the last)
+    special: list[bool] = field(default_factory=list)
+    n_forwards: int = 0
+
+    def __post_init__(self):
+        lm = self.lm
+        self.ids = self.ids.detach().long().reshape(-1)
+        self.n = len(self.ids)
+        self.embedding = lm.module(lm.family.embed)
+        self.baseline_token = baseline_id(lm, self.baseline)
+        special_ids = set(lm.tokenizer.all_special_ids or [])
+        self.special = [int(i) in special_ids for i in self.ids]
+        self.free = torch.tensor(
+            [not (s and self.exclude_special) for s in self.special], dtype=torch.bool
+        )  # tokens that attributions may perturb
+        with torch.no_grad():
+            self.x = self.embedding(self.ids[None])[0].detach()  # [n, d]
+            if self.baseline_token is None:
+                base = torch.zeros_like(self.x)
+            else:
+                base = self.embedding(torch.tensor([[self.baseline_token]]))[0, 0].expand_as(self.x)
+            self.b = torch.where(self.free[:, None], base, self.x).contiguous()
+        self._pair = None
+        if self.target.kind == "cosine":
+            pair_ids = self.lm.encode(self.target.pair)
+            with torch.no_grad():
+                h = lm.output_of(lm.forward(pair_ids))
+            m = pair_ids["attention_mask"][..., None].to(h.dtype)
+            self._pair = ((h * m).sum(1) / m.sum(1))[0]
+        if self.target.kind == "token" and self.target.token_id is None:
+            with torch.no_grad():
+                logits = self._forward(self.x[None])
+            top = int(logits[0].argmax())
+            self.target = Target(kind="token", token_id=top, token=lm.tokenizer.decode([top]))
+        with torch.no_grad():
+            self.f_x = float(self.f_embeds(self.x[None])[0])
+            self.f_baseline = float(self.f_embeds(self.b[None])[0])
+
+    # -- the model as a function of embeddings --------------------------------------------------
+    def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Logits at the explained position [B, vocab] (causal) or last hidden states [B, n, d]."""
+        lm = self.lm
+        self.n_forwards += embeds.shape[0]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        if lm.is_causal:
+            out = lm.forward({"inputs_embeds": embeds, "attention_mask": mask}, logits_to_keep=1)
+            return out.logits[:, -1]
+        return lm.output_of(lm.forward({"inputs_embeds": embeds, "attention_mask": mask}))
+
+    def metric(self, out: torch.Tensor) -> torch.Tensor:
+        t = self.target
+        if t.kind == "token":
+            return out[:, t.token_id]
+        if t.kind == "contrast":
+            return out[:, t.token_id] - out[:, t.contrast_id]
+        pooled = out.mean(1)
+        return torch.nn.functional.cosine_similarity(pooled, self._pair[None].to(pooled.dtype), dim=-1)
+
+    def f_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``f`` for a batch of embedding sequences [B, n, d] -> [B] (differentiable)."""
+        return self.metric(self._forward(embeds))
+
+    def grad(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f [B], ∂f/∂embeds [B, n, d]) for a batch; items are independent."""
+        embeds = embeds.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = self.f_embeds(embeds)
+            (g,) = torch.autograd.grad(f.sum(), embeds)
+        return f.detach(), g
+
+    @torch.no_grad()
+    def f_many(self, embeds: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Forward-only ``f`` for many sequences, in batches."""
+        bs = batch_size or self.batch_size
+        return torch.cat([self.f_embeds(embeds[i : i + bs]) for i in range(0, len(embeds), bs)])
+
+    def masked(self, masks: torch.Tensor) -> torch.Tensor:
+        """Embeddings where tokens with mask 0 are replaced by the baseline: masks [B, n] -> [B, n, d]."""
+        m = masks.to(self.x.dtype)[..., None]
+        return m * self.x[None] + (1 - m) * self.b[None]
+
+    def f_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """``f`` with absent tokens (mask 0) replaced by the baseline token (length kept)."""
+        masks = masks.clone().bool() | ~self.free[None]
+        return self.f_many(self.masked(masks))
+
+    @torch.no_grad()
+    def f_deleted(self, drop: list[int]) -> float:
+        """``f`` with the tokens at ``drop`` removed from the sequence (it gets shorter)."""
+        keep = [i for i in range(self.n) if i not in set(drop)]
+        if not keep:
+            return float("nan")
+        return float(self.f_embeds(self.x[keep][None])[0])
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.lm.token_strings(self.ids)
+
+    def attention_patterns(self) -> list[torch.Tensor]:
+        """Exact attention patterns per layer [heads, n, n] for this input."""
+        from ..capture.session import hooks
+
+        names = [f"blocks.{i}.attn.pattern" for i in range(self.lm.n_layers)]
+        with torch.no_grad(), hooks(self.lm, names) as s:
+            self.lm.forward(
+                {"input_ids": self.ids[None], "attention_mask": torch.ones(1, self.n, dtype=torch.long)}
+            )
+        return [s.tensors[n][0].float() for n in names]
+
+    def describe(self) -> dict:
+        d = self.target.to_dict()
+        d.update(
+            description=self.target.describe(),
+            position=self.n - 1 if self.lm.is_causal else None,
+            value=self.f_x,
+            baseline_value=self.f_baseline,
+            baseline=self.baseline,
+        )
+        return d
