@@ -59,26 +59,50 @@ def test_encoder_inspect_and_pattern_for_one_head(client, wait_job):
     assert (widget["type"], widget["layer"], widget["head"]) == ("attention", 2, 3)
 
 
-def test_generate_is_greedy(client, tiny_models, wait_job):
-    import torch
+def test_explain_job_is_what_explain_computes(client, tiny_models, wait_job):
+    from lmscope.explain.api import explain
 
-    lm = tiny_models["tiny-llama"]
-    job = wait_job(
-        client,
-        client.post(
-            "/api/jobs", json={"kind": "generate", "model": "tiny-llama", "text": "Hello", "steps": 3}
-        ).json()["id"],
-    )
+    text = "The cat sat on the"
+    body = {"kind": "explain", "model": "tiny-llama", "text": text, "methods": ["saliency"]}
+    job = wait_job(client, client.post("/api/jobs", json=body).json()["id"])
     assert job["status"] == "done", job
-    ids = lm.encode("Hello")["input_ids"]
-    with torch.no_grad():
-        first = int(
-            lm.output_of(lm.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))[
-                0, -1
-            ].argmax()
-        )
-    assert job["result"]["tokens"][0] == lm.tokenizer.decode([first])
-    assert len(job["result"]["tokens"]) == 3 and all(0 < p <= 1 for p in job["result"]["probs"])
+    (step,) = job["result"]["steps"]
+    expected = explain(tiny_models["tiny-llama"], text, methods=["saliency"], sanity=False).first
+    assert step["target"] == expected.target["token"] and step["ranking"] == ["saliency"]
+    tokens = [w for sec in step["sections"] for w in sec["widgets"] if w["type"] == "tokens"]
+    assert tokens[0]["label"].startswith("saliency") and tokens[0]["tokens"] == expected.tokens
+    assert tokens[0]["scores"] == pytest.approx(expected.methods["saliency"].scores, abs=1e-5)
+    data = client.get(job["downloads"]["result.json"]).json()
+    assert data["ranking"] == ["saliency"] and data["methods"]["saliency"]["faithfulness"]["rank"] == 1
+    assert "<!DOCTYPE html>" in client.get(job["downloads"]["report.html"]).text
+
+
+def test_explain_generation_steps_and_encoder_pair(client, wait_job):
+    body = {
+        "kind": "explain",
+        "model": "tiny-llama",
+        "text": "One two",
+        "methods": ["saliency"],
+        "generate": 2,
+    }
+    job = wait_job(client, client.post("/api/jobs", json=body).json()["id"])
+    assert job["status"] == "done", job
+    steps = job["result"]["steps"]
+    assert len(steps) == 2
+    first_tokens = [w for w in steps[0]["sections"][1]["widgets"] if w["type"] == "tokens"][0]["tokens"]
+    second_tokens = [w for w in steps[1]["sections"][1]["widgets"] if w["type"] == "tokens"][0]["tokens"]
+    assert second_tokens == first_tokens + [steps[0]["target"]]  # step 2 explains the token after step 1's
+    assert not any(sec["title"].startswith("Step") for st in steps for sec in st["sections"])
+    body = {
+        "kind": "explain",
+        "model": "tiny-bert",
+        "text": "a cat",
+        "pair": "a dog",
+        "methods": ["saliency"],
+    }
+    job = wait_job(client, client.post("/api/jobs", json=body).json()["id"])
+    assert job["status"] == "done", job
+    assert "cosine" in job["result"]["steps"][0]["description"]
 
 
 BAD = [
@@ -108,8 +132,24 @@ BAD = [
         422,
         "'layer' is 3, it must be between 0 and 2",
     ),
-    ({"kind": "generate", "model": "tiny-bert", "text": "hi"}, 422, "encoder"),
-    ({"kind": "generate", "model": "tiny-llama", "text": "hi", "steps": 99}, 422, "'steps' is 99"),
+    (
+        {"kind": "explain", "model": "tiny-bert", "text": "hi", "pair": "x", "generate": 2},
+        422,
+        "does not generate",
+    ),
+    ({"kind": "explain", "model": "tiny-llama", "text": "hi", "generate": 99}, 422, "'generate' is 99"),
+    (
+        {"kind": "explain", "model": "tiny-llama", "text": "hi", "generate": 2, "target": "x"},
+        422,
+        "leave target",
+    ),
+    (
+        {"kind": "explain", "model": "tiny-llama", "text": "hi", "methods": ["magic"]},
+        422,
+        "unknown attribution",
+    ),
+    ({"kind": "explain", "model": "tiny-llama", "text": "hi", "methods": "saliency"}, 422, "must be a list"),
+    ({"kind": "explain", "model": "tiny-bert", "text": "hi"}, 422, "give a second text"),
     (
         {"kind": "explain", "model": "tiny-llama", "text": "hi", "target": " Paris is"},
         422,

@@ -124,13 +124,53 @@ def test_inspect_hover_switch_head_explain_and_screenshot(page, smollm2, tmp_pat
         page.click("#run")
         assert "not available in this build" in _message(page)
         pytest.xfail("explain is not in this build: " + unavailable.inner_text())
+    for name in ("input_x_gradient", "occlusion"):  # keep the fast default saliency only
+        page.uncheck(f"#methods input[value='{name}']")
+    assert page.is_checked("#methods input[value='saliency']")
     page.click("#run")
     page.wait_for_selector("#panel-explain .ls-tok[data-score]", timeout=240_000)
-    tokens = page.locator("#panel-explain .ls-tokens").first.locator(".ls-tok")
-    scores = [
-        float(s)
-        for s in (tokens.nth(i).get_attribute("data-score") for i in range(tokens.count()))
-        if s != "–"
-    ]
-    assert len(scores) >= 5 and any(abs(s) > 0 for s in scores)
+    assert page.is_hidden("#msg") and page.is_hidden("#steps")
+    assert "logit of ' Paris'" in page.inner_text("#panel-explain .app-out")
+    row = page.locator("#panel-explain .ls-tokens").first
+    assert row.locator(".ls-tok-label").inner_text().startswith("saliency")
+    scores = [float(s) for s in row.locator(".ls-tok").evaluate_all("els => els.map(e => e.dataset.score)")]
+    assert len(scores) == 5 and max(scores) > 0
+    rank = page.locator("#panel-explain table.ls-table tbody tr").first.locator("td").all_inner_texts()
+    assert rank[:2] == ["1", "saliency"]  # the faithfulness ranking
+
+    # generation steps: explain 2 generated tokens, then pick step 2
+    page.fill("#target", "")
+    page.fill("#generate", "2")
+    page.click("#run")
+    page.wait_for_selector("#steps:not([hidden]) .app-step", timeout=240_000)
+    steps = page.locator("#steps .app-step")
+    assert steps.count() == 2 and steps.nth(0).inner_text() == 'step 1: " Paris"'
+    steps.nth(1).click()
+    row = page.locator("#panel-explain .ls-tokens").first
+    assert row.locator(".ls-tok").count() == 6  # the prompt plus the first generated token
+    assert row.locator(".ls-tok").last.inner_text() == "·Paris"
     page.screenshot(path=str(tmp_path / "serve-explain.png"), full_page=False)
+
+
+def test_progress_cancel_and_a_head_pattern(page):
+    page.fill("#text", TEXT)
+    page.click(".app-tab[data-tab='heads']")
+    page.select_option("#heads-on", "text")
+    # scoring every head of smollm2 is long: the page shows progress and the job can be cancelled
+    page.click("#run")
+    page.wait_for_function(
+        "() => /layer [1-9]\\d* of 30/.test(document.getElementById('job-msg').textContent)", timeout=180_000
+    )
+    assert page.is_visible("#job .app-bar") and page.get_attribute("#job-bar", "style") != "width: 0%;"
+    assert page.evaluate("fetch('/api/info').then(r => r.status)") == 200  # the server answers meanwhile
+    page.click("#cancel")
+    assert _message(page) == "Cancelled."
+    assert page.is_hidden("#job") and page.locator("#panel-heads .app-out > *").count() == 0
+
+    # a head's pattern on the current text, picked by layer and head
+    page.select_option("#hp-layer", "2")
+    page.select_option("#hp-head", "7")
+    page.click("#hp-show")
+    page.wait_for_selector("#head-pattern .ls-attn canvas.ls-canvas", timeout=60_000)
+    assert page.inner_text("#head-pattern .ls-attn .ls-title") == "layer 2, head 7"
+    assert page.is_hidden("#msg")

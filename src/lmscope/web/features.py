@@ -12,8 +12,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .jobs import JobContext
 
 INSPECT_CAPTURE = ["blocks.*.attn.pattern", "blocks.*.resid_post", "blocks.*.mlp.hidden"]
@@ -57,11 +55,17 @@ def status() -> dict:
     for name in OPTIONAL:
         why = unavailable(name)
         out[name] = {"available": why is None, "reason": why}
-    out["explain"]["methods"] = _explain_methods() if out["explain"]["available"] else []
+    out["explain"]["methods"] = explain_methods() if out["explain"]["available"] else []
+    out["explain"]["default_methods"] = [m for m in FAST_METHODS if m in out["explain"]["methods"]]
     return out
 
 
-def _explain_methods() -> list[str]:
+#: checked on the page at start: one forward+backward or one pass per token each, seconds on CPU
+#: (all methods with the sanity check take minutes on a 135M model)
+FAST_METHODS = ("saliency", "input_x_gradient", "occlusion")
+
+
+def explain_methods() -> list[str]:
     try:
         from ..explain.attribution.base import method_names
 
@@ -102,27 +106,58 @@ def pattern(ctx: JobContext, lm, text: str, layer: int, head: int) -> Result:
     )
 
 
-def generate(ctx: JobContext, lm, text: str, steps: int) -> Result:
-    """Greedy continuation of ``text``, one token per step: the page's generation-step picker."""
-    inputs = lm.encode(text)
-    ids = inputs["input_ids"]
-    tokens, probs = [], []
-    for step in range(steps):
-        ctx.progress(step / steps, f"generating token {step + 1} of {steps}")
-        with torch.no_grad():
-            logits = lm.output_of(lm.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
-        p = torch.softmax(logits[0, -1].float(), -1)
-        best = int(p.argmax())
-        tokens.append(lm.tokenizer.decode([best]))
-        probs.append(round(float(p[best]), 5))
-        ids = torch.cat([ids, torch.tensor([[best]])], dim=1)
-    data = {"model": lm.name, "prompt": text, "tokens": tokens, "probs": probs}
-    return Result(view=data, data=data, name="generate")
-
-
 # -- Explain / Heads / Compare (other packages' public API) -------------------------------------------
-def explain(ctx: JobContext, lm, text: str, target=None, contrast=None, pair=None, methods=None) -> Result:
-    raise NotImplementedError
+def explain(
+    ctx: JobContext,
+    lm,
+    text: str,
+    target=None,
+    contrast=None,
+    pair=None,
+    methods=None,
+    generate: int = 0,
+    sanity: bool = False,
+) -> Result:
+    """Token attributions per method with the faithfulness ranking (``lmscope explain``). With
+    ``generate`` > 0, one step per greedily generated token; the page picks the step to show."""
+    run_explain = _optional("explain")
+
+    def progress(fraction: float, message: str) -> None:  # called between methods: cancel lands there
+        ctx.progress(0.02 + 0.93 * fraction, f"attribution: {message}")
+
+    ctx.progress(0.01, "preparing")
+    result = run_explain(
+        lm,
+        text,
+        target=target,
+        contrast=contrast,
+        pair=pair,
+        methods=methods,
+        generate=generate,
+        sanity=sanity,
+        progress=progress,
+    )
+    ctx.progress(0.97, "building the views")
+    report = result.build_report()
+    data = report.data()
+    steps = []
+    for k, step in enumerate(result.steps):
+        prefix = f"Step {k + 1}: " if len(result.steps) > 1 else ""
+        sections = [
+            dict(sec, title=sec["title"][len(prefix) :])
+            for sec in data["sections"]
+            if sec["title"].startswith(prefix)
+        ]
+        steps.append(
+            {
+                "target": step.target.get("token"),
+                "description": step.target.get("description"),
+                "ranking": step.ranking,
+                "sections": sections,
+            }
+        )
+    view = {"title": data["title"], "subtitle": data["subtitle"], "steps": steps}
+    return Result(view=view, report=report, data=result.to_json(), name="explain")
 
 
 def heads(ctx: JobContext, lm, text: str | None) -> Result:

@@ -26,7 +26,7 @@ from . import features
 from .features import Result
 from .jobs import DONE, JobManager
 
-KINDS = ("inspect", "explain", "heads", "pattern", "generate", "compare")
+KINDS = ("inspect", "explain", "heads", "pattern", "compare")
 
 
 @dataclass
@@ -229,11 +229,6 @@ class App:
             layer = _int_field(data, "layer", 0, lm.n_layers - 1, 0)
             head = _int_field(data, "head", 0, lm.n_heads - 1, 0)
             return self.jobs.submit(kind, entry.id, lambda ctx: features.pattern(ctx, lm, text, layer, head))
-        if kind == "generate":
-            if not lm.is_causal:
-                raise BadRequest(f"{entry.id} is an encoder: it does not generate text")
-            steps = _int_field(data, "steps", 1, self.limits.max_generate, 5)
-            return self.jobs.submit(kind, entry.id, lambda ctx: features.generate(ctx, lm, text, steps))
         if kind == "explain":
             target = self.single_token(entry, _str_field(data, "target"), "target")
             contrast = self.single_token(entry, _str_field(data, "contrast"), "contrast")
@@ -247,10 +242,30 @@ class App:
                 not isinstance(methods, list) or not all(isinstance(m, str) for m in methods)
             ):
                 raise BadRequest("'methods' must be a list of method names")
+            generate = _int_field(data, "generate", 0, self.limits.max_generate, 0)
+            if generate and not lm.is_causal:
+                raise BadRequest(f"{entry.id} is an encoder: it does not generate text")
+            if generate and (target or contrast):
+                raise BadRequest(
+                    "generation steps explain each generated token: leave target and contrast empty"
+                )
             why = features.unavailable("explain")
             if why:
                 raise BadRequest(why, 501)
-            opts = {"target": target, "contrast": contrast, "pair": pair, "methods": methods or None}
+            known = features.explain_methods()
+            unknown = [m for m in methods or [] if m not in known]
+            if unknown:
+                raise BadRequest(
+                    f"unknown attribution method '{unknown[0]}'; use some of: {', '.join(known)}"
+                )
+            opts = {
+                "target": target,
+                "contrast": contrast,
+                "pair": pair,
+                "methods": methods or None,
+                "generate": generate,
+                "sanity": bool(data.get("sanity", False)),
+            }
             return self.jobs.submit(kind, entry.id, lambda ctx: features.explain(ctx, lm, text, **opts))
         raise BadRequest(f"unknown job kind '{kind}'")
 

@@ -3,7 +3,7 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
-  var info = null, tab = "inspect", current = null, step = null;
+  var info = null, tab = "inspect", current = null;
 
   // ---------- messages ----------
   function showMsg(text, kind) {
@@ -109,11 +109,10 @@
     explain: function () {
       var p = panel("explain"), m = modelInfo(model());
       var methods = Array.prototype.map.call(document.querySelectorAll("#methods input:checked"), function (c) { return c.value; });
-      var body = { kind: "explain", model: model(), text: step ? step.text : text(), target: opt("target"), contrast: opt("contrast"), methods: methods.length ? methods : null };
+      var body = { kind: "explain", model: model(), text: text(), target: opt("target"), contrast: opt("contrast"),
+        methods: methods.length ? methods : null, generate: +$("generate").value || 0, sanity: $("sanity").checked };
       if (m && !m.causal) body.pair = opt("pair");
-      return runJob(body).then(function (job) {
-        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
-      });
+      return runJob(body).then(function (job) { showSteps(job.result); downloads(p, job); });
     },
     heads: function () {
       var p = panel("heads");
@@ -168,27 +167,24 @@
     });
   }
 
-  // ---------- explain: generation steps ----------
-  function generate() {
-    var n = +$("gen-steps").value || 5;
-    var prompt = text();
-    return runJob({ kind: "generate", model: model(), text: prompt, steps: n }).then(function (job) {
-      var box = $("steps"); box.innerHTML = "";
-      job.result.tokens.forEach(function (t, k) {
-        var b = el("button", "app-step", k + ": " + JSON.stringify(t));
-        b.title = "p = " + job.result.probs[k].toFixed(3);
-        b.addEventListener("click", function () {
-          box.querySelectorAll(".app-step").forEach(function (x) { x.classList.remove("active"); });
-          b.classList.add("active");
-          step = { text: prompt + job.result.tokens.slice(0, k).join(""), target: t, k: k };
-          $("target").value = t;
-          $("step-info").textContent = "explaining step " + k + ": why " + JSON.stringify(t) + " follows " + JSON.stringify(step.text.slice(-60));
-        });
-        box.appendChild(b);
-      });
-    }).catch(fail);
+  // ---------- explain: one step per generated token, picked from a row of buttons ----------
+  function showSteps(result) {
+    var box = $("steps"), out = panel("explain").querySelector(".app-out");
+    box.innerHTML = ""; box.hidden = result.steps.length < 2;
+    function pick(k) {
+      box.querySelectorAll(".app-step").forEach(function (b, i) { b.classList.toggle("active", i === k); });
+      renderReport({ sections: result.steps[k].sections }, out);
+      var head = el("div", "app-dim", result.steps[k].description || "");
+      out.insertBefore(head, out.firstChild);
+    }
+    result.steps.forEach(function (st, k) {
+      var b = el("button", "app-step", "step " + (k + 1) + ": " + JSON.stringify(st.target));
+      b.addEventListener("click", function () { pick(k); });
+      box.appendChild(b);
+    });
+    if (result.steps.length > 1) box.insertBefore(el("span", "app-dim", "generation step "), box.firstChild);
+    pick(0);
   }
-  function clearStep() { step = null; $("steps").innerHTML = ""; $("step-info").textContent = ""; }
 
   // ---------- start ----------
   function onModel() {
@@ -196,8 +192,8 @@
     $("model-info").textContent = m.family + " · " + m.n_layers + " layers · " + m.n_heads + " heads" +
       (m.n_kv_heads !== m.n_heads ? " (" + m.n_kv_heads + " KV)" : "") + " · " + (m.n_params / 1e6).toFixed(1) + "M params";
     $("pair-label").hidden = m.causal;
-    $("gen").disabled = !m.causal;
-    fillHeadPickers(); clearStep();
+    $("generate").disabled = !m.causal;
+    fillHeadPickers();
   }
   function start(data) {
     info = data;
@@ -210,8 +206,9 @@
       var why = unavailable(name), box = panel(name).querySelector(".app-unavailable");
       box.hidden = !why; box.textContent = why ? "Not available: " + why : "";
     });
+    var checked = data.features.explain.default_methods || [];
     (data.features.explain.methods || []).forEach(function (name) {
-      var c = el("input"); c.type = "checkbox"; c.value = name;
+      var c = el("input"); c.type = "checkbox"; c.value = name; c.checked = checked.indexOf(name) >= 0;
       var l = el("label", "app-method"); l.appendChild(c); l.appendChild(document.createTextNode(" " + name));
       $("methods").appendChild(l);
     });
@@ -220,9 +217,7 @@
     $("model").addEventListener("change", onModel);
     $("run").addEventListener("click", run);
     $("text").addEventListener("keydown", function (ev) { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); run(); } });
-    $("text").addEventListener("input", clearStep);
     $("cancel").addEventListener("click", function () { if (current && current.id) api("DELETE", "/api/jobs/" + current.id).catch(fail); });
-    $("gen").addEventListener("click", generate);
     $("hp-show").addEventListener("click", function () { showPattern($("hp-layer").value, $("hp-head").value); });
     document.body.setAttribute("data-ready", "1");
   }
