@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -152,11 +153,27 @@ def test_inspect_hover_switch_head_explain_and_screenshot(page, smollm2, tmp_pat
     page.screenshot(path=str(tmp_path / "serve-explain.png"), full_page=False)
 
 
-def test_progress_cancel_and_a_head_pattern(page):
+def test_progress_cancel_and_a_head_pattern(page, monkeypatch):
+    import lmscope.explain.heads as heads
+
+    real = heads.analyze_heads
+
+    def stalls_after_layer_1(lm, text=None, progress=None, **kw):
+        """The real head scoring, held after its first layer until the page cancels it (its progress
+        callback raises once the job is cancelled), so the test never races a fast machine."""
+
+        def held(done, total):
+            for _ in range(1 if done != 1 else 600):
+                progress(done, total)
+                time.sleep(0.05)
+
+        return real(lm, text, progress=held, **kw)
+
+    monkeypatch.setattr(heads, "analyze_heads", stalls_after_layer_1)
     page.fill("#text", TEXT)
     page.click(".app-tab[data-tab='heads']")
     page.select_option("#heads-on", "text")
-    # scoring every head of smollm2 is long: the page shows progress and the job can be cancelled
+    # scoring heads is long work: the page shows progress and the job can be cancelled
     page.click("#run")
     page.wait_for_function(
         "() => /layer [1-9]\\d* of 30/.test(document.getElementById('job-msg').textContent)", timeout=180_000
