@@ -336,3 +336,25 @@ def test_cancel_a_queued_job_over_http(client, wait_job):
     assert blocker.wait(30)
     r = client.get(f"/api/jobs/{job['id']}/report.html")
     assert r.status_code == 409 and "is cancelled, not done" in r.json()["error"]
+
+
+def test_serving_never_unpickles(tiny_models, monkeypatch, wait_job):
+    import pickle
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from lmscope.web.server import create_app
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was loaded")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    with TestClient(create_app(tiny_models)) as client:
+        for body in (
+            {"kind": "inspect", "model": "tiny-llama", "text": "no pickles here"},
+            {"kind": "explain", "model": "tiny-llama", "text": "no pickles", "methods": ["saliency"]},
+        ):
+            job = wait_job(client, client.post("/api/jobs", json=body).json()["id"])
+            assert job["status"] == "done", job

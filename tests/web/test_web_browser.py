@@ -191,3 +191,9 @@ def test_progress_cancel_and_a_head_pattern(page, monkeypatch):
     page.wait_for_selector("#head-pattern .ls-attn canvas.ls-canvas", timeout=60_000)
     assert page.inner_text("#head-pattern .ls-attn .ls-title") == "layer 2, head 7"
     assert page.is_hidden("#msg")
+
+    # compare needs two models; this server has one: the tab says so, and running it explains why
+    page.click(".app-tab[data-tab='compare']")
+    assert "compare needs two models" in page.inner_text("#panel-compare .app-unavailable")
+    page.click("#run")
+    assert "pick two different models" in _message(page)

@@ -201,6 +201,7 @@
       data.models.forEach(function (m) { var o = el("option", null, m.id); o.value = m.id; $(id).appendChild(o); });
     });
     if (data.models.length > 1) $("cmp-b").value = data.models[1].id;
+    else data.features.compare = { available: false, reason: "compare needs two models: start the server with the original and its compressed copy, e.g. lmscope serve --model smollm2 --model small/" };
     $("limits").textContent = "limits: " + data.limits.max_chars + " characters, " + data.limits.max_tokens + " tokens";
     ["explain", "heads", "compare"].forEach(function (name) {
       var why = unavailable(name), box = panel(name).querySelector(".app-unavailable");
