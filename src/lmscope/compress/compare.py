@@ -159,17 +159,31 @@ class Comparison:
 
         rep = Report(f"Compare: {self.a_name} vs {self.b_name}", subtitle=self.text[:200])
         sec = rep.section("Summary", note="what the compressed model does differently on this text")
-        sec.text(self.to_text())
+        summary = [
+            ["tokens", len(self.tokens)],
+            ["output top-1 agreement", f"{self.top1_agreement:.1%}"],
+            ["output KL (nats/token)", round(self.output_kl, 5)],
+            ["heads removed", len(self.removed_heads)],
+            ["max head JS among kept (bits)", round(self.max_head_js, 4)],
+            [
+                "layers removed",
+                ", ".join(str(x["layer"]) for x in self.layers if x["status"] == "removed") or "none",
+            ],
+            ["structure", self.structure],
+        ]
+        sec.table(["measure", "value"], summary)
+        for line in self.notes:
+            sec.text(line)
         n_layers = max(h["layer"] for h in self.heads) + 1
         n_heads = max(h["head"] for h in self.heads) + 1
         z = [[None] * n_heads for _ in range(n_layers)]
         cell = [[""] * n_heads for _ in range(n_layers)]
         for h in self.heads:
             z[h["layer"]][h["head"]] = h["js"]
-            cell[h["layer"]][h["head"]] = "removed" if h["status"] == "removed" else ""
+            cell[h["layer"]][h["head"]] = "✕" if h["status"] == "removed" else ""
         hs = rep.section(
             "Attention heads: Jensen–Shannon divergence (bits)",
-            note="0 = same pattern; empty cells marked 'removed' are heads the compression removed",
+            note="0 = same pattern, 1 = disjoint; ✕ marks heads the compression removed",
         )
         hs.heatmap(
             z,

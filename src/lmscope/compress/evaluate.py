@@ -162,7 +162,8 @@ class Evaluation:
         )
         sec = rep.section("Before / after", note="first row is the reference; Δ and ratios are against it")
         sec.table(list(self.COLUMNS), self.rows(), highlight=list(range(1, len(self.models))))
-        sec.text(self.to_text().split("\n\n", 1)[-1])
+        for line in self.to_text().split("\n\n", 1)[-1].splitlines():
+            sec.text(line)
         plot = rep.section("Relative to the reference")
         plot.bars([m.name for m in self.models], [m.perplexity or 0 for m in self.models], title="perplexity")
         plot.image(self.figure(), alt="ratios vs reference")
