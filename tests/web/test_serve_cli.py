@@ -48,6 +48,7 @@ def test_serve_binds_localhost_by_default_and_registers_each_model(fake_serve, c
     assert main(["serve", "--model", "x/llama", "--model", "y/bert/", "--port", str(port)]) == 0
     assert (fake_serve["host"], fake_serve["port"]) == ("127.0.0.1", port)
     assert list(fake_serve["app"].state.lmscope.models) == ["llama", "bert"]
+    assert fake_serve["app"].state.lmscope.allowed_hosts == ["127.0.0.1", "localhost"]
     err = capsys.readouterr().err
     assert "warning" not in err and f"open http://127.0.0.1:{port}" in err
 

@@ -358,3 +358,22 @@ def test_serving_never_unpickles(tiny_models, monkeypatch, wait_job):
         ):
             job = wait_job(client, client.post("/api/jobs", json=body).json()["id"])
             assert job["status"] == "done", job
+
+
+def test_cross_site_requests_are_refused(client, tiny_models):
+    from fastapi.testclient import TestClient
+
+    from lmscope.web.server import create_app
+
+    # a form or fetch from another site can only send "simple" content types without a CORS preflight
+    r = client.post(
+        "/api/jobs",
+        content=b'{"kind": "inspect", "model": "tiny-llama", "text": "hi"}',
+        headers={"content-type": "text/plain"},
+    )
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
+    with TestClient(create_app(tiny_models, allowed_hosts=["127.0.0.1", "localhost"])) as local:
+        assert local.get("/api/info", headers={"host": "127.0.0.1:8765"}).status_code == 200
+        assert (
+            local.get("/api/info", headers={"host": "evil.example:8765"}).status_code == 400
+        )  # DNS rebinding

@@ -86,7 +86,10 @@ def run(args) -> int:
         lm = load_model(spec)
         models[mid] = lm
         print(f"{mid}: {lm!r}", file=sys.stderr)
-    app = create_app(models, Limits(max_tokens=args.max_tokens, max_chars=args.max_chars))
+    local = ["127.0.0.1", "localhost"] if args.host in ("127.0.0.1", "localhost") else None
+    app = create_app(
+        models, Limits(max_tokens=args.max_tokens, max_chars=args.max_chars), allowed_hosts=local
+    )
     import uvicorn
 
     shown = f"[{args.host}]" if ":" in args.host else args.host

@@ -108,6 +108,9 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 # -- request validation ---------------------------------------------------------------------------------
 async def read_json(request: Request, limit: int) -> dict:
+    # a JSON content type makes a cross-site POST need a CORS preflight, which this server never grants
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise BadRequest("send the request as JSON (Content-Type: application/json)", 415)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(
@@ -155,13 +158,20 @@ def _int_field(data: dict, key: str, lo: int, hi: int, default: int | None = Non
 class App:
     """Holds the registered models, the job manager and the limits; ``build()`` makes the FastAPI app."""
 
-    def __init__(self, models: dict[str, Any], limits: Limits | None = None, workers: int = 4):
+    def __init__(
+        self,
+        models: dict[str, Any],
+        limits: Limits | None = None,
+        workers: int = 4,
+        allowed_hosts: list[str] | None = None,
+    ):
         if not models:
             raise LmscopeError("no model to serve", "pass --model NAME (e.g. --model smollm2)")
         self.models = {mid: ModelEntry(mid, lm, copy.deepcopy(lm.tokenizer)) for mid, lm in models.items()}
         self.limits = limits or Limits()
         self.jobs = JobManager(workers=workers)
         self.static = _static_files()
+        self.allowed_hosts = allowed_hosts
 
     # -- validation helpers -------------------------------------------------------------------------
     def model(self, data: dict, key: str = "model") -> ModelEntry:
@@ -306,6 +316,12 @@ class App:
             openapi_url=None,
             lifespan=lifespan,
         )
+        if (
+            self.allowed_hosts
+        ):  # a page on another site cannot reach us by rebinding its DNS name to 127.0.0.1
+            from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+            app.add_middleware(TrustedHostMiddleware, allowed_hosts=self.allowed_hosts)
         app.state.lmscope = self
 
         @app.exception_handler(BadRequest)
@@ -403,6 +419,14 @@ def _attachment(filename: str) -> dict:
     return {"Content-Disposition": f'attachment; filename="{filename}"'}
 
 
-def create_app(models: dict[str, Any], limits: Limits | None = None, workers: int = 4) -> FastAPI:
-    """The ASGI app serving ``models`` ({id: LM}); run it with uvicorn or test it with TestClient."""
-    return App(models, limits, workers).build()
+def create_app(
+    models: dict[str, Any],
+    limits: Limits | None = None,
+    workers: int = 4,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
+    """The ASGI app serving ``models`` ({id: LM}); run it with uvicorn or test it with TestClient.
+
+    ``allowed_hosts``: Host header names accepted (None: any); ``lmscope serve`` on 127.0.0.1 passes the
+    loopback names."""
+    return App(models, limits, workers, allowed_hosts).build()
