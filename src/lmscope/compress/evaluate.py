@@ -119,7 +119,8 @@ class Evaluation:
             lines.append("* bytes of the in-memory state dict (not saved on disk)")
         if s.get("latency"):
             lines.append(
-                f"prefill: {s['prefill_tokens']} tokens, batch 1, median of {s['repeats']}; decode: "
+                f"prefill: {s['prefill_tokens']} tokens, batch 1, median of {s['repeats']} (models timed in turn); "
+                f"decode: "
                 f"{s['decode_tokens']} new tokens with KV cache; torch threads {s['threads']}"
             )
             lines.append(f"peak mem: {MEMORY_METHOD}")
@@ -264,6 +265,24 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _round_robin(models, fn, repeats: int) -> list[float]:
+    """Median seconds of ``fn(model)`` per model, timing the models in turn (after one warm-up each)."""
+    for lm in models:
+        fn(lm)
+    times = [[] for _ in models]
+    for _ in range(repeats):
+        for k, lm in enumerate(models):
+            t = time.perf_counter()
+            fn(lm)
+            times[k].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+@torch.no_grad()
+def _prefill(lm, inputs):
+    return lm.forward(inputs)
+
+
 @torch.no_grad()
 def prefill_speed(lm, ids: torch.Tensor, repeats: int = 3) -> float:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -367,11 +386,17 @@ def evaluate(
         ids = torch.cat([w["input_ids"] for w in wins], 1)[:, :prefill_tokens]
         if ids.shape[1] < prefill_tokens:
             ids = ref.encode("hello " * prefill_tokens)["input_ids"][:, :prefill_tokens]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         for lm, s in zip(models, stats, strict=True):
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            s.peak_memory_bytes = peak_rss_during(lambda lm=lm, inputs=inputs: lm.forward(inputs))
-            s.prefill_tokens_per_s = prefill_speed(lm, ids, repeats)
-            if lm.is_causal and decode_tokens:
+            s.peak_memory_bytes = peak_rss_during(lambda lm=lm: lm.forward(inputs))
+        # round-robin over models, so a busy machine slows every model alike; median per model
+        prefill = _round_robin(models, lambda lm: _prefill(lm, inputs), repeats)
+        for s, t in zip(stats, prefill, strict=True):
+            s.prefill_tokens_per_s = ids.shape[1] / t
+        if decode_tokens:
+            for lm, s in zip(models, stats, strict=True):
+                if not lm.is_causal:
+                    continue
                 try:
                     s.decode_tokens_per_s = decode_speed(lm, ids, decode_tokens, repeats)
                 except Exception as e:  # a compressed module without cache support: say so, keep going
