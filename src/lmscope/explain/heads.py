@@ -424,8 +424,10 @@ def analyze_heads(
 
 
 # -- plain-language summaries -------------------------------------------------------------------
-#: a head is called by a pattern when it puts at least this much attention there on average
-PATTERN_THRESHOLD = {"induction": 0.3, "previous_token": 0.5, "self": 0.5, "first_token": 0.7}
+#: a head is called by a pattern when it puts at least this much attention there on average; the sink
+#: bar is high because most heads of a trained LM park most of their attention on the first token
+#: (77 of smollm2's 270 heads put >= 0.7 there), which would make nearly every head 'notable'
+PATTERN_THRESHOLD = {"induction": 0.3, "previous_token": 0.5, "self": 0.5, "first_token": 0.9}
 
 
 def _describe(scores: HeadScores, metric: str, layer: int, head: int) -> str:
