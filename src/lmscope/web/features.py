@@ -167,7 +167,10 @@ def heads(ctx: JobContext, lm, text: str | None) -> Result:
     analyze_heads = _optional("heads")
 
     def progress(done: int, total: int) -> None:
-        ctx.progress(0.05 + 0.85 * done / total, f"ablating heads: layer {done} of {total}")
+        message = f"ablating heads: layer {done} of {total}"
+        if done == total:  # what follows reports no progress of its own
+            message = "gradient importance and attention patterns"
+        ctx.progress(0.05 + 0.85 * done / total, message)
 
     ctx.progress(0.02, "scoring heads")
     scores = analyze_heads(lm, text, progress=progress)
