@@ -1,0 +1,100 @@
+"""Quantization schemes on a tiny llama: the model still computes nearly the same function, the layers
+are really integer-stored, the error report is ranked, and the compute paths agree with the math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmscope.compress.apply import compress
+from lmscope.compress.quantize.affine import QuantSpec, fake_quantize
+from lmscope.compress.quantize.gptq import gptq_quantize
+from lmscope.compress.quantize.modules import Int4Linear, Int8Embedding, Int8Linear, Int8TiedHead, W8A8Linear
+from lmscope.compress.recipe import Quantize
+
+TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the sun all afternoon."
+CALIB = " ".join(
+    ["Python evaluates expressions from left to right; assignments evaluate the right side first."] * 40
+)
+
+# scheme -> (module type, max relative logit error on the tiny model)
+SCHEMES = {
+    "int8": (Int8Linear, 0.05),
+    "w8a8": (W8A8Linear, 0.08),
+    "w8a8-smooth": (W8A8Linear, 0.08),
+    "int4": (Int4Linear, 0.4),
+    "gptq4": (Int4Linear, 0.4),
+}
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_scheme_quantizes_every_block_linear(make_tiny, scheme):
+    lm = make_tiny("llama")
+    ids = lm.encode(TEXT)
+    with torch.no_grad():
+        ref = lm.forward(ids).logits
+    result = compress(lm, Quantize(scheme, group_size=32 if scheme in ("int4", "gptq4") else None), CALIB)
+    kind, tol = SCHEMES[scheme]
+    qlm = result.lm
+    linears = [m for n, m in qlm.model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
+    assert not linears  # nothing left in float
+    assert sum(isinstance(m, kind) for m in qlm.model.modules()) == 7 * qlm.n_layers
+    assert isinstance(qlm.model.model.embed_tokens, Int8Embedding)
+    assert isinstance(qlm.model.lm_head, Int8TiedHead)  # tied: one int8 matrix, not two
+    with torch.no_grad():
+        got = qlm.forward(ids).logits
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < tol
+    assert result.bytes_after < 0.3 * result.bytes_before
+    rows = result.layer_errors()
+    assert len(rows) == 7 * qlm.n_layers + 1  # + the embedding
+    measured = [r["output_sqnr_db"] for r in rows if r["output_sqnr_db"] is not None]
+    assert measured == sorted(measured)  # worst first
+    assert all(r["weight_sqnr_db"] > (15 if kind is Int4Linear else 35) for r in rows)
+    assert result.lm.model is not lm.model  # the original is untouched
+    assert isinstance(lm.model.lm_head, torch.nn.Linear)
+
+
+def test_int8_linear_paths_match_the_dequantized_weight():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=True)
+    from lmscope.compress.quantize._common import make_int8, make_w8a8
+
+    q = make_int8(lin)
+    w_hat = fake_quantize(lin.weight.detach(), QuantSpec(8, True, "per_channel"))
+    assert torch.allclose(q.dequantized_weight(), w_hat, atol=1e-7)
+    for rows in (1, 40):  # decode kernel and prefill path
+        x = torch.randn(rows, 64)
+        ref = torch.nn.functional.linear(x, w_hat, lin.bias)
+        assert torch.allclose(q(x), ref, rtol=0, atol=0.03 * float(ref.abs().max()))
+    w8a8 = make_w8a8(lin)
+    x = torch.randn(40, 64)
+    ref = torch.nn.functional.linear(x, w_hat, lin.bias)
+    assert torch.allclose(w8a8(x), ref, atol=0.03 * float(ref.abs().max()))
+
+
+def test_w8a8_outlier_channels_are_kept_exact_in_bf16():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    from lmscope.compress.quantize._common import make_w8a8
+
+    x = torch.randn(50, 64)
+    x[:, 3] *= 300.0  # one huge channel, as in small LMs
+    plain, kept = make_w8a8(lin), make_w8a8(lin, outliers=[3])
+    ref = lin(x)
+
+    def err(m):
+        return float((m(x) - ref).norm() / ref.norm())
+
+    assert err(kept) < err(plain) / 4
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    x = torch.randn(512, 16) @ torch.randn(16, 128) + 0.1 * torch.randn(512, 128)  # low-rank-ish inputs
+    h = 2 * x.t() @ x / len(x)
+    _, _, _, w_gptq = gptq_quantize(w, h, group_size=32)
+    w_rtn = fake_quantize(w, QuantSpec(4, False, "per_group", 32))
+    out_err = lambda wq: float((x @ (w - wq).t()).norm())  # noqa: E731
+    assert out_err(w_gptq) < 0.8 * out_err(w_rtn)
