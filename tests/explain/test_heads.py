@@ -189,3 +189,29 @@ def test_smollm2_induction_heads_matter_on_repeated_tokens(smollm2):
     )
     assert d_top > 1.0
     assert d_top > 5 * max(d_random, 0.05)
+
+
+def test_scores_on_head_pruned_model(make_tiny):
+    from lmscope.compress.prune.heads import prune_heads
+
+    lm = make_tiny("llama")
+    prune_heads(lm, fraction=0.35, order="magnitude")
+    per_layer = [lm.n_heads_at(i) for i in range(lm.n_layers)]
+    assert len(set(per_layer)) > 1  # layers now differ in head count
+    ids = _windows(lm)
+    scores = head_importance(lm, input_ids=ids, methods=("zero", "grad"))
+    scores = scores.merge(characterize_heads(lm, input_ids=ids, n_random=2, random_length=8))
+    for i, n in enumerate(per_layer):
+        assert (
+            not np.isnan(scores["ablation_zero"][i, :n]).any()
+            and np.isnan(scores["ablation_zero"][i, n:]).all()
+        )
+        assert not np.isnan(scores["induction"][i, :n]).any()
+        kv = scores.kv_heads[i]
+        assert len(set(kv)) == lm.n_kv_heads_at(i) and kv == sorted(kv)
+    # the batched ablation still equals a plain forward with the head zeroed
+    layer = per_layer.index(min(per_layer))
+    clean = token_losses(lm, ids).mean(1)
+    zeroed = token_losses(lm, ids, ablation_interventions(lm, [(layer, 1)])).mean(1)
+    assert scores["ablation_zero"][layer, 1] == pytest.approx(float((zeroed - clean).mean()), abs=1e-5)
+    assert len(scores.to_json()["heads"]) == sum(per_layer)
