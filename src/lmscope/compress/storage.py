@@ -62,7 +62,9 @@ def plain_transformers_loadable(model: torch.nn.Module, tensors: dict, aliases: 
     except Exception:
         return False
     got = {k: tuple(t.shape) for k, t in tensors.items()}
-    return all(expected.get(k) == shape for k, shape in got.items()) and set(expected) <= set(got) | set(aliases)
+    return all(expected.get(k) == shape for k, shape in got.items()) and set(expected) <= set(got) | set(
+        aliases
+    )
 
 
 def write_compressed(

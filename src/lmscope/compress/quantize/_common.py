@@ -13,7 +13,7 @@ from .affine import QuantSpec, affine_params, pack_int4, quantize, sqnr
 from .modules import Int4Linear, Int8Embedding, Int8Linear, Int8TiedHead, QuantizedLinear, W8A8Linear
 
 INT8_CHANNEL = QuantSpec(bits=8, symmetric=True, granularity="per_channel")
-ERROR_TOKENS = 128  # calibration tokens used for the per-layer output error
+ERROR_TOKENS = 64  # calibration tokens used for the per-layer output error
 
 
 def int4_spec(group_size: int) -> QuantSpec:

@@ -99,7 +99,9 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20 log10(||x|| / ||x - x_hat||) (inf when exact)."""
-    x, x_hat = x.detach().double(), x_hat.detach().double()
+    x, x_hat = x.detach(), x_hat.detach()
+    if x.dtype != torch.float64:  # float32 norms are plenty for a dB figure and avoid a float64 copy
+        x, x_hat = x.float(), x_hat.float()
     noise = torch.linalg.vector_norm(x - x_hat)
     if noise == 0:
         return float("inf")
