@@ -184,21 +184,21 @@ class Int8TiedHead(nn.Module):
     def __init__(self, embedding: Int8Embedding):
         super().__init__()
         object.__setattr__(self, "_embedding", embedding)  # not a submodule: saved once, under the embedding
-        self.in_features = embedding.embedding_dim
-        self.out_features = embedding.num_embeddings
+        self.hidden_size = embedding.embedding_dim  # (no in_features: it owns no weight)
+        self.vocab_size = embedding.num_embeddings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding
         shape = x.shape
-        x2 = _rows(x, self.in_features).to(BF16)
+        x2 = _rows(x, self.hidden_size).to(BF16)
         if x2.shape[0] <= DECODE_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), e.qweight, e.scale.to(BF16)).float()
         else:
             y = F.linear(x2, e.qweight.to(BF16)).float() * e.scale
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.vocab_size)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self._embedding.dequantized_weight()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, tied to the int8 embedding"
+        return f"{self.hidden_size} -> {self.vocab_size}, tied to the int8 embedding"
