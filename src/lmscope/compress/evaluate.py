@@ -120,8 +120,8 @@ class Evaluation:
         if s.get("latency"):
             lines.append(
                 f"prefill: {s['prefill_tokens']} tokens, batch 1, median of {s['repeats']} (models timed in turn); "
-                f"decode: "
-                f"{s['decode_tokens']} new tokens with KV cache; torch threads {s['threads']}"
+                f"decode: {s['decode_tokens']} greedy steps with the KV cache after an untimed prefill, same way; "
+                f"torch threads {s['threads']}"
             )
             lines.append(f"peak mem: {MEMORY_METHOD}")
         for m in self.models:
@@ -290,21 +290,23 @@ def prefill_speed(lm, ids: torch.Tensor, repeats: int = 3) -> float:
 
 
 @torch.no_grad()
-def decode_speed(lm, ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Greedy decode tokens/s with the KV cache (after a prefill of ``ids``)."""
-
-    def run():
-        out = lm.model(input_ids=ids, use_cache=True)
+def decode_time(lm, ids: torch.Tensor, new_tokens: int = 32) -> float:
+    """Seconds for ``new_tokens`` greedy steps with the KV cache, after an untimed prefill of ``ids``."""
+    out = lm.model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    nxt = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = lm.model(input_ids=nxt, cache=cache, use_cache=True)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(new_tokens):
-            out = lm.model(input_ids=nxt, cache=cache, use_cache=True)
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            nxt = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start
 
-    prefill = _timed(lambda: lm.model(input_ids=ids, use_cache=True), repeats)
-    total = _timed(run, repeats)
-    return new_tokens / max(total - prefill, 1e-9)
+
+def decode_speed(lm, ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy decode tokens/s with the KV cache (median of ``repeats``)."""
+    times = [decode_time(lm, ids, new_tokens) for _ in range(repeats + 1)][1:]
+    return new_tokens / statistics.median(times)
 
 
 def evaluation_text(text: str | None = None) -> tuple[str, str]:
@@ -393,14 +395,17 @@ def evaluate(
         prefill = _round_robin(models, lambda lm: _prefill(lm, inputs), repeats)
         for s, t in zip(stats, prefill, strict=True):
             s.prefill_tokens_per_s = ids.shape[1] / t
-        if decode_tokens:
-            for lm, s in zip(models, stats, strict=True):
-                if not lm.is_causal:
-                    continue
-                try:
-                    s.decode_tokens_per_s = decode_speed(lm, ids, decode_tokens, repeats)
-                except Exception as e:  # a compressed module without cache support: say so, keep going
-                    s.notes.append(f"decode not measured: {type(e).__name__}: {str(e)[:120]}")
+        causal = [k for k, lm in enumerate(models) if lm.is_causal]
+        if decode_tokens and causal:
+            try:
+                times = _round_robin(
+                    [models[k] for k in causal], lambda lm: decode_time(lm, ids, decode_tokens), repeats
+                )
+                for k, t in zip(causal, times, strict=True):
+                    stats[k].decode_tokens_per_s = decode_tokens / t
+            except Exception as e:  # a compressed module without cache support: say so, keep going
+                for k in causal:
+                    stats[k].notes.append(f"decode not measured: {type(e).__name__}: {str(e)[:120]}")
     settings = {
         "text_source": source,
         "windows": len(wins),
