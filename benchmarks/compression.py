@@ -211,6 +211,9 @@ def main() -> int:
     log(
         f"decode {DECODE_STEPS} greedy steps with KV cache; median of {REPEATS}, round-robin. Shared 2-core machine: noisy."
     )
+    log(
+        f"calibration (smoothing, GPTQ, Wanda, importance): first {CALIBRATION_CHARS} characters of the calibration half"
+    )
     rows = build_rows(lm, calib, log) + provider_rows(lm, calib, log)
     for r in rows:
         r.ppl = perplexity(r.model, windows)
