@@ -98,3 +98,20 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     w_rtn = fake_quantize(w, QuantSpec(4, False, "per_group", 32))
     out_err = lambda wq: float((x @ (w - wq).t()).norm())  # noqa: E731
     assert out_err(w_gptq) < 0.8 * out_err(w_rtn)
+
+
+def test_int4_decode_kernel_matches_the_prefill_path():
+    from lmscope.compress.quantize._common import make_int4
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64, bias=True)
+    q = make_int4(lin, 32)
+    w_hat = q.dequantized_weight()
+    for rows in (1, 40):  # aten._weight_int4pack_mm_for_cpu, then unpack + bf16 matmul
+        x = torch.randn(rows, 128)
+        ref = torch.nn.functional.linear(x, w_hat, lin.bias)
+        assert torch.allclose(q(x), ref, atol=0.02 * float(ref.abs().max()))
+    q.zero.fill_(8)  # changing the codes' parameters in place rebuilds the cached decode layout
+    x = torch.randn(1, 128)
+    ref = torch.nn.functional.linear(x, q.dequantized_weight(), lin.bias)
+    assert torch.allclose(q(x), ref, atol=0.02 * float(ref.abs().max()))

@@ -8,8 +8,9 @@ Compute paths (chosen by measurement on this CPU, see docs/quantization.md):
 * ``W8A8Linear``: activations quantized per token (symmetric int8, dynamic), ``torch._int_mm`` (int8 x int8
   -> int32, oneDNN/AMX), then ``x_scale * w_scale``. Optional outlier input channels are kept out of the
   int8 path and multiplied in bf16.
-* ``Int4Linear``: 4-bit codes packed two per byte + per-group fp16 scale and uint8 zero point; the
-  forward unpacks to a bf16 weight and runs a bf16 matmul.
+* ``Int4Linear``: 4-bit codes packed two per byte + per-group fp16 scale and uint8 zero point; prefill
+  unpacks to a bf16 weight and runs a bf16 matmul; decode uses ``aten._weight_int4pack_mm_for_cpu`` on a
+  copy in that kernel's layout, built on the first decode call.
 * ``Int8Embedding`` / ``Int8TiedHead``: the token embedding as int8 rows; a tied LM head reuses it.
 """
 
@@ -139,9 +140,32 @@ class Int4Linear(QuantizedLinear):
         w = (q - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
         return w.reshape(self.out_features, self.in_features)
 
+    def _decode_layout(self):
+        """The weight in ``aten._weight_int4pack_mm_for_cpu``'s layout, built on first decode and cached
+        (not saved; adds ~0.5 byte/parameter of memory once decoding starts)."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scale._version, self.zero._version)
+        cached = getattr(self, "_int4pack", None)
+        if cached is None or cached[0] != key:
+            codes = unpack_int4(self.qweight).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            s, z = self.scale.float(), self.zero.float()
+            # the kernel computes (q - 8) * scale + offset; ours is (q - zero) * scale
+            scale_offset = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(BF16)
+            cached = (key, packed, scale_offset)
+            self._int4pack = cached
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        y = F.linear(_rows(x, self.in_features).to(BF16), self._weight(BF16)).float()
+        x2 = _rows(x, self.in_features).to(BF16)
+        if x2.shape[0] <= DECODE_ROWS:
+            packed, scale_offset = self._decode_layout()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), packed, self.group_size, scale_offset
+            )
+            y = y.float()
+        else:
+            y = F.linear(x2, self._weight(BF16)).float()
         return self._finish(y, shape).to(dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
