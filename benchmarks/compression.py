@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-WINDOWS, WINDOW_TOKENS = 4, 256
-PREFILL_TOKENS, DECODE_STEPS, REPEATS = 128, 4, 3
-CALIBRATION_CHARS = 4500  # ~1000 calibration tokens for smoothing/GPTQ (lmscope's default is 8 x 256)
+WINDOWS, WINDOW_TOKENS = 8, 256
+PREFILL_TOKENS, DECODE_STEPS, REPEATS = 128, 8, 5
+CALIBRATION_CHARS = 20000  # the calibration half's first ~4.5k tokens; schemes use their default 8 x 256
 THREADS = 2
 
 #: (module, function) pairs; each function(ctx) returns a list of (label, LM, note) rows to measure like the
