@@ -76,6 +76,7 @@ def write_compressed(
     d = Path(directory)
     tensors, aliases = _dedup_state(lm.model)
     save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": "pt", "producer": "lmscope"})
+    os.chmod(d / WEIGHTS_FILE, 0o644)  # safetensors writes 0600; the other files get the usual mode
     config = lm.model.config
     config.save_pretrained(d)
     cfg_path = d / "config.json"
