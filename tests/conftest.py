@@ -56,6 +56,12 @@ def _tiny(family: str):
 
 
 @pytest.fixture(scope="session")
+def build_tiny():
+    """The tiny-model builder itself: ``build_tiny("gpt2")`` -> a fresh random HF model."""
+    return _tiny
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """The real smollm2 converted to the safetensors cache (converted once per cache)."""
     from lmscope.models.loading import convert_gguf

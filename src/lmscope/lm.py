@@ -158,7 +158,10 @@ class LM:
         from tqdm import tqdm
 
         bar = tqdm(total=self.n_layers, desc="capture", unit="layer", leave=False)
-        handles = [b.register_forward_hook(lambda *a: bar.update(1)) for b in self.blocks]
+        def advance(*_):  # a forward hook that returns a value would replace the block's output
+            bar.update(1)
+
+        handles = [b.register_forward_hook(advance) for b in self.blocks]
         try:
             yield
         finally:

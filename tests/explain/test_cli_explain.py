@@ -12,15 +12,9 @@ TEXT = "When Mary and John went to the store, John gave a drink to"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, causal_tokenizer):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import _tiny
-
+def tiny_dir(tmp_path_factory, causal_tokenizer, build_tiny):
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    _tiny("gpt2").save_pretrained(path)
+    build_tiny("gpt2").save_pretrained(path)
     causal_tokenizer.save_pretrained(path)
     return str(path)
 
