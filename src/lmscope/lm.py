@@ -176,12 +176,22 @@ class LM:
         )
 
     def n_params(self) -> int:
-        seen, total = set(), 0
-        for p in self.model.parameters():
+        return count_params(self.model)
+
+
+def count_params(model: nn.Module) -> int:
+    """Logical parameter count, tied tensors once. A module that packs its weights into buffers
+    (a quantized linear) says how many parameters it stands for with ``logical_numel()``."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        logical = getattr(mod, "logical_numel", None)
+        if logical is not None:
+            total += logical()
+        for p in mod.parameters(recurse=False):
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
-        return total
+    return total
 
 
 @dataclass

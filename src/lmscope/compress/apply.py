@@ -47,21 +47,9 @@ def state_bytes(model: torch.nn.Module) -> int:
 
 def _params(model) -> int:
     """Logical parameter count: a quantized linear counts in*out however it is packed; tied tensors once."""
-    from .quantize.modules import Int8Embedding, Int8TiedHead, QuantizedLinear
+    from ..lm import count_params
 
-    seen, total = set(), 0
-    for mod in model.modules():
-        if isinstance(mod, Int8TiedHead):
-            continue
-        if isinstance(mod, QuantizedLinear):
-            total += mod.in_features * mod.out_features
-        elif isinstance(mod, Int8Embedding):
-            total += mod.num_embeddings * mod.embedding_dim
-        for p in mod.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
+    return count_params(model)
 
 
 @dataclass

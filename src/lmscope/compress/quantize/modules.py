@@ -53,6 +53,9 @@ class QuantizedLinear(nn.Module):
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.state_dict().values())
 
+    def logical_numel(self) -> int:  # the weight it stands for (its bias is a Parameter, counted apart)
+        return self.in_features * self.out_features
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
@@ -191,6 +194,9 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.qweight).float() * self.scale[ids].unsqueeze(-1)
+
+    def logical_numel(self) -> int:  # the tied head reuses this matrix and counts 0
+        return self.num_embeddings * self.embedding_dim
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
