@@ -138,7 +138,11 @@ class LM:
         names = expand(capture, self.n_layers, has_logits=self.is_causal) if capture else []
         batch, seq = inputs["input_ids"].shape
         check_fits(self, names, batch, seq, max_bytes)
-        with torch.no_grad(), hooks(self, names, interventions) as session, self._block_progress(progress and seq >= 256):
+        with (
+            torch.no_grad(),
+            hooks(self, names, interventions) as session,
+            self._block_progress(progress and seq >= 256),
+        ):
             out = self.forward(inputs)
         return Run(
             lm=self,
@@ -158,6 +162,7 @@ class LM:
         from tqdm import tqdm
 
         bar = tqdm(total=self.n_layers, desc="capture", unit="layer", leave=False)
+
         def advance(*_):  # a forward hook that returns a value would replace the block's output
             bar.update(1)
 

@@ -41,7 +41,9 @@ def test_inspect_writes_report_pngs_json_tensors(tmp_path, smollm2_dir, capsys):
     assert tensors["blocks.29.resid_post"].shape == (1, 5, 576)
     html = (out / "report.html").read_text()
     # self-contained: no external script, stylesheet, image or font (the SVG namespace URI is not a fetch)
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|<link\b|@import""", html)
+    assert not re.search(
+        r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|<link\b|@import""", html
+    )
     assert '"type":"attention"' in html
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
