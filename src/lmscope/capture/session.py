@@ -55,22 +55,12 @@ def lmscope_attention(
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    mask = attention_mask
-    if mask is None and getattr(module, "is_causal", False) and query.shape[2] > 1:
-        # SDPA's mask builder skips a purely causal mask (is_causal fast path); rebuild it here
-        q_len, k_len = query.shape[2], key.shape[2]
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-        if mask.dtype == torch.bool:
-            mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill(
-                ~mask, torch.finfo(scores.dtype).min
-            )
-        scores = scores + mask
-        shown = scores.masked_fill(mask <= torch.finfo(scores.dtype).min / 2, float("-inf"))
-    else:
-        shown = scores
-    session._emit(layer, "attn.scores", shown)
+    keep, additive = session._masks(module, attention_mask, query, key, scores.dtype)
+    if session.wants(layer, "attn.scores"):  # shown with masked entries as -inf, as TransformerLens does
+        shown = scores if keep is None else scores.masked_fill(~keep, float("-inf"))
+        session._emit(layer, "attn.scores", shown)
+    if additive is not None:
+        scores = scores + additive
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = session._emit(layer, "attn.pattern", pattern)
     pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
@@ -110,6 +100,7 @@ class HookSession:
         self.keep_grad = keep_grad
         self.tensors: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._mask_cache: dict = {}
         self._token = None
         active = self.names | set(self.interventions)
         self._attn_layers = {split(n)[0] for n in active if split(n)[1] in ("attn.scores", "attn.pattern")}
@@ -117,6 +108,40 @@ class HookSession:
     # -- called from hooks -------------------------------------------------------------------
     def wants_attention(self, layer: int) -> bool:
         return layer in self._attn_layers
+
+    def wants(self, layer: int | None, what: str) -> bool:
+        return self._wants(layer, what)
+
+    def _masks(self, module, attention_mask, query, key, dtype):
+        """(boolean keep-mask, additive float mask) for the eager path, built once per forward and shape.
+
+        SDPA's mask builder passes a boolean mask, or None for a purely causal batch (is_causal fast path).
+        The additive form (0 / dtype-min) is what HF's eager attention adds to the scores.
+        """
+        q_len, k_len = query.shape[2], key.shape[2]
+        causal = getattr(module, "is_causal", False) and q_len > 1
+        if attention_mask is None and not causal:
+            return None, None
+        key_ = (None if attention_mask is None else attention_mask.data_ptr(), q_len, k_len, dtype, causal)
+        hit = self._mask_cache.get(key_)
+        if hit is not None:
+            return hit
+        if attention_mask is None:
+            keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[
+                None, None
+            ]
+        elif attention_mask.dtype == torch.bool:
+            keep = attention_mask[:, :, :, :k_len]
+        else:  # an additive mask given by the caller
+            additive = attention_mask[:, :, :, :k_len].to(dtype)
+            keep = additive > torch.finfo(dtype).min / 2
+            self._mask_cache[key_] = (keep, additive)
+            return keep, additive
+        additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+            ~keep, torch.finfo(dtype).min
+        )
+        self._mask_cache[key_] = (keep, additive)
+        return keep, additive
 
     def _emit(self, layer: int | None, what: str, tensor: torch.Tensor) -> torch.Tensor:
         name = what if layer is None else f"blocks.{layer}.{what}"
@@ -162,6 +187,8 @@ class HookSession:
     def __enter__(self) -> HookSession:
         lm = self.lm
         fam = lm.family
+        # masks are cached by tensor identity, which is only unique within one forward
+        self._handles.append(lm.model.register_forward_pre_hook(lambda *_: self._mask_cache.clear()))
         if self._wants(None, "embed"):
             self._output_hook(lm.module(fam.embed), None, "embed")
         for i, block in enumerate(lm.blocks):
@@ -186,6 +213,7 @@ class HookSession:
         self.remove()
 
     def remove(self) -> None:
+        self._mask_cache.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
