@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LmscopeError
+from ..fsutil import atomic_directory
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -81,23 +79,9 @@ def check_out_dir(out: str) -> Path:
     return path
 
 
-@contextmanager
 def atomic_out(out: str):
     """Yield a temporary directory; on success its files move into ``out``. On error nothing is written."""
-    final = check_out_dir(out)
-    anchor = final.parent
-    anchor.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=anchor))
-    try:
-        yield tmp
-        final.mkdir(parents=True, exist_ok=True)
-        for item in tmp.iterdir():
-            target = final / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return atomic_directory(check_out_dir(out))
 
 
 def parse_int_list(value: str | None, name: str) -> list[int] | None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import LmscopeError
+from ..fsutil import atomic_directory
 from .recipe import Recipe, handler_for
 
 RECIPE_FILE = "lmscope_recipe.json"
@@ -127,20 +126,8 @@ def save(result, directory: str | os.PathLike) -> Path:
     final = Path(directory).expanduser()
     if final.exists() and not final.is_dir():
         raise LmscopeError(f"'{directory}' exists and is not a directory", "choose another output directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         write_compressed(tmp, result.lm, result.recipe, result.infos)
-        if not final.exists():
-            os.replace(tmp, final)
-        else:
-            for item in tmp.iterdir():
-                target = final / item.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(item, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -1,0 +1,34 @@
+"""Atomic output directories: write everything into a temporary sibling, move it into place on success."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory; when the block succeeds its files move into ``final``.
+
+    A new ``final`` appears in one rename; into an existing one, each file is replaced by a rename.
+    If the block raises, nothing is written and the temporary directory is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if not final.exists():
+            os.replace(tmp, final)
+        else:
+            for item in tmp.iterdir():
+                target = final / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
