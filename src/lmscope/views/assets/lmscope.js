@@ -71,8 +71,9 @@
       if (useLog) return (Math.log(v) - Math.log(lo)) / ((Math.log(hi) - Math.log(lo)) || 1);
       return (v - lo) / ((hi - lo) || 1);
     }
-    var cell = Math.max(4, Math.min(spec.cell || 28, Math.floor((spec.cell ? 1000 : 760) / Math.max(cols, 1))));
-    var cellH = Math.max(4, Math.min(spec.cell || 22, Math.floor(600 / Math.max(rows, 1))));
+    // long axes shrink to at least 1 px per cell so the map fits the page; hover still resolves each cell
+    var cell = Math.max(1, Math.min(spec.cell || 28, Math.floor((spec.cell ? 1000 : 900) / Math.max(cols, 1))));
+    var cellH = Math.max(2, Math.min(spec.cell || 22, Math.floor(640 / Math.max(rows, 1))));
     var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
     var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
     var top = showX ? Math.min(120, 8 + 6 * Math.max.apply(null, xl.map(function (s) { return showTok(s).length; }).concat([1]))) : 20;
