@@ -30,6 +30,18 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, k)
 
 
+def _straight_through(module, x: torch.Tensor) -> torch.Tensor:
+    """Run the quantized kernel; when a gradient w.r.t. the input is needed (attribution on a compressed
+    model), take it from the dequantized weight (straight-through): forward values stay the kernel's, and
+    the int8/int4 kernels, which have no backward, are never on the autograd graph."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return module._kernel_forward(x)
+    with torch.no_grad():
+        y = module._kernel_forward(x)
+    ref = F.linear(x, module.dequantized_weight().to(x.dtype))
+    return y + (ref - ref.detach())
+
+
 class QuantizedLinear(nn.Module):
     """Base: ``in_features``/``out_features`` like nn.Linear, an optional fp32 bias, ``dequantized_weight()``."""
 
@@ -49,6 +61,9 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:  # [out, in] float32, in the input space of this module
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _straight_through(self, x)
 
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.state_dict().values())
@@ -70,7 +85,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = _rows(x, self.in_features).to(BF16)
         if x2.shape[0] <= DECODE_ROWS:
@@ -98,7 +113,7 @@ class W8A8Linear(QuantizedLinear):
             self.register_buffer("outlier_index", torch.zeros(n_outliers, dtype=torch.long))
             self.register_buffer("outlier_weight", torch.zeros(out_features, n_outliers, dtype=BF16))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = _rows(x, self.in_features).float()
         extra = None
@@ -158,7 +173,7 @@ class Int4Linear(QuantizedLinear):
             self._int4pack = cached
         return cached[1], cached[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = _rows(x, self.in_features).to(BF16)
         if x2.shape[0] <= DECODE_ROWS:
@@ -217,7 +232,7 @@ class Int8TiedHead(nn.Module):
         self.hidden_size = embedding.embedding_dim  # (no in_features: it owns no weight)
         self.vocab_size = embedding.num_embeddings
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding
         shape = x.shape
         x2 = _rows(x, self.hidden_size).to(BF16)
@@ -229,6 +244,9 @@ class Int8TiedHead(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         return self._embedding.dequantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _straight_through(self, x)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size} -> {self.vocab_size}, tied to the int8 embedding"
