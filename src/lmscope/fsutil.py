@@ -11,10 +11,11 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; when the block succeeds its files move into ``final``.
 
-    A new ``final`` appears in one rename; into an existing one, each file is replaced by a rename.
+    A new ``final`` appears in one rename; into an existing one, each file is replaced by a rename
+    (or, with ``keep_existing``, the existing directory wins: a concurrent writer finished first).
     If the block raises, nothing is written and the temporary directory is removed.
     """
     final = Path(final)
@@ -24,7 +25,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not final.exists():
             os.replace(tmp, final)
-        else:
+        elif not keep_existing:
             for item in tmp.iterdir():
                 target = final / item.name
                 if target.is_dir() and not target.is_symlink():

@@ -95,7 +95,7 @@ def test_patching_errors(causal_tiny):
     lm = causal_tiny
     with pytest.raises(LmscopeError, match=r"clean prompt is 14 tokens and the corrupted one 15"):
         patch(lm, CLEAN, CORRUPT + " her", " Mary", " John")
-    with pytest.raises(LmscopeError, match=r"is 2 tokens, not one: \[' Mar', 'y'\]|is \d tokens, not one"):
+    with pytest.raises(LmscopeError, match=r"is \d tokens \(.*\+.*\), it must be exactly one token"):
         patch(lm, CLEAN, CORRUPT, " Maryanne-Louise", " John")
     with pytest.raises(LmscopeError, match="nothing to restore"):
         patch(lm, CLEAN, CLEAN, " Mary", " John")

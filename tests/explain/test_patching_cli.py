@@ -44,8 +44,8 @@ def test_patch_writes_json_and_report(tmp_path, smollm2_dir, capsys):
     "over, message",
     [
         ({"--corrupt": CORRUPT + " her"}, "the clean prompt is 14 tokens and the corrupted one 15"),
-        ({"--target": " Maryanne"}, "the target ' Maryanne' is 2 tokens, not one: [' Mary', 'anne']"),
-        ({"--contrast": " Johnathan"}, "the contrast ' Johnathan' is"),
+        ({"--target": " Maryanne"}, "--target ' Maryanne' is 2 tokens (' Mary' + 'anne')"),
+        ({"--contrast": " Johnathan"}, "--contrast ' Johnathan' is"),
         ({"--corrupt": CLEAN}, "nothing to restore"),
         ({"--clean": "  "}, "--clean is empty"),
         ({"--layers": "31"}, "layer 31 is out of range: smollm2 has 30 layers"),

@@ -155,7 +155,11 @@ BAD = [
         422,
         "it must be exactly one token",
     ),
-    ({"kind": "explain", "model": "tiny-llama", "text": "hi", "contrast": " Paris is"}, 422, "the contrast"),
+    (
+        {"kind": "explain", "model": "tiny-llama", "text": "hi", "contrast": " Paris is"},
+        422,
+        "contrast ' Paris is' is 2 tokens",
+    ),
     (
         {"kind": "explain", "model": "tiny-bert", "text": "hi", "target": "x"},
         422,

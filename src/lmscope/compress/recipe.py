@@ -381,7 +381,6 @@ class Calibration:
         self._text = text
         self.window = window
         self.n_windows = n_windows
-        self._ids = None
 
     @property
     def text(self) -> str:
@@ -391,31 +390,13 @@ class Calibration:
             self._text = split_calibration_evaluation(builtin_text())[0]
         return self._text
 
-    def token_ids(self):
-        """All calibration tokens, 1-D LongTensor (at most window * n_windows)."""
-        if self._ids is None:
-            import torch
-
-            need = self.window * self.n_windows
-            text = self.text
-            # tokenizing a few hundred KB is slow; ~8 characters per token is plenty for the budget
-            ids = self.lm.tokenizer(text[: need * 8], return_tensors="pt", truncation=False)["input_ids"][0]
-            if len(ids) < need and len(text) > need * 8:
-                ids = self.lm.tokenizer(text, return_tensors="pt", truncation=False)["input_ids"][0]
-            self._ids = ids[: self.window * self.n_windows].to(torch.long)
-            if len(self._ids) < 16:
-                raise LmscopeError(
-                    f"calibration text is only {len(self._ids)} tokens", "pass a longer calibration text"
-                )
-        return self._ids
-
     def windows(self, window: int | None = None, n: int | None = None):
-        """Calibration token windows: a list of ``[1, window]`` LongTensors (the last may be shorter)."""
+        """Calibration token windows (``lmscope.data.token_windows``): a list of ``[1, window]`` LongTensors."""
+        from ..data import token_windows
+
         window = min(window or self.window, self.lm.max_positions)
-        ids = self.token_ids()
-        out = [ids[i : i + window].unsqueeze(0) for i in range(0, len(ids), window)]
-        out = [w for w in out if w.shape[1] >= 8]
-        return out[: n or self.n_windows]
+        rows = token_windows(self.lm, self.text, max_tokens=window * (n or self.n_windows), window=window)
+        return [r[None] for r in rows]
 
 
 # -- recipes ---------------------------------------------------------------------------------------

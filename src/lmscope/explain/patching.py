@@ -22,6 +22,7 @@ import torch
 
 from ..capture.session import hooks
 from ..errors import LmscopeError
+from .targets import single_token_id
 
 RESID_SITE = "resid_pre"
 
@@ -93,16 +94,7 @@ def unembed(lm, hidden: torch.Tensor) -> torch.Tensor:
 
 def single_token(lm, text: str, role: str = "target") -> int:
     """The id of ``text`` when it is exactly one token; otherwise an error that shows its tokenization."""
-    if text is None or text == "":
-        raise LmscopeError(f"the {role} token is empty", f'pass --{role} " Mary" (note the leading space)')
-    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        pieces = [lm.tokenizer.decode([i]) for i in ids]
-        raise LmscopeError(
-            f"the {role} {text!r} is {len(ids)} tokens, not one: {pieces} (ids {ids})",
-            f"pass a single-token --{role}, e.g. {pieces[0]!r} (its first token), or another word",
-        )
-    return int(ids[0])
+    return single_token_id(lm, text, flag=f"--{role}")
 
 
 # -- patching -------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def single_token_id(lm, text: str, flag: str = "--target") -> int:
     shown = " + ".join(repr(p) for p in pieces)
     first = repr(pieces[0]) if pieces else "''"
     raise LmscopeError(
-        f"{flag} {text!r} is {len(ids)} tokens ({shown}), an attribution target must be one token",
+        f"{flag} {text!r} is {len(ids)} tokens ({shown}), it must be exactly one token",
         f"pass the first token {first} (e.g. {flag} {first}), or another string that is a single token",
     )
 

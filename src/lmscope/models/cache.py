@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from ..fsutil import atomic_directory
 
 MARKER = "lmscope-cache.json"
 _SAMPLE = 1 << 20
@@ -45,17 +45,8 @@ def is_complete(entry: Path) -> bool:
 
 def atomic_dir(final: Path, write) -> Path:
     """Call ``write(tmp_dir)``, then rename tmp_dir to ``final``. Nothing half-written is ever at ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_directory(final, keep_existing=True) as tmp:
         write(tmp)
-        if final.exists():  # a concurrent conversion won; keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -65,11 +65,6 @@ class ModelEntry:
         with self.tokenizer_lock:
             return len(self.tokenizer(text)["input_ids"])
 
-    def token_pieces(self, text: str) -> list[str]:
-        with self.tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            return [self.tokenizer.decode([i]) for i in ids]
-
 
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 422):
@@ -203,13 +198,13 @@ class App:
             return None
         if not entry.lm.is_causal:
             raise BadRequest(f"a {name} needs a causal language model; {entry.id} is an encoder")
-        pieces = entry.token_pieces(value)
-        if len(pieces) != 1:
-            shown = " + ".join(repr(p) for p in pieces) or "nothing"
-            hint = f"; try {pieces[0]!r}" if pieces else ""
-            raise BadRequest(
-                f"the {name} {value!r} is {len(pieces)} tokens ({shown}); it must be exactly one token{hint}"
-            )
+        from ..explain.targets import single_token_id
+
+        try:
+            with entry.tokenizer_lock:
+                single_token_id(entry.lm, value, flag=name)
+        except LmscopeError as e:  # the same check and message as the CLI
+            raise BadRequest(str(e)) from None
         return value
 
     # -- jobs -------------------------------------------------------------------------------------

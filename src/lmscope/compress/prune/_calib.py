@@ -24,16 +24,14 @@ def default_calibration_text() -> str:
 def token_windows(
     lm, text: str, windows: int = DEFAULT_WINDOWS, tokens: int = DEFAULT_WINDOW_TOKENS
 ) -> list[dict[str, torch.Tensor]]:
-    """Cut ``text`` into up to ``windows`` consecutive windows of ``tokens`` tokens (batch 1 each)."""
-    ids = lm.tokenizer(text, return_tensors="pt", truncation=False)["input_ids"][0]
-    tokens = min(tokens, lm.max_positions)
-    out = []
-    for start in range(0, len(ids), tokens):
-        chunk = ids[start : start + tokens]
-        if len(chunk) < 8 or len(out) >= windows:
-            break
-        out.append({"input_ids": chunk[None], "attention_mask": torch.ones(1, len(chunk), dtype=torch.long)})
-    return out
+    """Up to ``windows`` consecutive windows of ``tokens`` tokens (``lmscope.data.token_windows``), as
+    encoded batch-1 inputs."""
+    from ...data import token_windows as windows_of
+
+    rows = windows_of(lm, text, max_tokens=windows * tokens, window=tokens)
+    return [
+        {"input_ids": r[None], "attention_mask": torch.ones(1, r.shape[0], dtype=torch.long)} for r in rows
+    ]
 
 
 def calibration_inputs(lm, calib=None, windows: int = DEFAULT_WINDOWS, tokens: int = DEFAULT_WINDOW_TOKENS):
