@@ -15,7 +15,6 @@ baseline).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ...errors import LmscopeError
 from ._calib import calibration_inputs
@@ -58,28 +57,20 @@ def random_scores(lm, seed: int = 0) -> list[torch.Tensor]:
 
 
 def gradient_importance(lm, calib=None) -> list[torch.Tensor]:
-    """Expected |∂loss/∂gate_h| over calibration windows, gate_h scaling head h's output (Michel et al.)."""
-    from ...capture.session import hooks
+    """Michel et al. head importance (|∂loss/∂gate_h| averaged over calibration windows), computed by
+    ``lmscope.explain.heads.head_importance`` on the calibration text."""
+    from ...explain.heads import head_importance
 
-    if not lm.is_causal:
-        raise LmscopeError("gradient head importance needs a causal LM", "use --prune-method magnitude")
-    gates = [torch.ones(lm.n_heads_at(i), requires_grad=True) for i in range(lm.n_layers)]
-    total = [torch.zeros(lm.n_heads_at(i)) for i in range(lm.n_layers)]
-
-    def gate(i):
-        return lambda t, name: t * gates[i][None, None, :, None].to(t.dtype)
-
-    interventions = {f"blocks.{i}.attn.head_out": gate(i) for i in range(lm.n_layers)}
-    with torch.enable_grad():
-        for batch in calibration_inputs(lm, calib):
-            with hooks(lm, [], interventions):
-                logits = lm.output_of(lm.forward(batch)).float()
-            ids = batch["input_ids"]
-            loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-            grads = torch.autograd.grad(loss, gates)
-            for t, g in zip(total, grads, strict=True):
-                t += g.abs()
-    return total
+    batches = calibration_inputs(lm, calib)
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for batch in batches:  # head_importance takes equal-length windows
+        by_length.setdefault(batch["input_ids"].shape[1], []).append(batch["input_ids"])
+    total = None
+    for rows in by_length.values():
+        ids = torch.cat(rows)
+        grad = head_importance(lm, methods=("grad",), input_ids=ids).scores["grad_importance"] * len(ids)
+        total = grad if total is None else total + grad
+    return [torch.from_numpy(total[i, : lm.n_heads_at(i)]).float() for i in range(lm.n_layers)]
 
 
 def head_scores(lm, order: str = "importance", calib=None, seed: int = 0) -> list[torch.Tensor]:
