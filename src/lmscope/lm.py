@@ -13,7 +13,7 @@ from .capture.memory import check_fits
 from .capture.names import default_capture, expand
 from .capture.session import Intervention, hooks
 from .errors import LmscopeError
-from .models.families import Family, family_for
+from .models.families import Family, family_of
 
 
 class LM:
@@ -25,11 +25,42 @@ class LM:
         self.name = name
         self.path = path
         self.config = model.config
-        self.family: Family = family_for(self.config.model_type)
+        self.family: Family = family_of(model)
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         for i, block in enumerate(self.blocks):  # lets the attention function know its layer
             block.get_submodule(self.family.attn)._lmscope_layer = i
+
+    # -- what the model outputs --------------------------------------------------------------------
+    @property
+    def task(self) -> str:
+        """``lm`` (next-token logits), ``classifier`` (one label per text), ``token-classifier`` (one label
+        per token) or ``encoder`` (hidden states only)."""
+        cls = type(self.model).__name__
+        if cls.endswith("ForSequenceClassification"):
+            return "classifier"
+        if cls.endswith("ForTokenClassification"):
+            return "token-classifier"
+        if self.family.unembed and self.family.causal:
+            return "lm"
+        return "encoder"
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names of a (token) classifier, by index (``config.id2label``); empty otherwise."""
+        if self.task not in ("classifier", "token-classifier"):
+            return []
+        id2label = getattr(self.config, "id2label", None) or {}
+        n = getattr(self.config, "num_labels", len(id2label))
+        return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     # -- structure -------------------------------------------------------------------------------
     def module(self, path: str) -> nn.Module:
@@ -45,6 +76,12 @@ class LM:
 
     @property
     def is_causal(self) -> bool:
+        """A causal language model: next-token logits over the vocabulary (see ``task``)."""
+        return self.task == "lm"
+
+    @property
+    def causal_attention(self) -> bool:
+        """Each position attends only to earlier ones (decoders, whatever head they carry)."""
         return self.family.causal
 
     @property
@@ -62,7 +99,24 @@ class LM:
 
     @property
     def n_kv_heads(self) -> int:
-        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+        cfg = self.config
+        if cfg.model_type == "falcon":
+            if getattr(cfg, "new_decoder_architecture", False):
+                return cfg.num_kv_heads
+            return 1 if getattr(cfg, "multi_query", True) else self.n_heads
+        if getattr(cfg, "multi_query", False):  # GPT-BigCode
+            return 1
+        return getattr(cfg, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def n_experts(self) -> int:
+        """Experts per MoE block (0 for a dense model)."""
+        cfg = self.config
+        return int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", 0) or 0)
+
+    @property
+    def experts_per_token(self) -> int:
+        return int(getattr(self.config, "num_experts_per_tok", 0) or 0)
 
     @property
     def vocab_size(self) -> int:
@@ -70,9 +124,12 @@ class LM:
 
     @property
     def max_positions(self) -> int:
-        return getattr(self.config, "max_position_embeddings", None) or getattr(
-            self.config, "n_positions", 2048
-        )
+        cfg = self.config
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "max_seq_len", None) or 2048
+        if cfg.model_type in ("roberta", "xlm-roberta", "camembert") and cfg.pad_token_id is not None:
+            # RoBERTa numbers positions from padding_idx + 1: the last usable one is n - padding_idx - 1
+            n -= cfg.pad_token_id + 1
+        return n
 
     def _in_features(self, linear: nn.Module) -> int:
         return linear.weight.shape[0] if self.family.conv1d else linear.in_features
@@ -83,10 +140,13 @@ class LM:
 
     def n_kv_heads_at(self, layer: int) -> int:
         attn = self.blocks[layer].get_submodule(self.family.attn)
-        groups = getattr(attn, "num_key_value_groups", 1)
+        groups = getattr(attn, "num_key_value_groups", None) or max(1, self.n_heads // self.n_kv_heads)
         return max(1, self.n_heads_at(layer) // groups)
 
     def d_mlp_at(self, layer: int) -> int:
+        if self.family.mlp_out is None:  # mixture of experts: the width of one expert
+            experts = self.blocks[layer].get_submodule(self.family.experts)
+            return int(experts.down_proj.shape[-1])
         return self._in_features(self.blocks[layer].get_submodule(self.family.mlp_out))
 
     def kv_group(self, head: int) -> int:
@@ -114,13 +174,36 @@ class LM:
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, inputs: dict[str, torch.Tensor], **kwargs):
-        if self.is_causal:
+        if self.causal_attention:
             kwargs.setdefault("use_cache", False)
+        device = self.device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return self.model(**inputs, **kwargs)
 
     def output_of(self, out) -> torch.Tensor:
-        """Logits for a causal LM, the last hidden state for an encoder."""
-        return out.logits if self.is_causal else out.last_hidden_state
+        """Logits for a causal LM or a classifier, the last hidden state for an encoder."""
+        return out.last_hidden_state if self.task == "encoder" else out.logits
+
+    # -- the unembedding, exactly as the model applies it ---------------------------------------------
+    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        return self.module(self.family.final_norm)(resid)
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed hidden states, with the family's logit scaling and soft-capping."""
+        if not self.family.unembed or self.task != "lm":
+            raise LmscopeError(
+                f"{self.name} has no language-model head", "use a causal model such as smollm2"
+            )
+        logits = self.module(self.family.unembed)(hidden)
+        cfg = self.config
+        if cfg.model_type == "cohere":
+            logits = logits * cfg.logit_scale
+        if cfg.model_type == "granite":
+            logits = logits / cfg.logits_scaling
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def run(
         self,
@@ -135,7 +218,9 @@ class LM:
         inputs = self.encode(text, truncate=truncate)
         if capture is None:
             capture = default_capture(self.is_causal)
-        names = expand(capture, self.n_layers, has_logits=self.is_causal) if capture else []
+        names = (
+            expand(capture, self.n_layers, has_logits=self.is_causal, moe=self.family.moe) if capture else []
+        )
         batch, seq = inputs["input_ids"].shape
         check_fits(self, names, batch, seq, max_bytes)
         with (
@@ -176,7 +261,7 @@ class LM:
 
     def __repr__(self) -> str:
         return (
-            f"LM({self.name!r}, family={self.family.name}, layers={self.n_layers}, heads={self.n_heads}"
+            f"LM({self.name!r}, family={self.family.name}, task={self.task}, layers={self.n_layers}, heads={self.n_heads}"
             f"/{self.n_kv_heads} kv, d_model={self.d_model}, params={self.n_params() / 1e6:.1f}M)"
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import LmscopeError
-from .names import split
+from .names import numel
 
 
 def available_bytes() -> int:
@@ -21,22 +21,8 @@ def available_bytes() -> int:
 
 
 def estimate_bytes(lm, names: list[str], batch: int, seq: int, bytes_per_value: int = 4) -> int:
-    """Bytes the captured tensors will take for a [batch, seq] input."""
-    total = 0
-    for name in names:
-        layer, what = split(name)
-        if what in ("attn.scores", "attn.pattern"):
-            n = batch * lm.n_heads_at(layer) * seq * seq
-        elif what == "attn.head_out":
-            n = batch * seq * lm.n_heads_at(layer) * lm.head_dim
-        elif what == "mlp.hidden":
-            n = batch * seq * lm.d_mlp_at(layer)
-        elif what == "logits":
-            n = batch * seq * lm.vocab_size
-        else:  # embed, resid_*, attn.out, mlp.out
-            n = batch * seq * lm.d_model
-        total += n * bytes_per_value
-    return total
+    """Bytes the captured tensors will take for a [batch, seq] input (shapes from the site table)."""
+    return sum(numel(lm, name, batch, seq) for name in names) * bytes_per_value
 
 
 def check_fits(lm, names: list[str], batch: int, seq: int, max_bytes: int | None = None) -> int:

@@ -249,9 +249,9 @@ def structure_diff(model_a, model_b, a_name: str | None = None, b_name: str | No
     ma, mb = _model_of(model_a), _model_of(model_b)
     blocks = None
     try:
-        from ..models.families import family_for
+        from ..models.families import family_of
 
-        blocks = family_for(mb.config.model_type).blocks
+        blocks = family_of(mb).blocks
     except Exception:
         pass
     mapping = _layer_map(mb, blocks)
