@@ -54,13 +54,19 @@ class LM:
         n = getattr(self.config, "num_labels", len(id2label))
         return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
 
+    def _float_tensors(self):
+        from itertools import chain
+
+        return (t for t in chain(self.model.parameters(), self.model.buffers()) if t.is_floating_point())
+
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The floating dtype the model computes in (a fully quantized model keeps only buffers)."""
+        return next(self._float_tensors(), torch.zeros(())).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self._float_tensors(), torch.zeros(())).device
 
     # -- structure -------------------------------------------------------------------------------
     def module(self, path: str) -> nn.Module:
@@ -132,7 +138,9 @@ class LM:
         return n
 
     def _in_features(self, linear: nn.Module) -> int:
-        return linear.weight.shape[0] if self.family.conv1d else linear.in_features
+        if type(linear).__name__ == "Conv1D":  # weight stored [in, out]
+            return linear.weight.shape[0]
+        return linear.in_features
 
     def n_heads_at(self, layer: int) -> int:
         """Query heads actually present in ``layer`` (fewer than ``n_heads`` after head pruning)."""

@@ -171,6 +171,12 @@ class PruneHeads(StepConfig):
         object.__setattr__(self, "fraction", _fraction("head fraction", self.fraction, flag="--prune-heads"))
         _choice("head pruning method", self.method, HEAD_METHODS, "--prune-method")
 
+    def check(self, lm) -> None:
+        if self.fraction > 0:
+            from .prune.heads import check_head_surgery
+
+            check_head_surgery(lm)
+
 
 @dataclass(frozen=True)
 class PruneUnstructured(StepConfig):

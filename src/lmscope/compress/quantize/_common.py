@@ -20,12 +20,33 @@ def int4_spec(group_size: int) -> QuantSpec:
     return QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=group_size)
 
 
+def as_linear(conv: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D (``x @ W + b``, W stored [in, out]) as the nn.Linear computing the same map."""
+    w = conv.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias.detach())
+    return lin
+
+
 def block_linears(lm, skip=()) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear layers inside the transformer blocks (model-relative names), minus ``skip`` globs."""
+    """The nn.Linear layers inside the transformer blocks (model-relative names), minus ``skip`` globs.
+
+    GPT-2-style Conv1D layers are swapped for the equivalent nn.Linear first, so every scheme applies to them.
+    """
     prefix = lm.family.blocks
     out = []
-    for name, mod in lm.model.named_modules():
-        if not name.startswith(prefix + ".") or not isinstance(mod, nn.Linear):
+    for name, mod in list(lm.model.named_modules()):
+        if not name.startswith(prefix + "."):
+            continue
+        if type(mod).__name__ == "Conv1D":
+            if any(fnmatch.fnmatch(name, pat) for pat in skip):
+                continue
+            mod = as_linear(mod)
+            set_module(lm.model, name, mod)
+        elif not isinstance(mod, nn.Linear):
             continue
         if any(fnmatch.fnmatch(name, pat) for pat in skip):
             continue
@@ -87,6 +108,23 @@ def make_int4(linear: nn.Linear, group_size: int, codes=None, scale=None, zero=N
     q.zero.copy_(zero.reshape(linear.out_features, -1).to(torch.uint8))
     _copy_bias(linear, q)
     return q
+
+
+def io_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear or a GPT-2 Conv1D (weight stored [in, out])."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def experts_of(lm) -> list[tuple[str, nn.Module]]:
+    """Mixture-of-experts modules (3-D ``gate_up_proj`` / ``down_proj`` parameters), model-relative names."""
+    fam = lm.family
+    if not fam.moe:
+        return []
+    return [
+        (f"{fam.blocks}.{i}.{fam.experts}", b.get_submodule(fam.experts)) for i, b in enumerate(lm.blocks)
+    ]
 
 
 def empty_module(kind: str, in_features: int, out_features: int, bias: bool, meta: dict) -> nn.Module:
