@@ -23,6 +23,10 @@ def add_verb(sub, name: str, help: str, example: str, func) -> argparse.Argument
     return p
 
 
+#: --dtype / --device of the running command, applied by load_model (set by main() after parsing)
+LOAD_OPTIONS: dict = {}
+
+
 def add_model_arg(p: argparse.ArgumentParser, default: str = "smollm2", multiple: bool = False) -> None:
     p.add_argument(
         "--model",
@@ -31,6 +35,13 @@ def add_model_arg(p: argparse.ArgumentParser, default: str = "smollm2", multiple
         help="built-in name (smollm2, minilm), a HF directory, a .gguf file or a hub id"
         + (" (repeatable)" if multiple else f" (default: {default})"),
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="weights and compute dtype (default: float32)",
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
 
 
 def add_text_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -63,7 +74,7 @@ def get_text(args) -> str:
 def load_model(spec: str):
     import lmscope
 
-    return lmscope.load(spec)
+    return lmscope.load(spec, **LOAD_OPTIONS)
 
 
 def check_out_dir(out: str) -> Path:

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ..errors import LmscopeError
+    from .common import LOAD_OPTIONS
 
+    LOAD_OPTIONS.update(dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     try:
         result = args.func(args)
     except LmscopeError as e:

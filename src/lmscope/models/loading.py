@@ -176,7 +176,7 @@ def _load_fix(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".lower()
     if any(w in text for w in ("safetensor", "header", "deserializ", "truncat", "incomplete", "invalid")):
         return "the safetensors file is corrupt or truncated; re-download or re-convert it"
-    if "size mismatch" in text or "shape" in text:
+    if "size mismatch" in text or "mismatched_sizes" in text or "shape" in text:
         return "the weights do not match config.json; use the config the weights were saved with"
     return "check that config.json and the weights belong together and that transformers supports this model"
 
