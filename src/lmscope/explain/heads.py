@@ -28,7 +28,7 @@ import torch
 from ..capture.session import hooks
 from ..data import token_windows
 from ..errors import LmscopeError
-from .patching import _check_layers, base_forward, record_block_outputs, replay_blocks, unembed
+from .replay import base_forward, check_layers, record_block_outputs, replay_blocks, unembed
 
 #: metric names: importance (Δ loss / gradient) and characterization (attention fractions)
 IMPORTANCE = ("ablation_zero", "ablation_mean", "grad_importance")
@@ -226,7 +226,7 @@ def head_importance(
             f"unknown head-importance method '{unknown[0] if unknown else ''}'",
             f"use some of: {', '.join(METHODS)}",
         )
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     ids = input_ids if input_ids is not None else _windows(lm, texts, max_tokens, window)
     mask = torch.ones_like(ids)
     inputs = {"input_ids": ids, "attention_mask": mask}

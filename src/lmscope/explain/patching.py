@@ -14,7 +14,6 @@ cannot change anything before it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,74 +21,14 @@ import torch
 
 from ..capture.session import hooks
 from ..errors import LmscopeError
+from .replay import base_forward, check_layers, record_block_outputs, replay_blocks, unembed
 from .targets import single_token_id
 
+# the replay helpers used to live here; kept importable under their old names
+_check_layers = check_layers
+__all__ = ["PatchingResult", "patch", "base_forward", "record_block_outputs", "replay_blocks", "unembed"]
+
 RESID_SITE = "resid_pre"
-
-
-# -- shared machinery (also used by heads.py) ---------------------------------------------------
-def record_block_outputs(lm, inputs: dict[str, torch.Tensor], names=(), interventions=None):
-    """One no-grad forward of the base model; returns (last hidden state, raw block outputs, captured)."""
-    outputs: list = [None] * lm.n_layers
-    handles = []
-    for i, block in enumerate(lm.blocks):
-
-        def keep(mod, args, out, i=i):
-            outputs[i] = out
-
-        handles.append(block.register_forward_hook(keep))
-    try:
-        with torch.no_grad(), hooks(lm, names, interventions) as session:
-            hidden = base_forward(lm, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return hidden, outputs, session.tensors
-
-
-def _take_rows(output, rows: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return output[rows]
-    if isinstance(output, tuple):
-        return tuple(_take_rows(o, rows) if isinstance(o, torch.Tensor) else o for o in output)
-    return output
-
-
-@contextmanager
-def replay_blocks(lm, upto: int, outputs: list, rows: torch.Tensor):
-    """Blocks ``0..upto-1`` return their recorded ``outputs`` (rows ``rows`` of the recording) uncomputed.
-
-    Correct only when the forward that follows feeds the same tokens as the recording and changes
-    nothing before block ``upto``.
-    """
-    patched = []
-    # only block upto-1's output is read downstream; earlier blocks just need to return quickly
-    taken = _take_rows(outputs[upto - 1], rows) if upto > 0 else None
-    try:
-        for i in range(upto):
-            block = lm.blocks[i]
-
-            def replay(*args, _out=taken, **kwargs):
-                return _out
-
-            block.forward = replay
-            patched.append(block)
-        yield
-    finally:
-        for block in patched:
-            del block.forward
-
-
-def base_forward(lm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final hidden state (after the final norm, before the unembedding): [batch, pos, d_model]."""
-    kwargs = {"use_cache": False} if lm.is_causal else {}
-    return lm.model.base_model(**inputs, **kwargs).last_hidden_state
-
-
-def unembed(lm, hidden: torch.Tensor) -> torch.Tensor:
-    if not lm.family.unembed:
-        raise LmscopeError(f"{lm.name} has no language-model head", "use a causal model such as smollm2")
-    return lm.module(lm.family.unembed)(hidden)
 
 
 def single_token(lm, text: str, role: str = "target") -> int:
@@ -175,18 +114,6 @@ def _num(v) -> float | None:
     return None if np.isnan(v) else round(v, 6)
 
 
-def _check_layers(lm, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(lm.n_layers))
-    bad = [i for i in layers if not 0 <= int(i) < lm.n_layers]
-    if bad:
-        raise LmscopeError(
-            f"layer {bad[0]} is out of range: {lm.name} has {lm.n_layers} layers",
-            f"use layers 0..{lm.n_layers - 1}",
-        )
-    return sorted({int(i) for i in layers})
-
-
 def patch(
     lm,
     clean: str,
@@ -210,7 +137,7 @@ def patch(
             f"activation patching needs a causal language model; {lm.name} is an encoder",
             "use a causal model such as smollm2",
         )
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     target_id = single_token(lm, target, "target")
     contrast_id = single_token(lm, contrast, "contrast") if contrast is not None else None
     clean_in, corrupt_in = lm.encode(clean), lm.encode(corrupt)
