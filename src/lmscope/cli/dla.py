@@ -6,6 +6,7 @@ import sys
 
 from ..errors import LmscopeError
 from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+from .speed import add_speed_args, apply_threads
 
 EXAMPLE = (
     'lmscope dla --model smollm2 --text "When Mary and John went to the store, John gave a drink to" '
@@ -32,6 +33,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
     p.add_argument("--out", required=True, help="output directory (dla.json, report.html)")
+    add_speed_args(p)
 
 
 def run(args) -> int:
@@ -41,6 +43,7 @@ def run(args) -> int:
         raise LmscopeError(f"--top-heads must be 0 or more, got {args.top_heads}", "e.g. --top-heads 6")
     from ..explain.dla import dla
 
+    apply_threads(args)
     lm = load_model(args.model)
     result = dla(
         lm, text, target=args.target, contrast=args.contrast, top_heads=args.top_heads, chat=args.chat

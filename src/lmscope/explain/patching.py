@@ -56,6 +56,10 @@ class PatchingResult:
     layers: list[int]
     resid_site: str = RESID_SITE
     meta: dict = field(default_factory=dict)
+    #: attribution-patching estimates (APPROXIMATE): raw metric grids "resid", "heads", "heads_pos"
+    #: [layers, heads, pos] and "mlp", plus "correlation" with the exact grids when both were computed
+    approx: dict | None = None
+    exact: bool = True  # False: only the approximation was computed (the exact grids are NaN)
 
     @property
     def metric_name(self) -> str:
@@ -81,12 +85,30 @@ class PatchingResult:
     def mlp(self) -> np.ndarray | None:
         return self._normalize(self.mlp_raw)
 
+    def approx_normalized(self, site: str) -> np.ndarray | None:
+        """An APPROXIMATE grid ("resid", "heads", "heads_pos", "mlp") normalized like the exact ones."""
+        return None if self.approx is None else self._normalize(self.approx[site])
+
     def to_json(self) -> dict:
         def grid(a):
             if a is None:
                 return None
+            if a.ndim == 3:
+                return [grid(x) for x in a]
             return [[_num(v) for v in row] for row in a] if a.ndim == 2 else [_num(v) for v in a]
 
+        approx = None
+        if self.approx is not None:
+            sites = ("resid", "heads", "heads_pos", "mlp")
+            approx = {
+                "approximate": True,
+                "method": self.approx["method"],
+                "label": self.approx["label"],
+                **{site: grid(self.approx_normalized(site)) for site in sites},
+                "raw": {site: grid(self.approx[site]) for site in sites},
+                "correlation_with_exact": self.approx.get("correlation"),
+            }
+        exact = {} if self.exact else {"exact_computed": False}
         return {
             "model": self.model,
             "tokens": self.tokens,
@@ -105,6 +127,8 @@ class PatchingResult:
             "heads": grid(self.heads),
             "mlp": grid(self.mlp),
             "raw": {"resid": grid(self.resid_raw), "heads": grid(self.heads_raw), "mlp": grid(self.mlp_raw)},
+            **exact,
+            "approx": approx,
             **self.meta,
         }
 
@@ -123,6 +147,9 @@ def patch(
     layers: Sequence[int] | None = None,
     normalize: bool = True,
     skip_identical: bool = True,
+    approx: str | None = None,
+    exact: bool = True,
+    progress=None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run, one site at a time; see the module docstring.
 
@@ -130,8 +157,17 @@ def patch(
     ``normalize=False`` allows it (the raw grids are still right, the normalized ones are None).
     ``skip_identical``: a residual position whose clean and corrupted activations are equal (e.g. the
     tokens before the first changed one) is not run; patching it cannot change anything, so its
-    metric is the corrupted one.
+    metric is the corrupted one. ``approx="atp"`` adds attribution-patching estimates of every site
+    and of each head at each position (APPROXIMATE; ``explain.atp``) in ``result.approx``, with their
+    correlation to the exact grids; ``exact=False`` (only with ``approx``) skips the exact runs.
+    ``progress(done, total)`` is called after each layer of exact runs.
     """
+    if approx not in (None, "atp"):
+        raise LmscopeError(f"unknown approximation '{approx}'", "use --approx atp (or leave it out: exact)")
+    if not exact and not approx:
+        raise LmscopeError(
+            "nothing to compute: exact patching is off and no approximation is asked for", "add --approx atp"
+        )
     if not lm.is_causal:
         raise LmscopeError(
             f"activation patching needs a causal language model; {lm.name} is an encoder",
@@ -172,7 +208,7 @@ def patch(
     heads_raw = np.full((lm.n_layers, n_heads), np.nan)
     mlp_raw = np.full(lm.n_layers, np.nan)
     n_runs = 0
-    for layer in layers:
+    for done, layer in enumerate(layers if exact else []):
         h_here = lm.n_heads_at(layer)
         clean_resid = clean_acts[f"blocks.{layer}.{RESID_SITE}"][0]
         clean_heads = clean_acts[f"blocks.{layer}.attn.head_out"][0]
@@ -215,6 +251,20 @@ def patch(
         resid_raw[layer, pos.numpy()] = values[:n_pos]
         heads_raw[layer, :h_here] = values[n_pos : n_pos + h_here]
         mlp_raw[layer] = values[n_pos + h_here]
+        if progress is not None:
+            progress(done + 1, len(layers))
+
+    approx_grids = None
+    if approx == "atp":
+        from .atp import LABEL, patch_atp, rank_correlation
+
+        approx_grids = patch_atp(lm, clean_in, corrupt_in, layers, metric)
+        approx_grids.update(method="atp", label=LABEL)
+        if exact:
+            approx_grids["correlation"] = {
+                site: rank_correlation(approx_grids[site], grid)
+                for site, grid in (("resid", resid_raw), ("heads", heads_raw), ("mlp", mlp_raw))
+            }
 
     return PatchingResult(
         model=lm.name,
@@ -231,4 +281,6 @@ def patch(
         mlp_raw=mlp_raw,
         layers=layers,
         meta={"kv_heads": [lm.kv_group(h) for h in range(n_heads)], "patched_runs": n_runs},
+        approx=approx_grids,
+        exact=exact,
     )
