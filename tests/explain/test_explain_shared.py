@@ -21,7 +21,7 @@ def _numbers(x, path=""):
     if isinstance(x, dict):
         out = {}
         for k, v in x.items():
-            if k not in ("seconds",):
+            if k not in ("seconds", "timings"):
                 out.update(_numbers(v, f"{path}.{k}"))
         return out
     if isinstance(x, list):

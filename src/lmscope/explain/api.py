@@ -39,6 +39,8 @@ class Explanation:
     random_baseline: dict | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     sanity_layers: int | None = None
+    #: where the time went (seconds): each method, the faithfulness batch, the randomization check
+    timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +52,7 @@ class Explanation:
             "random_baseline": self.random_baseline,
             "skipped": self.skipped,
             "sanity_randomized_top_layers": self.sanity_layers,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
 
@@ -143,6 +146,7 @@ def explain_objective(
     input (``Objective.cache``); ``share=False`` runs each method's on its own (the same numbers up
     to float rounding; kept as the reference the tests compare with)."""
     objective.cache = share
+    timings: dict[str, float] = {}
     config = config or {}
     results, skipped = {}, {}
     names = resolve_methods(methods)
@@ -159,6 +163,7 @@ def explain_objective(
         if faithful and not share and results[name].unit == "token":
             fa = faithfulness(objective, results[name].scores)
             results[name].faithfulness = fa
+    t0 = time.perf_counter()
     rand_base = None
     if faithful and share:
         if progress:
@@ -171,6 +176,8 @@ def explain_objective(
             results[n].faithfulness = fa
     elif faithful:
         rand_base = random_baseline(objective, seed=seed)
+    timings["faithfulness"] = time.perf_counter() - t0  # share=False: the random baseline only
+    t0 = time.perf_counter()
     rand_copy = None
     if sanity and results:
         rand_lm, sanity_layers = randomized_copy(objective.lm, sanity_layers, seed=seed)
@@ -193,6 +200,8 @@ def explain_objective(
             res.faithfulness = fa
         rand_copy = sanity_layers
         del rand_lm, rand_obj
+    timings["sanity"] = time.perf_counter() - t0
+    timings.update({f"method:{n}": r.seconds for n, r in results.items()})
     ranked = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
     ranked.sort(key=lambda n: -results[n].faithfulness["aopc_sum"])
     for place, n in enumerate(ranked, 1):
@@ -206,6 +215,7 @@ def explain_objective(
         random_baseline=rand_base,
         skipped=skipped,
         sanity_layers=rand_copy,
+        timings=timings,
     )
 
 
