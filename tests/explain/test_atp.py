@@ -49,11 +49,27 @@ def test_atp_equals_exact_patching_on_a_model_linear_in_the_patched_activation(m
     assert np.nanmax(np.abs(raw.approx["heads"] - raw.heads_raw)) > 1e-3
 
 
+def test_qk_fix_is_exact_when_only_the_patched_layer_attention_is_nonlinear(make_tiny):
+    """Last layer keeps its real (saturating) softmax and norm; after its attention all is linear (no
+    MLP, no final norm). The QK-fixed residual estimate recomputes that attention, so it equals exact
+    patching; the plain linear estimate does not."""
+    lm = make_tiny("llama")
+    with torch.no_grad():
+        lm.blocks[-1].mlp.down_proj.weight.mul_(0.0)
+    lm.model.model.norm = nn.Identity()
+    last = lm.n_layers - 1
+    res = patch(lm, CLEAN, CORRUPT, " Mary", " John", layers=[last], approx="atp")
+    tol = 1e-4 * max(1.0, abs(res.metric_clean), abs(res.metric_corrupt))
+    np.testing.assert_allclose(res.approx["resid"][last], res.resid_raw[last], atol=tol)
+    assert np.max(np.abs(res.approx["resid_linear"][last] - res.resid_raw[last])) > 10 * tol
+
+
 def test_patch_json_labels_the_approximation(make_tiny):
     lm = make_tiny("llama")
     res = patch(lm, CLEAN, CORRUPT, " Mary", " John", approx="atp", exact=False)
     data = json.loads(json.dumps(res.to_json()))
     assert data["approx"]["approximate"] is True and "APPROXIMATE" in data["approx"]["label"]
+    assert data["approx"]["resid_qk_fix"] is True and len(data["approx"]["resid_linear"]) == lm.n_layers
     assert data["exact_computed"] is False and data["approx"]["correlation_with_exact"] is None
     assert len(data["approx"]["heads_pos"]) == lm.n_layers
     assert len(data["approx"]["heads_pos"][0][0]) == len(data["tokens"])

@@ -7,11 +7,16 @@ It is exact when ``m`` is linear in ``a`` and degrades where the model is far fr
 ``a`` and ``a'`` — attention softmaxes that saturate and flip, or large effects that cancel.
 
 What is done about AtP*'s two failure modes, precisely:
-- saturation (AtP*'s QK fix recomputes the softmax of the patched head's own queries/keys): the
-  nodes here are head *outputs*, residual-stream vectors and MLP outputs, not queries or keys, so the
-  patched head's own softmax is upstream of the node and needs no fix; softmaxes downstream of the
-  node are linearised, as in AtP*. Where that matters is measured, not assumed: the exact scores are
-  computed beside the estimates on request and their rank correlation is reported.
+- saturation (AtP*'s QK fix: recompute the softmax for the patched node's query/key contributions):
+  a residual-stream patch at (layer L, position p) changes layer L's queries at p and keys at p.
+  ``patch_atp`` recomputes layer L's attention exactly for the patched input (the real softmax over
+  the new scores, its values and output projection: one attention layer per patched position), and
+  linearises only from the residual stream after that attention (``resid_mid``) on:
+  ``m_corrupt + ∂m/∂resid_mid · (resid_mid_patched − resid_mid_corrupt)``. The plain first-order
+  estimate is kept as ``resid_linear``. Head outputs and MLP outputs are nodes *after* their own
+  softmax, so the fix does not apply to them; softmaxes downstream of any node are linearised, as in
+  AtP*. How much that matters is measured, not assumed: with the exact scores computed beside the
+  estimates their rank correlation is reported.
 - cancellation across positions: a head's estimate is a sum of per-position terms that can cancel
   (and then the first-order sum is unreliable even when each term is fine). Every head gets
   ``cancellation`` = 1 − |Σ_p e_p| / Σ_p |e_p| (0: all positions agree, 1: they cancel completely);
@@ -27,7 +32,12 @@ import numpy as np
 import torch
 
 from ..capture.session import hooks
-from .replay import base_forward
+from .replay import base_forward, record_block_outputs, replay_blocks
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once what it needs is recorded."""
+
 
 LABEL = "APPROXIMATE: attribution patching (first-order gradient estimate, one forward + one backward)"
 
@@ -98,17 +108,37 @@ def patch_atp(lm, clean_in, corrupt_in, layers: list[int], metric, resid_site: s
     """AtP estimates of the patched metric for every site ``patch`` measures, plus per head per position.
 
     ``metric(hidden_last [B, d]) -> [B]``. One no-grad forward on the clean prompt, one forward +
-    backward on the corrupted one. Returns raw metric estimates (``m_corrupt + Σ g·(clean − corrupt)``):
-    resid [layers, pos], heads [layers, heads], heads_pos [layers, heads, pos], mlp [layers].
+    backward on the corrupted one, and (QK fix, pre-norm families) one attention layer per patched
+    residual position. Returns raw metric estimates (``m_corrupt + Σ g·Δ``): resid [layers, pos]
+    (QK-fixed where possible), resid_linear (plain AtP), heads [layers, heads], heads_pos
+    [layers, heads, pos], mlp [layers].
     """
+    fam = lm.family
     names = [f"blocks.{i}.{s}" for i in layers for s in (resid_site, "attn.head_out", "mlp.out")]
     with torch.no_grad(), hooks(lm, names) as clean_session:
         base_forward(lm, clean_in)
-    with activation_grads_only(lm), hooks(lm, names, _taps(names), keep_grad=True) as session:
-        hidden = base_forward(lm, corrupt_in)
-        m = metric(hidden[:, -1])[0]
-        acts = [session.tensors[n] for n in names]
-        grads = torch.autograd.grad(m, acts, allow_unused=True)
+    mids: dict[int, torch.Tensor] = {}
+    handles = []
+    qk_fix = not fam.post_ln and resid_site == "resid_pre"
+    if qk_fix:  # the residual stream after attention = the input of the pre-MLP norm
+        for i in layers:
+
+            def keep(mod, args, i=i):
+                mids[i] = args[0]
+
+            handles.append(lm.blocks[i].get_submodule(fam.ln_mlp).register_forward_pre_hook(keep))
+    try:
+        with activation_grads_only(lm), hooks(lm, names, _taps(names), keep_grad=True) as session:
+            hidden = base_forward(lm, corrupt_in)
+            m = metric(hidden[:, -1])[0]
+            acts = [session.tensors[n] for n in names]
+            mid_list = [mids[i] for i in layers] if qk_fix else []
+            grads = torch.autograd.grad(m, acts + mid_list, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    mid_grads = dict(zip(layers, grads[len(acts) :]))
+    grads = grads[: len(acts)]
     m_corrupt = float(m.detach())
     seq = corrupt_in["input_ids"].shape[1]
     n_heads = max(lm.n_heads_at(i) for i in range(lm.n_layers))
@@ -130,7 +160,57 @@ def patch_atp(lm, clean_in, corrupt_in, layers: list[int], metric, resid_site: s
             heads[layer, :n_h] = m_corrupt + per.sum(0).numpy()
         else:
             mlp[layer] = m_corrupt + float(terms.sum())
-    return {"metric_corrupt": m_corrupt, "resid": resid, "heads": heads, "heads_pos": heads_pos, "mlp": mlp}
+    out = {"metric_corrupt": m_corrupt, "resid_linear": resid.copy(), "heads": heads, "heads_pos": heads_pos}
+    out["mlp"] = mlp
+    if qk_fix:
+        clean_resid = {i: clean_session.tensors[f"blocks.{i}.{resid_site}"][0] for i in layers}
+        resid = _resid_qk_fixed(lm, corrupt_in, layers, clean_resid, mids, mid_grads, m_corrupt, resid)
+    out["resid"] = resid
+    out["qk_fix"] = qk_fix
+    return out
+
+
+def _resid_qk_fixed(lm, corrupt_in, layers, clean_resid, mids, mid_grads, m_corrupt, resid):
+    """Residual-stream estimates with layer L's attention recomputed exactly for each patched position."""
+    fam = lm.family
+    _, blocks, corrupt_acts = record_block_outputs(lm, corrupt_in, [f"blocks.{i}.resid_pre" for i in layers])
+    out = resid.copy()
+    for layer in layers:
+        corrupt_resid = corrupt_acts[f"blocks.{layer}.resid_pre"][0]
+        pos = torch.nonzero(~(clean_resid[layer] == corrupt_resid).all(-1)).flatten()
+        if len(pos) == 0 or mid_grads[layer] is None:
+            continue
+        rows = torch.arange(len(pos))
+
+        def put(x, name, pos=pos, rows=rows, clean=clean_resid[layer]):
+            x = x.clone()
+            x[rows, pos] = clean[pos]
+            return x
+
+        got = {}
+
+        def stop(mod, args, got=got):
+            got["mid"] = args[0]
+            raise _Stop
+
+        batch = {k: v.expand(len(pos), -1) for k, v in corrupt_in.items()}
+        handle = lm.blocks[layer].get_submodule(fam.ln_mlp).register_forward_pre_hook(stop)
+        try:
+            with (
+                torch.no_grad(),
+                replay_blocks(lm, layer, blocks, torch.zeros(len(pos), dtype=torch.long)),
+                hooks(lm, (), {f"blocks.{layer}.resid_pre": put}),
+            ):
+                try:
+                    base_forward(lm, batch)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        delta = got["mid"].double() - mids[layer].detach().double()  # [rows, pos, d]
+        est = (delta * mid_grads[layer].double()).sum(dim=(1, 2))
+        out[layer, pos.numpy()] = m_corrupt + est.numpy()
+    return out
 
 
 def rank_correlation(approx: np.ndarray, exact: np.ndarray) -> dict:

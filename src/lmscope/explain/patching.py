@@ -99,11 +99,12 @@ class PatchingResult:
 
         approx = None
         if self.approx is not None:
-            sites = ("resid", "heads", "heads_pos", "mlp")
+            sites = ("resid", "resid_linear", "heads", "heads_pos", "mlp")
             approx = {
                 "approximate": True,
                 "method": self.approx["method"],
                 "label": self.approx["label"],
+                "resid_qk_fix": self.approx.get("qk_fix", False),
                 **{site: grid(self.approx_normalized(site)) for site in sites},
                 "raw": {site: grid(self.approx[site]) for site in sites},
                 "correlation_with_exact": self.approx.get("correlation"),
@@ -263,7 +264,12 @@ def patch(
         if exact:
             approx_grids["correlation"] = {
                 site: rank_correlation(approx_grids[site], grid)
-                for site, grid in (("resid", resid_raw), ("heads", heads_raw), ("mlp", mlp_raw))
+                for site, grid in (
+                    ("resid", resid_raw),
+                    ("resid_linear", resid_raw),
+                    ("heads", heads_raw),
+                    ("mlp", mlp_raw),
+                )
             }
 
     return PatchingResult(
