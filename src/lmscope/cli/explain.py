@@ -7,6 +7,7 @@ import sys
 
 from ..errors import LmscopeError
 from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+from .speed import add_speed_args, apply_threads, progress_bar
 
 EXAMPLE = (
     'lmscope explain --model smollm2 --text "When Mary and John went to the store, John gave a drink to" '
@@ -30,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated attribution methods, or 'list' to print them (default: all)",
+        help="comma-separated attribution methods, 'all', or 'list' to print them "
+        "(default: saliency,input_x_gradient,occlusion — the fast ones)",
     )
     p.add_argument("--generate", type=int, default=0, help="explain each of N greedily generated tokens")
     p.add_argument(
@@ -53,6 +55,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-sanity", action="store_true", help="skip the model-randomization sanity check")
     p.add_argument("--out", default=None, help="output directory (report.html, attributions.json)")
+    add_speed_args(p)
 
 
 def print_methods() -> int:
@@ -83,7 +86,9 @@ def run(args) -> int:
     if args.generate < 0:
         raise LmscopeError("--generate must be 0 or more", "e.g. --generate 3")
     resolve_methods(args.methods)
+    apply_threads(args)
     lm = load_model(args.model)
+    bar = progress_bar("explain", "%", quiet=args.quiet, total=100)
     config = {"integrated_gradients": {"max_steps": args.max_steps}} if args.max_steps else None
     result = explain(
         lm,
@@ -100,7 +105,9 @@ def run(args) -> int:
         sanity=not args.no_sanity,
         config=config,
         truncate=args.truncate,
+        progress=lambda fraction, message: bar.update_to(round(100 * fraction), 100, message),
     )
+    bar.close()
     with atomic_out(args.out) as tmp:
         result.write_json(tmp / "attributions.json")
         result.report(tmp / "report.html")

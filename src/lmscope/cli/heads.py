@@ -16,6 +16,7 @@ from .common import (
     parse_int_list,
     read_text_file,
 )
+from .speed import add_speed_args, apply_threads, progress_bar
 
 EXAMPLE = "lmscope heads --model smollm2 --out out/"
 
@@ -39,6 +40,19 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--layers", default=None, help="score only these layers, e.g. 0,5,29 (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sequences for the induction score")
+    p.add_argument(
+        "--approx",
+        choices=["atp"],
+        default=None,
+        help="estimate the zero/mean ablations by attribution patching (one forward + backward; "
+        "APPROXIMATE, labelled so in heads.json and the report) instead of running them",
+    )
+    p.add_argument(
+        "--compare-exact",
+        action="store_true",
+        help="with --approx: also run the exact ablations and report the rank correlation",
+    )
+    add_speed_args(p)
 
 
 def heads_report(scores, title: str):
@@ -62,6 +76,10 @@ def heads_report(scores, title: str):
         "previous_token": "attention to the previous token",
         "first_token": "attention to the first token (attention sink)",
         "self": "attention to its own position",
+        "atp_mean": "APPROXIMATE Δ loss of mean ablation (attribution patching, first order)",
+        "atp_zero": "APPROXIMATE Δ loss of zero ablation (attribution patching, first order)",
+        "atp_mean_cancellation": "how much atp_mean's per-position terms cancel (0 none … 1 all)",
+        "atp_zero_cancellation": "how much atp_zero's per-position terms cancel (0 none … 1 all)",
     }
 
     def maps(metrics, diverging):
@@ -82,10 +100,19 @@ def heads_report(scores, title: str):
                 out.append((m, spec))
         return out
 
-    imp = maps(("ablation_mean", "ablation_zero", "grad_importance"), True)
+    imp = maps(("ablation_mean", "ablation_zero", "grad_importance", "atp_mean", "atp_zero"), True)
     if imp:
-        sec = rep.section("Head importance", note="larger = the model needs the head more on this text")
+        note = "larger = the model needs the head more on this text"
+        if any(m.startswith("atp_") for m, _ in imp):
+            note += "; atp_* are APPROXIMATE (attribution patching, a first-order estimate)"
+            corr = scores.meta.get("atp_vs_exact")
+            if corr:
+                note += "; Spearman vs exact: " + ", ".join(f"{k} {v['spearman']}" for k, v in corr.items())
+        sec = rep.section("Head importance", note=note)
         sec.choice(imp, label="metric")
+        cancel = maps(("atp_mean_cancellation", "atp_zero_cancellation"), False)
+        if cancel:
+            sec.choice(cancel, label="cancellation")
     pat = maps(("induction", "previous_token", "first_token", "self"), False)
     if pat:
         sec = rep.section("What each head does", note="mean attention weight on the named position (0..1)")
@@ -132,13 +159,17 @@ def run(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise LmscopeError(f"unknown --methods '{args.methods}'", f"use some of: {','.join(METHODS)}")
+    if args.compare_exact and not args.approx:
+        raise LmscopeError(
+            "--compare-exact compares an approximation with the exact scores", "add --approx atp"
+        )
     if args.max_tokens < 2 or args.window < 2:
         raise LmscopeError("--max-tokens and --window must be at least 2", "e.g. --max-tokens 64")
     layers = parse_int_list(args.layers, "--layers")
+    apply_threads(args)
     lm = load_model(args.model)
 
-    def progress(done, total):
-        print(f"\rablating heads: layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+    bar = progress_bar("ablating heads", "layer", quiet=args.quiet)
 
     scores = analyze_heads(
         lm,
@@ -148,8 +179,11 @@ def run(args) -> int:
         methods=methods,
         layers=layers,
         seed=args.seed,
-        progress=progress,
+        progress=bar.update_to,
+        approx=args.approx,
+        compare_exact=args.compare_exact,
     )
+    bar.close()
     data = scores.to_json()
     with atomic_out(args.out) as tmp:
         (tmp / "heads.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))

@@ -45,18 +45,34 @@ def _grid(m: int, max_points: int) -> list[int]:
     return sorted(ks)
 
 
-def curves(objective, order: np.ndarray, max_points: int = 33) -> dict:
-    """Deletion and insertion curves along ``order``: {"k": [...], "deletion": [...], "insertion": [...]}."""
-    n, m = objective.n, len(order)
-    ks = _grid(m, max_points)
+def _curve_masks(n: int, order: np.ndarray, max_points: int) -> tuple[list[int], torch.Tensor]:
+    """(ks, masks [2·len(ks), n]): the deletion rows, then the insertion rows."""
+    ks = _grid(len(order), max_points)
     delete = torch.ones(len(ks), n, dtype=torch.bool)
     insert = torch.zeros(len(ks), n, dtype=torch.bool)
     for row, k in enumerate(ks):
         top = torch.as_tensor(order[:k], dtype=torch.long)
         delete[row, top] = False
         insert[row, top] = True
-    f = objective.f_masks(torch.cat([delete, insert])).double().numpy()
-    return {"k": ks, "deletion": f[: len(ks)].tolist(), "insertion": f[len(ks) :].tolist()}
+    return ks, torch.cat([delete, insert])
+
+
+def curves(objective, order: np.ndarray, max_points: int = 33) -> dict:
+    """Deletion and insertion curves along ``order``: {"k": [...], "deletion": [...], "insertion": [...]}."""
+    return curves_many(objective, [order], max_points)[0]
+
+
+def curves_many(objective, orders: list[np.ndarray], max_points: int = 33) -> list[dict]:
+    """``curves`` for several orders with one batched evaluation (rows shared between orders — the
+    full and the empty input, common top-k sets — run once)."""
+    grids = [_curve_masks(objective.n, order, max_points) for order in orders]
+    f = objective.f_masks(torch.cat([masks for _, masks in grids])).double().numpy()
+    out, at = [], 0
+    for ks, masks in grids:
+        part = f[at : at + len(masks)]
+        at += len(masks)
+        out.append({"k": ks, "deletion": part[: len(ks)].tolist(), "insertion": part[len(ks) :].tolist()})
+    return out
 
 
 def scores_from_curves(objective, c: dict, m: int) -> dict:
@@ -78,22 +94,38 @@ def scores_from_curves(objective, c: dict, m: int) -> dict:
 def faithfulness(objective, scores, max_points: int = 33) -> dict:
     """Deletion/insertion AOPC, comprehensiveness and sufficiency of ``scores`` (one per token) on
     ``objective``; also returns the two curves (``curves``)."""
-    order = ranking(scores, objective.free)
-    c = curves(objective, order, max_points)
-    out = scores_from_curves(objective, c, len(order))
-    out["curves"] = c
-    return out
+    return faithfulness_many(objective, [scores], max_points)[0]
+
+
+def faithfulness_many(
+    objective, score_lists: list, max_points: int = 33, random_orders: int = 0, seed: int = 0
+):
+    """``faithfulness`` of several score lists at once, plus (``random_orders`` > 0) the
+    ``random_baseline``, all perturbations in one batched evaluation. Returns the list of results,
+    or (list, random baseline) when ``random_orders``."""
+    orders = [ranking(s, objective.free) for s in score_lists]
+    rand = _random_orders(objective, random_orders, seed)
+    all_curves = curves_many(objective, orders + rand, max_points)
+    out = []
+    for order, c in zip(orders, all_curves):
+        res = scores_from_curves(objective, c, len(order))
+        res["curves"] = c
+        out.append(res)
+    if not random_orders:
+        return out
+    runs = [scores_from_curves(objective, c, len(o)) for o, c in zip(rand, all_curves[len(orders) :])]
+    return out, {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+
+
+def _random_orders(objective, n_orders: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    free = np.nonzero(objective.free.numpy())[0]
+    return [rng.permutation(free) for _ in range(n_orders)]
 
 
 def random_baseline(objective, n_orders: int = 3, seed: int = 0, max_points: int = 33) -> dict:
     """The same metrics for random token orders (mean over ``n_orders``): what "no information" scores."""
-    rng = np.random.default_rng(seed)
-    free = np.nonzero(objective.free.numpy())[0]
-    runs = []
-    for _ in range(n_orders):
-        order = rng.permutation(free)
-        runs.append(scores_from_curves(objective, curves(objective, order, max_points), len(order)))
-    return {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+    return faithfulness_many(objective, [], max_points, random_orders=n_orders, seed=seed)[1]
 
 
 def spearman(a, b) -> float:

@@ -185,6 +185,16 @@ def heads(ctx: JobContext, lm, text: str | None) -> Result:
     )
 
 
+def dla(ctx: JobContext, lm, text: str, target=None, contrast=None) -> Result:
+    """Direct logit attribution of the target on ``text`` (``lmscope dla``)."""
+    from ..explain.dla import dla as run_dla
+
+    ctx.progress(0.05, "decomposing the logit")
+    result = run_dla(lm, text, target=target, contrast=contrast)
+    report = result.build_report()
+    return Result(view={"report": report.data()}, report=report, data=result.to_json(), name="dla")
+
+
 def compare(ctx: JobContext, original, compressed, text: str) -> Result:
     """Original vs compressed on ``text`` (``lmscope compare``): attention divergence, attribution
     agreement, logit-lens drift and the structure diff."""

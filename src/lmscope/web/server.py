@@ -26,7 +26,7 @@ from . import features
 from .features import Result
 from .jobs import DONE, JobManager
 
-KINDS = ("inspect", "explain", "heads", "pattern", "compare")
+KINDS = ("inspect", "explain", "heads", "dla", "pattern", "compare")
 
 
 @dataclass
@@ -234,6 +234,14 @@ class App:
             layer = _int_field(data, "layer", 0, lm.n_layers - 1, 0)
             head = _int_field(data, "head", 0, lm.n_heads - 1, 0)
             return self.jobs.submit(kind, entry.id, lambda ctx: features.pattern(ctx, lm, text, layer, head))
+        if kind == "dla":
+            if not lm.is_causal:
+                raise BadRequest(f"{entry.id} is an encoder: direct logit attribution needs a causal model")
+            target = self.single_token(entry, _str_field(data, "target"), "target")
+            contrast = self.single_token(entry, _str_field(data, "contrast"), "contrast")
+            if contrast and not target:
+                raise BadRequest("a contrast needs a target")
+            return self.jobs.submit(kind, entry.id, lambda ctx: features.dla(ctx, lm, text, target, contrast))
         if kind == "explain":
             target = self.single_token(entry, _str_field(data, "target"), "target")
             contrast = self.single_token(entry, _str_field(data, "contrast"), "contrast")

@@ -120,6 +120,12 @@
         renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job); clickableHeads(p);
       });
     },
+    dla: function () {
+      var p = panel("dla");
+      return runJob({ kind: "dla", model: model(), text: text(), target: opt("target"), contrast: opt("contrast") }).then(function (job) {
+        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
+      });
+    },
     compare: function () {
       var p = panel("compare");
       return runJob({ kind: "compare", original: $("cmp-a").value, compressed: $("cmp-b").value, text: text() }).then(function (job) {
