@@ -50,7 +50,7 @@ def inspect(
     png: bool = True,
 ) -> dict:
     """Run the inspect job; returns run.json's content. Writes nothing unless every step succeeds."""
-    from ..views.report import build_inspect_report, save_pngs
+    from ..views.report import build_inspect_report, inspect_summary, save_pngs
 
     check_out_dir(out)
     if layer is not None and not 0 <= layer < lm.n_layers:
@@ -68,7 +68,7 @@ def inspect(
     names += capture or []
     max_bytes = int(max_capture_gb * 2**30) if max_capture_gb else None
     run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate, progress=True)
-    summary = run_summary(run)
+    summary = inspect_summary(run)
     with atomic_out(out) as tmp:
         build_inspect_report(run).write(tmp / "report.html")
         if png:
@@ -76,36 +76,6 @@ def inspect(
         run.save_tensors(tmp / "tensors.safetensors")
         (tmp / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
-
-
-def run_summary(run) -> dict:
-    import torch
-
-    lm = run.lm
-    s = run.summary()
-    s["n_tokens"] = len(s["tokens"][0])
-    s["n_params"] = lm.n_params()
-    layers = []
-    for i in range(lm.n_layers):
-        row = {"layer": i}
-        p = run.tensors.get(f"blocks.{i}.attn.pattern")
-        if p is not None:
-            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # [b, h, q]
-            row["attention_entropy_mean"] = round(float(ent[0].mean()), 4)
-            row["attention_entropy_per_head"] = [round(float(x), 4) for x in ent[0].mean(-1)]
-        r = run.tensors.get(f"blocks.{i}.resid_post")
-        if r is not None:
-            row["resid_norm_mean"] = round(float(r[0].norm(dim=-1).mean()), 4)
-        layers.append(row)
-    s["layers"] = layers
-    if lm.is_causal:
-        last = int(run.attention_mask[0].sum()) - 1
-        probs = torch.softmax(run.output[0, last].float(), -1).topk(5)
-        s["prediction"] = [
-            {"token": lm.tokenizer.decode([int(i)]), "prob": round(float(p), 5)}
-            for p, i in zip(probs.values, probs.indices)
-        ]
-    return s
 
 
 def run(args) -> int:

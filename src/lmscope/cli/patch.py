@@ -29,48 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (report.html, patching.json)")
 
 
-def patching_report(result, title: str):
-    """The HTML report for a ``PatchingResult``: restored-metric heatmaps per site."""
-    from ..views.html import Report
-
-    rep = Report(
-        title,
-        subtitle=f"metric {result.metric_name}: clean {result.metric_clean:.3f}, corrupted {result.metric_corrupt:.3f}",
-    )
-    rng = (-1.0, 1.0)
-    changed = [i for i, (a, b) in enumerate(zip(result.tokens, result.corrupt_tokens)) if a != b]
-    x_tokens = [
-        f"{t!r}" + (f"→{result.corrupt_tokens[i]!r}" if i in changed else "")
-        for i, t in enumerate(result.tokens)
-    ]
-    y_layers = [f"L{i}" for i in range(len(result.resid_raw))]
-    note = "restored fraction of the clean metric: 0 = corrupted, 1 = clean"
-    rep.section(
-        "Residual stream", note=f"{result.resid_site} patched at one (layer, position); {note}"
-    ).heatmap(
-        result.resid,
-        x_labels=x_tokens,
-        y_labels=y_layers,
-        x_title="position",
-        y_title="layer",
-        diverging=True,
-        value_range=rng,
-    )
-    rep.section("Attention heads", note=f"one head's output patched at every position; {note}").heatmap(
-        result.heads,
-        x_labels=[f"h{h}" for h in range(result.heads.shape[1])],
-        y_labels=y_layers,
-        x_title="head",
-        y_title="layer",
-        diverging=True,
-        value_range=rng,
-    )
-    rep.section("MLPs", note=f"one MLP's output patched at every position; {note}").bars(y_layers, result.mlp)
-    return rep
-
-
 def run(args) -> int:
     from ..explain.patching import patch
+    from ..views.patching import patching_report
 
     check_out_dir(args.out)
     for flag in ("clean", "corrupt"):

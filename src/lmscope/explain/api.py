@@ -81,7 +81,7 @@ class ExplainResult:
             json.dump(self.to_json(), f, indent=1, allow_nan=False)
 
     def build_report(self):
-        from .attribution.report import explain_report
+        from ..views.explain import explain_report
 
         return explain_report(self)
 

@@ -166,3 +166,32 @@ def save_pngs(
             plots.logit_lens(probs, cell, tokens, np.asarray(lens.final_token_prob)[:, -1]), "logit_lens.png"
         )
     return written
+
+
+def inspect_summary(run) -> dict:
+    """run.json of ``lmscope inspect``: tokens, shapes, per-layer entropy and norms, the prediction."""
+    lm = run.lm
+    s = run.summary()
+    s["n_tokens"] = len(s["tokens"][0])
+    s["n_params"] = lm.n_params()
+    layers = []
+    for i in range(lm.n_layers):
+        row = {"layer": i}
+        p = run.tensors.get(f"blocks.{i}.attn.pattern")
+        if p is not None:
+            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # [b, h, q]
+            row["attention_entropy_mean"] = round(float(ent[0].mean()), 4)
+            row["attention_entropy_per_head"] = [round(float(x), 4) for x in ent[0].mean(-1)]
+        r = run.tensors.get(f"blocks.{i}.resid_post")
+        if r is not None:
+            row["resid_norm_mean"] = round(float(r[0].norm(dim=-1).mean()), 4)
+        layers.append(row)
+    s["layers"] = layers
+    if lm.is_causal:
+        last = int(run.attention_mask[0].sum()) - 1
+        probs = torch.softmax(run.output[0, last].float(), -1).topk(5)
+        s["prediction"] = [
+            {"token": lm.tokenizer.decode([int(i)]), "prob": round(float(p), 5)}
+            for p, i in zip(probs.values, probs.indices)
+        ]
+    return s

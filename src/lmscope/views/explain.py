@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from .html import Report
+
 
 def _fmt(x, digits=3):
     return None if x is None else round(float(x), digits)
 
 
 def explain_report(result):
-    from ...views.html import Report
-
     first = result.first
     t = first.target
     rep = Report(
