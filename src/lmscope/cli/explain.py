@@ -106,8 +106,11 @@ def run(args) -> int:
         result.report(tmp / "report.html")
     first = result.first
     print(f"target: {first.target['description']} = {first.target['value']:.4g}", file=sys.stderr)
-    if first.ranking:
-        print(f"most faithful here: {', '.join(first.ranking[:3])}", file=sys.stderr)
+    trusted = [n for n in first.ranking if not first.methods[n].flags]
+    if trusted:
+        print(f"most faithful here: {', '.join(trusted[:3])}", file=sys.stderr)
+    elif first.ranking:
+        print("every method is flagged on this input (see the report's flags column)", file=sys.stderr)
     ig = first.methods.get("integrated_gradients")
     if ig is not None:
         print(

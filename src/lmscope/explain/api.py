@@ -18,7 +18,7 @@ import torch
 
 from ..errors import LmscopeError
 from .attribution.base import Attribution, get_method, method_names
-from .faithfulness import faithfulness, random_baseline, randomized_copy, spearman
+from .faithfulness import faithfulness, random_baseline, randomized_copy, rank_methods, spearman
 from .targets import Objective, Target, encode_prompt, make_target
 
 #: what `explain` runs when no methods are named: every registered method
@@ -168,17 +168,15 @@ def explain_objective(
             res.faithfulness = fa
         rand_copy = sanity_layers
         del rand_lm, rand_obj
-    ranked = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
-    ranked.sort(key=lambda n: -results[n].faithfulness["aopc_sum"])
-    for place, n in enumerate(ranked, 1):
-        results[n].faithfulness["rank"] = place
+    reference = random_baseline(objective, seed=seed) if faithful else None
+    ranked = rank_methods(results, reference)  # flagged methods rank after the unflagged ones
     return Explanation(
         tokens=objective.tokens,
         special=objective.special,
         target=objective.describe(),
         methods=results,
         ranking=ranked,
-        random_baseline=random_baseline(objective, seed=seed) if faithful else None,
+        random_baseline=reference,
         skipped=skipped,
         sanity_layers=rand_copy,
     )

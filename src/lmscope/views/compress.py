@@ -99,7 +99,8 @@ def compare_report(cmp) -> Report:
         cell[h["layer"]][h["head"]] = "✕" if h["status"] == "removed" else ""
     hs = rep.section(
         "Attention heads: Jensen–Shannon divergence (bits)",
-        note="0 = same pattern, 1 = disjoint; ✕ marks heads the compression removed",
+        note="0 = same pattern, 1 = disjoint; the color scale spans the measured values (see the color bar); "
+        "✕ marks heads the compression removed",
     )
     hs.heatmap(
         z,
@@ -108,7 +109,7 @@ def compare_report(cmp) -> Report:
         x_title="head (original numbering)",
         y_title="layer",
         cell_text=cell,
-        value_range=[0, 1],
+        controls=["log"],
     )
     hs.table(
         ["layer", "head", "JS (bits)"],

@@ -74,7 +74,12 @@ class Section:
         value_range=None,
         log=False,
         cell=None,
+        controls=(),
+        exclude_first=False,
     ) -> Section:
+        """A canvas heatmap. The color scale spans the data unless ``value_range`` is given; ``controls``
+        adds toggles on the page: "log" (log color scale), "first" (leave the first column, e.g. an
+        attention sink, out of the scale); ``log`` / ``exclude_first`` set their initial state."""
         spec = {
             "type": "heatmap",
             "z": _plain(z),
@@ -95,8 +100,10 @@ class Section:
             spec["log"] = True
         if cell:
             spec["cell"] = cell
-        if log:
-            spec["log"] = True
+        if controls:
+            spec["controls"] = list(controls)
+        if exclude_first:
+            spec["exclude_first"] = True
         return self.add(spec)
 
     def table(self, columns, rows, highlight=None, title="") -> Section:

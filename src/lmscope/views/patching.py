@@ -11,14 +11,13 @@ def patching_report(result, title: str):
         title,
         subtitle=f"metric {result.metric_name}: clean {result.metric_clean:.3f}, corrupted {result.metric_corrupt:.3f}",
     )
-    rng = (-1.0, 1.0)
     changed = [i for i, (a, b) in enumerate(zip(result.tokens, result.corrupt_tokens)) if a != b]
+    # plain tokens (the page shows spaces as ·), "clean→corrupt" where the prompts differ
     x_tokens = [
-        f"{t!r}" + (f"→{result.corrupt_tokens[i]!r}" if i in changed else "")
-        for i, t in enumerate(result.tokens)
+        t + (f"→{result.corrupt_tokens[i]}" if i in changed else "") for i, t in enumerate(result.tokens)
     ]
     y_layers = [f"L{i}" for i in range(len(result.resid_raw))]
-    note = "restored fraction of the clean metric: 0 = corrupted, 1 = clean"
+    note = "restored fraction of the clean metric: 0 = corrupted, 1 = clean; colors span the measured values"
     rep.section(
         "Residual stream", note=f"{result.resid_site} patched at one (layer, position); {note}"
     ).heatmap(
@@ -28,7 +27,6 @@ def patching_report(result, title: str):
         x_title="position",
         y_title="layer",
         diverging=True,
-        value_range=rng,
     )
     rep.section("Attention heads", note=f"one head's output patched at every position; {note}").heatmap(
         result.heads,
@@ -37,7 +35,6 @@ def patching_report(result, title: str):
         x_title="head",
         y_title="layer",
         diverging=True,
-        value_range=rng,
     )
     rep.section("MLPs", note=f"one MLP's output patched at every position; {note}").bars(y_layers, result.mlp)
     return rep
