@@ -15,6 +15,7 @@ from .common import (
     load_model,
     parse_int_list,
     read_text_file,
+    show_path,
 )
 
 EXAMPLE = "lmscope compress --model smollm2 --quantize int8 --out small/"
@@ -160,7 +161,7 @@ def run(args) -> int:
         "loads_in_transformers"
     ]
     print(
-        f"wrote {args.out}/ (model.safetensors, config, tokenizer, lmscope_recipe.json, manifest), "
+        f"wrote {show_path(args.out)}/ (model.safetensors, config, tokenizer, lmscope_recipe.json, manifest), "
         f"report.html, compress.json; "
         + (
             "also loads in plain transformers"

@@ -3,15 +3,36 @@ report.html and attributions.json."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import LmscopeError
-from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+from .common import (
+    EarlyExit,
+    add_model_arg,
+    add_text_args,
+    add_verb,
+    atomic_out,
+    check_out_dir,
+    get_text,
+    load_model,
+)
 
 EXAMPLE = (
     'lmscope explain --model smollm2 --text "When Mary and John went to the store, John gave a drink to" '
     '--target " Mary" --out out/'
 )
+
+
+class _MethodsOrList(argparse.Action):
+    """``--methods list`` prints the methods and exits while parsing, like --help: so --out can be
+    required (and shown so in --help) without being required for listing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.strip() == "list":
+            print_methods()
+            raise EarlyExit(0)
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(sub) -> None:
@@ -29,6 +50,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--methods",
+        action=_MethodsOrList,
         default=None,
         help="comma-separated attribution methods, or 'list' to print them (default: all)",
     )
@@ -52,7 +74,7 @@ def add_parser(sub) -> None:
         help="never perturb special tokens (BOS, chat markers); score 0",
     )
     p.add_argument("--no-sanity", action="store_true", help="skip the model-randomization sanity check")
-    p.add_argument("--out", default=None, help="output directory (report.html, attributions.json)")
+    p.add_argument("--out", required=True, help="output directory (report.html, attributions.json)")
 
 
 def print_methods() -> int:
@@ -65,10 +87,6 @@ def print_methods() -> int:
 
 
 def run(args) -> int:
-    if args.methods is not None and args.methods.strip() == "list":
-        return print_methods()
-    if args.out is None:
-        raise LmscopeError("--out is required", "pass an output directory, e.g. --out out/")
     check_out_dir(args.out)
     text = get_text(args)
     if args.steps is not None and args.steps < 1:

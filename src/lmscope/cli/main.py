@@ -15,7 +15,9 @@ VERBS = ["inspect", "models", "demo", "explain", "patch", "heads", "compress", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .common import Parser
+
+    parser = Parser(
         prog="lmscope",
         description="Open a language model offline, see what it computes, explain it, compress it.",
     )
@@ -36,8 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .common import EarlyExit
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except EarlyExit as e:
+        return e.code
+    except SystemExit as e:  # a usage error (one line, see common.Parser); --help / --version exit 0
+        if not e.code:
+            raise
+        return int(e.code)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -59,6 +59,12 @@ def spearman(a, b) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
+def overlap_k(k: int, n_tokens: int) -> int:
+    """The k actually used for a top-k overlap on ``n_tokens``: at most half of them (at least 1), since
+    with k near n any two rankings share almost all of their top k (k = n gives 1.00 always)."""
+    return max(1, min(k, n_tokens // 2))
+
+
 def topk_overlap(a, b, k: int) -> float:
     """|top-k(|a|) ∩ top-k(|b|)| / k."""
     k = min(k, len(a))
@@ -184,10 +190,12 @@ def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
         except LmscopeError as e:
             out[name] = {"error": str(e)}
             continue
+        k_used = overlap_k(k, len(sa))
         out[name] = {
             "spearman": spearman(sa, sb),
-            "topk_overlap": topk_overlap(sa, sb, k),
-            "k": min(k, len(sa)),
+            "topk_overlap": topk_overlap(sa, sb, k_used),
+            "k": k_used,
+            "k_requested": k,
             "target": target.token,
             "a": [float(x) for x in sa],
             "b": [float(x) for x in sb],
@@ -261,6 +269,13 @@ def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate
     from .structure import structure_diff
 
     structure = structure_diff(lm_a, lm_b).summary()
+    notes = []
+    n_tok = run_a.input_ids.shape[1]
+    if methods and overlap_k(k, n_tok) != k:
+        notes.append(
+            f"top-k overlap: k = {overlap_k(k, n_tok)}, not the {k} asked for — at most half of the {n_tok} "
+            "tokens, because a k near the token count makes the overlap trivially 1"
+        )
     return Comparison(
         a_name=lm_a.name,
         b_name=lm_b.name,
@@ -272,4 +287,5 @@ def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate
         top1_agreement=agreement,
         output_kl=output_kl,
         structure=structure,
+        notes=notes,
     )

@@ -158,7 +158,8 @@ def _step_sections(rep, step, prefix: str) -> None:
         sec = rep.section(
             f"{prefix}Attention rollout matrix",
             "row = position at the top layer, column = input token; the first token (an attention sink) is "
-            "left out of the color scale by default — untick to include it",
+            "left out of the color scale and the scale is logarithmic (a product over every layer spans orders of "
+            "magnitude) — untick either to change it",
         )
         sec.heatmap(
             roll.info["_matrix"],
@@ -168,4 +169,5 @@ def _step_sections(rep, step, prefix: str) -> None:
             y_title="position",
             controls=["first", "log"],
             exclude_first=True,
+            log=True,
         )

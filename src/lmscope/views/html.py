@@ -32,7 +32,8 @@ def _plain(x):
         return [_plain(v) for v in x]
     if isinstance(x, (np.floating, float)):
         x = float(x)
-        return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+        # 6 significant digits, not 6 decimals: rollout products and tiny divergences (1e-9) must survive
+        return None if math.isnan(x) or math.isinf(x) else float(f"{x:.6g}")
     if isinstance(x, np.integer):
         return int(x)
     return x

@@ -195,7 +195,8 @@
       tbody.innerHTML = "";
       rows.forEach(function (o) {
         var row = el("tr", hl[o.i] ? { "class": "ls-hl" } : null);
-        o.r.forEach(function (v) { row.appendChild(el("td", { text: typeof v === "number" ? fmt(v) : (v === null ? "–" : String(v)) })); });
+        // numbers right-aligned and never wrapped; text left-aligned (wraps at spaces only)
+        o.r.forEach(function (v) { row.appendChild(el("td", { "class": typeof v === "number" || v === null ? "ls-num" : "ls-txt", text: typeof v === "number" ? fmt(v) : (v === null ? "–" : String(v)) })); });
         tbody.appendChild(row);
       });
     }
