@@ -14,6 +14,22 @@ from .lm import LM, Run  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["LM", "Run", "LmscopeError", "load", "__version__"]
 
+#: subpackages reachable as attributes (``lmscope.compress.compress(...)``) but imported on first use,
+#: so ``import lmscope`` stays fast
+_LAZY = ("capture", "compress", "data", "explain", "models", "views")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'lmscope' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
 
 def load(spec: str = "smollm2", progress: bool = True) -> LM:
     """Open a model: a built-in name (``smollm2``, ``minilm``), a HF directory, a ``.gguf`` file or a hub id."""

@@ -199,7 +199,7 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """What one forward pass recorded. ``tensors[name]`` keeps the batch dimension."""
 
@@ -220,6 +220,29 @@ class Run:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    def __repr__(self) -> str:
+        """A summary (names, shapes, dtype), never the tensors: ``blocks.*.x`` stands for every layer."""
+        import re
+
+        groups: dict[str, list] = {}
+        for name, t in self.tensors.items():
+            key = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+            groups.setdefault(key, []).append(t)
+        lines = []
+        for key, ts in groups.items():
+            shapes = sorted({tuple(t.shape) for t in ts})
+            shape = " | ".join("×".join(map(str, sh)) for sh in shapes[:3]) + (
+                " …" if len(shapes) > 3 else ""
+            )
+            count = f" ×{len(ts)}" if len(ts) > 1 else ""
+            lines.append(f"  {key}{count}: [{shape}] {str(ts[0].dtype).replace('torch.', '')}")
+        n_tok = [int(m.sum()) for m in self.attention_mask]
+        head = (
+            f"Run(model={self.lm.name!r}, texts={len(self.texts)}, tokens={n_tok}, "
+            f"output=[{'×'.join(map(str, self.output.shape))}], {len(self.tensors)} tensors"
+        )
+        return head + (":\n" + "\n".join(lines) + ")" if lines else ")")
 
     def summary(self) -> dict:
         return {

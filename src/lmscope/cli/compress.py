@@ -142,6 +142,10 @@ def run(args) -> int:
     recipe.check(lm)
     result = compress(lm, recipe, calibration_text=calib)
     print(result.to_text())
+    from ..views.compress import removed_counts
+
+    for what, before, after, removed in removed_counts(result):
+        print(f"{what}: {before} -> {after} ({removed} removed)")
     diff = result.structure_diff()
     if diff is not None:
         print(diff.summary())

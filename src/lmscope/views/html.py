@@ -129,10 +129,13 @@ class Section:
             }
         )
 
-    def bars(self, labels, values, title="") -> Section:
-        return self.add(
-            {"type": "bars", "labels": [str(x) for x in labels], "values": _plain(values), "title": title}
-        )
+    def bars(self, labels, values, title="", baseline=None) -> Section:
+        """Horizontal bars, full labels; ``baseline``: where bars start (default 0), for values that
+        differ little relative to their size (SQNR in dB)."""
+        spec = {"type": "bars", "labels": [str(x) for x in labels], "values": _plain(values), "title": title}
+        if baseline is not None:
+            spec["baseline"] = float(baseline)
+        return self.add(spec)
 
     def choice(self, options: list[tuple[str, dict]], label: str = "show") -> Section:
         """A dropdown that switches between widgets: ``options`` = [(label, widget_spec), ...]."""

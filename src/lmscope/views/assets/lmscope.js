@@ -201,7 +201,8 @@
       });
     }
     spec.columns.forEach(function (c, j) {
-      tr.appendChild(el("th", { text: c, title: "sort", onclick: function () {
+      var first = spec.rows.length ? spec.rows[0][j] : null;
+      tr.appendChild(el("th", { text: c, title: "sort", style: j && typeof first !== "number" ? "text-align:left" : "", onclick: function () {
         dir = last === j ? -dir : 1; last = j;
         rows.sort(function (a, b) { var x = a.r[j], y = b.r[j]; return (x > y ? 1 : x < y ? -1 : 0) * dir; }); draw();
       } }));
@@ -253,18 +254,28 @@
     host.appendChild(el("div", null, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, g]));
   }
   function bars(spec, host) {
-    var n = spec.values.length, W = 640, rowH = 18, L = 200, H = n * rowH + 10;
-    var M = Math.max.apply(null, spec.values.map(Math.abs).concat([1e-12]));
+    // labels in full (the left margin fits the longest, up to 420 px); bars start at spec.baseline (default 0)
+    var n = spec.values.length, rowH = 18;
+    var L = Math.min(420, 12 + 7 * Math.max.apply(null, spec.labels.map(function (s) { return String(s).length; }).concat([4])));
+    var W = L + 520, H = n * rowH + 10 + (spec.baseline !== undefined ? 16 : 0);
+    var base = spec.baseline !== undefined ? spec.baseline : 0;
+    var M = Math.max.apply(null, spec.values.map(function (v) { return Math.abs(v - base); }).concat([1e-12]));
     var g = svg("svg", { width: W, height: H, "class": "ls-svg" });
     spec.values.forEach(function (v, i) {
-      var w = Math.abs(v) / M * (W - L - 70);
-      var r = svg("rect", { x: L, y: i * rowH + 4, width: Math.max(1, w), height: rowH - 4, fill: v >= 0 ? "#2166ac" : "#d6604d" });
+      var w = Math.abs(v - base) / M * (W - L - 70);
+      var r = svg("rect", { x: L, y: i * rowH + 4, width: Math.max(1, w), height: rowH - 4, fill: v >= base ? "#2166ac" : "#d6604d" });
       r.addEventListener("mousemove", function (ev) { tooltip(ev, esc(spec.labels[i]) + ": <span class='ls-val'>" + fmt(v) + "</span>"); });
       r.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
       g.appendChild(r);
-      var t = svg("text", { x: L - 6, y: i * rowH + 16, "text-anchor": "end", "class": "ls-axis" }); t.textContent = String(spec.labels[i]).slice(0, 30); g.appendChild(t);
+      var t = svg("text", { x: L - 6, y: i * rowH + 16, "text-anchor": "end", "class": "ls-axis" }); t.textContent = String(spec.labels[i]); g.appendChild(t);
       var tv = svg("text", { x: L + w + 4, y: i * rowH + 16, "class": "ls-axis" }); tv.textContent = fmt(v); g.appendChild(tv);
     });
+    if (spec.baseline !== undefined) { // the axis: where the bars start and the largest value
+      var y = n * rowH + 8;
+      g.appendChild(svg("line", { x1: L, y1: y, x2: W - 70, y2: y, stroke: "#999" }));
+      var a = svg("text", { x: L, y: y + 12, "text-anchor": "middle", "class": "ls-axis" }); a.textContent = fmt(base); g.appendChild(a);
+      var b = svg("text", { x: W - 70, y: y + 12, "text-anchor": "middle", "class": "ls-axis" }); b.textContent = fmt(base + M); g.appendChild(b);
+    }
     host.appendChild(el("div", null, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, g]));
   }
 
