@@ -26,9 +26,16 @@ def add_parser(sub) -> None:
         "every layer's attn.pattern, resid_post and mlp.hidden are always captured",
     )
     p.add_argument(
-        "--layer", type=int, default=None, help="layer for the static attention figures (default: last)"
+        "--layer",
+        type=int,
+        default=None,
+        help="layer the report's attention view opens at and the static figures show (default: last)",
     )
-    p.add_argument("--head", default="mean", help="head for the static attention figures (default: mean)")
+    p.add_argument(
+        "--head",
+        default="mean",
+        help="head (a number or mean) for the report's attention view and the static figures (default: mean)",
+    )
     p.add_argument(
         "--max-capture-gb",
         type=float,
@@ -70,7 +77,10 @@ def inspect(
     run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate, progress=True)
     summary = inspect_summary(run)
     with atomic_out(out) as tmp:
-        build_inspect_report(run).write(tmp / "report.html")
+        opened = {}  # --layer/--head: the report's attention explorer opens where the figures are
+        if layer is not None or head != "mean":
+            opened = {"layer": lm.n_layers - 1 if layer is None else layer, "head": head}
+        build_inspect_report(run, **opened).write(tmp / "report.html")
         if png:
             summary["pngs"] = save_pngs(run, tmp, layer=layer, head=head)
         run.save_tensors(tmp / "tensors.safetensors")

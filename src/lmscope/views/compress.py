@@ -14,6 +14,11 @@ def _r(v, digits: int = 4):
     return "" if v is None else float(f"{v:.{digits}g}")
 
 
+def _text(v) -> str:
+    """A table value as text (one alignment per column): floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
 def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
@@ -53,7 +58,10 @@ def compress_report(result) -> Report:
             f"{result.params_after / max(1, result.params_before):.3f}",
         ],
     ]
-    rows += [[what, before, after, f"−{removed}"] for what, before, after, removed in removed_counts(result)]
+    rows += [
+        [what, str(before), str(after), f"{removed} removed"]
+        for what, before, after, removed in removed_counts(result)
+    ]
     sec.table(["", "before", "after", "ratio / removed"], rows)
     diff = result.structure_diff()
     if diff is not None:
@@ -93,7 +101,7 @@ def compress_report(result) -> Report:
             small = {k: v for k, v in info.items() if not isinstance(v, (list, dict))}
             if small:
                 rep.section(f"Step {step.kind}").table(
-                    ["key", "value"], [[k, str(v)] for k, v in small.items()]
+                    ["key", "value"], [[k, _text(v)] for k, v in small.items()]
                 )
     return rep
 
@@ -114,7 +122,7 @@ def compare_report(cmp) -> Report:
         ],
         ["structure", cmp.structure],
     ]
-    sec.table(["measure", "value"], summary)
+    sec.table(["measure", "value"], [[k, _text(v)] for k, v in summary])
     for line in cmp.notes:
         sec.text(line)
     n_layers = max(h["layer"] for h in cmp.heads) + 1
