@@ -103,6 +103,12 @@ def run(args) -> int:
         args.max_capture_gb,
         png=not args.no_png,
     )
+    if "truncated" in summary:
+        t = summary["truncated"]
+        print(
+            f"--truncate: kept the first {t['kept']} of {t['tokens']} tokens ({t['tokens'] - t['kept']} cut)",
+            file=sys.stderr,
+        )
     pred = f" → {summary['prediction'][0]['token']!r}" if "prediction" in summary else ""
     print(f"{lm.name}: {summary['n_tokens']} tokens{pred}", file=sys.stderr)
     print(f"{args.out.rstrip('/')}/report.html")
