@@ -102,6 +102,12 @@ def run(args) -> int:
         raise LmscopeError("--generate must be 0 or more", "e.g. --generate 3")
     resolve_methods(args.methods)
     lm = load_model(args.model)
+    from ..explain.targets import leading_space_hint
+
+    for flag, value in (("--target", args.target), ("--contrast", args.contrast)):
+        hint = leading_space_hint(lm, text, value, flag)
+        if hint:
+            print(f"note: {hint}", file=sys.stderr)
     config = {"integrated_gradients": {"max_steps": args.max_steps}} if args.max_steps else None
     result = explain(
         lm,

@@ -109,9 +109,9 @@
       var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
       var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
       var top = showX ? Math.min(120, 8 + 6 * Math.max.apply(null, xl.map(function (s) { return showTok(s).length; }).concat([1]))) : 20;
-      var barW = 14, barGap = 16, barText = 70;
-      var W = left + cols * cell + barGap + barW + barText, H = Math.max(top + rows * cellH + 10, top + 90);
-      canvas = el("canvas", { width: W, height: H, "class": "ls-canvas" });
+      var W = left + cols * cell + 10, H = top + rows * cellH + 10;
+      // geometry on the element, for tests and tools that read cells back
+      canvas = el("canvas", { width: W, height: H, "class": "ls-canvas", "data-left": left, "data-top": top, "data-cell": cell, "data-cell-h": cellH });
       var ctx = canvas.getContext("2d");
       ctx.font = "11px ui-monospace, monospace"; ctx.fillStyle = "#222";
       for (var r = 0; r < rows; r++) for (var c = 0; c < cols; c++) {
@@ -130,23 +130,26 @@
       else if (yl.length) { var stepY = Math.ceil(rows / 16); ctx.textAlign = "right"; for (r = 0; r < rows; r += stepY) ctx.fillText(String(r), left - 4, top + r * cellH + cellH / 2 + 4); }
       if (showX) for (c = 0; c < cols; c++) { ctx.save(); ctx.translate(left + c * cell + cell / 2 + 4, top - 4); ctx.rotate(-Math.PI / 2.6); ctx.textAlign = "left"; ctx.fillText(showTok(xl[c]).slice(0, 16), 0, 0); ctx.restore(); }
       else if (xl.length) { var stepX = Math.ceil(cols / 16); ctx.textAlign = "center"; for (c = 0; c < cols; c += stepX) ctx.fillText(String(c), left + c * cell + cell / 2, top - 6); }
-      // color bar: top = hi, bottom = lo, with the values at both ends and the middle
-      var bx = left + cols * cell + barGap, bh = Math.max(60, Math.min(rows * cellH, 240)), steps = 60;
+      // color bar (its own canvas beside the map): top = hi, bottom = lo, values at both ends and the middle
+      var barW = 14, bh = Math.max(60, Math.min(rows * cellH, 240)), steps = 60;
+      var bar = el("canvas", { width: barW + 76, height: top + bh + 8, "class": "ls-colorbar" });
+      var bctx = bar.getContext("2d");
+      bctx.font = "11px ui-monospace, monospace";
       for (var k = 0; k < steps; k++) {
         var f = 1 - k / (steps - 1), val;
         if (spec.diverging) val = -hi + 2 * hi * f;
         else if (useLog) val = Math.exp(Math.log(lo) + f * (Math.log(hi) - Math.log(lo)));
         else val = lo + f * (hi - lo);
-        ctx.fillStyle = color(val);
-        ctx.fillRect(bx, top + k * bh / steps, barW, bh / steps + 1);
+        bctx.fillStyle = color(val);
+        bctx.fillRect(0, top + k * bh / steps, barW, bh / steps + 1);
       }
-      ctx.strokeStyle = "#999"; ctx.strokeRect(bx, top, barW, bh);
-      ctx.fillStyle = "#222"; ctx.textAlign = "left";
+      bctx.strokeStyle = "#999"; bctx.strokeRect(0.5, top + 0.5, barW - 1, bh - 1);
+      bctx.fillStyle = "#222"; bctx.textAlign = "left";
       var mid = spec.diverging ? 0 : useLog ? Math.sqrt(lo * hi) : (lo + hi) / 2;
-      ctx.fillText(fmt(spec.diverging ? hi : hi), bx + barW + 4, top + 9);
-      ctx.fillText(fmt(mid), bx + barW + 4, top + bh / 2 + 4);
-      ctx.fillText(fmt(spec.diverging ? -hi : lo), bx + barW + 4, top + bh);
-      canvas.setAttribute("data-range", fmt(spec.diverging ? -hi : lo) + " " + fmt(hi));
+      bctx.fillText(fmt(hi), barW + 4, top + 9);
+      bctx.fillText(fmt(mid), barW + 4, top + bh / 2 + 4);
+      bctx.fillText(fmt(spec.diverging ? -hi : lo), barW + 4, top + bh);
+      bar.setAttribute("data-range", fmt(spec.diverging ? -hi : lo) + " " + fmt(hi));
       canvas.addEventListener("mousemove", function (ev) {
         var b = canvas.getBoundingClientRect();
         var c2 = Math.floor((ev.clientX - b.left - left) / cell), r2 = Math.floor((ev.clientY - b.top - top) / cellH);
@@ -159,7 +162,7 @@
         tooltip(ev, h);
       });
       canvas.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
-      body.appendChild(canvas);
+      body.appendChild(el("div", { "class": "ls-heatmap-row" }, [canvas, bar]));
       body.appendChild(el("div", { "class": "ls-legend", text: (spec.diverging ? "blue > 0 > red; " : "") + (useLog ? "log color scale; " : "") +
         (opts.first && cols > 1 ? "scale without the first column (its cells saturate); " : "") + "color range " + fmt(spec.diverging ? -hi : lo) + " … " + fmt(hi) }));
     }
