@@ -80,3 +80,40 @@ def test_atomic_out_honours_umask(tmp_path):
     assert mode(tmp_path / "out") == 0o750
     assert mode(tmp_path / "out" / "sub") == 0o750
     assert mode(tmp_path / "out" / "tensors.safetensors") == 0o640
+
+
+def test_ctrl_c_anywhere_is_one_line(monkeypatch, capsys):
+    import lmscope.cli.main as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # before any verb runs (where imports happen)
+    assert cli.main(["inspect"]) == 130
+    assert _err_line(capsys) == "lmscope: interrupted"
+
+
+def test_cli_start_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lmscope.cli.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.real
+def test_sigint_while_importing_gives_no_traceback(tmp_path, smollm2_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "lmscope.cli.main", "inspect", "--text", "hi", "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # inside main by now: importing torch / transformers, or loading the model
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["lmscope: interrupted"]
+    assert not (tmp_path / "o").exists()

@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # anywhere, imports included: one line, no traceback
+        print("lmscope: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .common import EarlyExit
 
@@ -59,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except LmscopeError as e:
         print(f"lmscope: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmscope: interrupted", file=sys.stderr)
-        return 130
     return int(result or 0)
 
 
