@@ -208,7 +208,7 @@
       if (!pair && a.id !== b.id && a.causal && b.causal && a.vocab_size === b.vocab_size && a.d_model === b.d_model) pair = [a.id, b.id];
     }); });
     if (pair) { $("cmp-a").value = pair[0]; $("cmp-b").value = pair[1]; }
-    else data.features.compare = { available: false, reason: "compare needs a model and its compressed copy: start the server with both, e.g. lmscope serve --model smollm2 --model small/" + (data.models.length > 1 ? " (the models loaded now differ in kind, vocabulary or width)" : "") };
+    else data.features.compare = { available: false, reason: "compare needs two models, one the compressed copy of the other: start the server with both, e.g. lmscope serve --model smollm2 --model small/" + (data.models.length > 1 ? " (the models loaded now differ in kind, vocabulary or width)" : "") };
     $("limits").textContent = "limits: " + data.limits.max_chars + " characters, " + data.limits.max_tokens + " tokens";
     ["explain", "heads", "compare"].forEach(function (name) {
       var why = unavailable(name), box = panel(name).querySelector(".app-unavailable");
