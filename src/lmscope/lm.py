@@ -174,8 +174,16 @@ class LM:
                     f"the text is {n} tokens, longer than this model's context of {self.max_positions}",
                     "shorten it, or pass --truncate to keep the first tokens",
                 )
-            enc = {k: v[:, : self.max_positions] for k, v in enc.items()}
+            # the tokenizer's own truncation keeps the closing special tokens (BERT's [SEP]) that slicing cut
+            enc = self.tokenizer(
+                texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_positions
+            )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def n_tokens(self, text: str | list[str]) -> int:
+        """Tokens of the longest of ``text`` before any truncation."""
+        texts = [text] if isinstance(text, str) else list(text)
+        return max(len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"])
 
     def token_strings(self, ids) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
@@ -237,6 +245,9 @@ class LM:
             self._block_progress(progress and seq >= 256),
         ):
             out = self.forward(inputs)
+        meta = {}
+        if truncate and (full := self.n_tokens(text)) > seq:
+            meta["truncated"] = {"tokens": full, "kept": seq}
         return Run(
             lm=self,
             texts=[text] if isinstance(text, str) else list(text),
@@ -244,6 +255,7 @@ class LM:
             attention_mask=inputs["attention_mask"],
             tensors=session.tensors,
             output=self.output_of(out).detach(),
+            meta=meta,
         )
 
     @contextmanager
@@ -292,7 +304,7 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-@dataclass
+@dataclass(repr=False)
 class Run:
     """What one forward pass recorded. ``tensors[name]`` keeps the batch dimension."""
 
@@ -311,8 +323,41 @@ class Run:
         ids = ids[self.attention_mask[index].bool()] if n < len(ids) else ids
         return self.lm.token_strings(ids)
 
+    def model_texts(self) -> list[str]:
+        """The texts as the model saw them: after ``--truncate``, only the part that was kept."""
+        if "truncated" not in self.meta:
+            return self.texts
+        out = []
+        for i in range(len(self.texts)):
+            ids = self.input_ids[i][self.attention_mask[i].bool()]
+            out.append(self.lm.tokenizer.decode(ids, skip_special_tokens=True))
+        return out
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    def __repr__(self) -> str:
+        """A summary (names, shapes, dtype), never the tensors: ``blocks.*.x`` stands for every layer."""
+        import re
+
+        groups: dict[str, list] = {}
+        for name, t in self.tensors.items():
+            key = re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+            groups.setdefault(key, []).append(t)
+        lines = []
+        for key, ts in groups.items():
+            shapes = sorted({tuple(t.shape) for t in ts})
+            shape = " | ".join("×".join(map(str, sh)) for sh in shapes[:3]) + (
+                " …" if len(shapes) > 3 else ""
+            )
+            count = f" ×{len(ts)}" if len(ts) > 1 else ""
+            lines.append(f"  {key}{count}: [{shape}] {str(ts[0].dtype).replace('torch.', '')}")
+        n_tok = [int(m.sum()) for m in self.attention_mask]
+        head = (
+            f"Run(model={self.lm.name!r}, texts={len(self.texts)}, tokens={n_tok}, "
+            f"output=[{'×'.join(map(str, self.output.shape))}], {len(self.tensors)} tensors"
+        )
+        return head + (":\n" + "\n".join(lines) + ")" if lines else ")")
 
     def summary(self) -> dict:
         return {
@@ -321,8 +366,9 @@ class Run:
             "n_layers": self.lm.n_layers,
             "n_heads": self.lm.n_heads,
             "n_kv_heads": self.lm.n_kv_heads,
-            "texts": self.texts,
+            "texts": self.model_texts(),
             "tokens": [self.tokens(i) for i in range(len(self.texts))],
+            **({"truncated": self.meta["truncated"]} if "truncated" in self.meta else {}),
             "shapes": {k: list(v.shape) for k, v in self.tensors.items()},
         }
 

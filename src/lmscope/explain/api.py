@@ -18,7 +18,14 @@ import torch
 
 from ..errors import LmscopeError
 from .attribution.base import Attribution, get_method, method_names
-from .faithfulness import faithfulness, faithfulness_many, random_baseline, randomized_copy, spearman
+from .faithfulness import (
+    faithfulness,
+    faithfulness_many,
+    random_baseline,
+    randomized_copy,
+    rank_methods,
+    spearman,
+)
 from .targets import Objective, Target, encode_prompt, make_target
 
 #: what `explain` runs when no methods are named: the fast ones (one gradient, one batch of
@@ -86,7 +93,7 @@ class ExplainResult:
             json.dump(self.to_json(), f, indent=1, allow_nan=False)
 
     def build_report(self):
-        from .attribution.report import explain_report
+        from ..views.explain import explain_report
 
         return explain_report(self)
 
@@ -202,10 +209,7 @@ def explain_objective(
         del rand_lm, rand_obj
     timings["sanity"] = time.perf_counter() - t0
     timings.update({f"method:{n}": r.seconds for n, r in results.items()})
-    ranked = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
-    ranked.sort(key=lambda n: -results[n].faithfulness["aopc_sum"])
-    for place, n in enumerate(ranked, 1):
-        results[n].faithfulness["rank"] = place
+    ranked = rank_methods(results, rand_base)  # flagged methods rank after the unflagged ones
     return Explanation(
         tokens=objective.tokens,
         special=objective.special,

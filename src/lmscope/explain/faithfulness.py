@@ -19,6 +19,10 @@ highest first (for signed methods "most in favour of the target" first).
 - sanity check (Adebayo et al. 2018): attributions on a copy of the model whose top layers are
   re-initialized must change; ``randomization_spearman`` is the rank correlation with the original
   (near 1 = the method ignores the model = not faithful).
+
+``rank_methods`` orders methods by ``aopc_sum`` but puts every *flagged* method after the unflagged ones
+(``FLAG_RULES``: below the random order, fails the randomization check, surrogate R² too low, IG
+completeness error too large), so the top of the ranking is never a method its own numbers disqualify.
 """
 
 from __future__ import annotations
@@ -152,3 +156,60 @@ def randomized_copy(lm, n_top: int | None = None, seed: int = 0):
                 if p.dim() >= 2:
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.std())
     return LM(model, lm.tokenizer, name=f"{lm.name}+random-top-{n_top}"), n_top
+
+
+#: thresholds of the flags (stated in the report and in attributions.json)
+RANDOMIZATION_MAX = 0.7  # Spearman ρ with the randomized model above this: the method ignores the model
+SURROGATE_R2_MIN = 0.5  # kernel SHAP's linear surrogate explains less than half of f's variance
+IG_COMPLETENESS_MAX = 0.01  # |Σ IG − Δf| / |Δf| above 1%: too few integration steps
+
+FLAG_RULES = {
+    "below_random": "AOPC sum below the random token order",
+    "fails_randomization": f"randomization ρ above {RANDOMIZATION_MAX} (attributions barely change when the "
+    "top layers are re-initialized)",
+    "low_surrogate_r2": f"surrogate R² below {SURROGATE_R2_MIN} (the linear model does not fit f)",
+    "ig_incomplete": f"integrated-gradients completeness error above {100 * IG_COMPLETENESS_MAX:g}% of |Δf|",
+}
+
+
+def _finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def flags_for(attribution, random_reference: dict | None) -> list[dict]:
+    """The checks ``attribution`` fails: [{"flag": name, "why": one line with the numbers}, ...]."""
+    fa, info, out = attribution.faithfulness or {}, attribution.info, []
+    if random_reference and "aopc_sum" in fa and fa["aopc_sum"] < random_reference["aopc_sum"]:
+        out.append(
+            {
+                "flag": "below_random",
+                "why": f"AOPC sum {fa['aopc_sum']:.3g} < {random_reference['aopc_sum']:.3g} of a random order",
+            }
+        )
+    rho = fa.get("randomization_spearman")
+    if _finite(rho) and rho > RANDOMIZATION_MAX:
+        out.append({"flag": "fails_randomization", "why": f"randomization ρ {rho:.3f} > {RANDOMIZATION_MAX}"})
+    r2 = info.get("r2")
+    if _finite(r2) and info.get("n_features", 1) and r2 < SURROGATE_R2_MIN:
+        out.append({"flag": "low_surrogate_r2", "why": f"surrogate R² {r2:.3f} < {SURROGATE_R2_MIN}"})
+    err = info.get("relative_completeness_error")
+    if _finite(err) and err > IG_COMPLETENESS_MAX:
+        out.append(
+            {
+                "flag": "ig_incomplete",
+                "why": f"completeness error {100 * err:.2f}% of |Δf| > {100 * IG_COMPLETENESS_MAX:g}%",
+            }
+        )
+    return out
+
+
+def rank_methods(results: dict, random_reference: dict | None) -> list[str]:
+    """Names of the scored methods, unflagged first, each group by ``aopc_sum`` (highest first). Sets
+    each attribution's ``flags`` and its ``faithfulness["rank"]``."""
+    scored = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
+    for res in results.values():
+        res.flags = flags_for(res, random_reference)
+    scored.sort(key=lambda n: (bool(results[n].flags), -results[n].faithfulness["aopc_sum"]))
+    for place, n in enumerate(scored, 1):
+        results[n].faithfulness["rank"] = place
+    return scored

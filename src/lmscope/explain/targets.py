@@ -64,6 +64,21 @@ def single_token_id(lm, text: str, flag: str = "--target") -> int:
     )
 
 
+def leading_space_hint(lm, text: str, value: str | None, flag: str = "--target") -> str | None:
+    """A note when ``value`` lacks the leading space a next word usually has: "Paris" after "is" is a
+    different token from " Paris". None when there is nothing to say."""
+    if not value or value[0].isspace() or not text or text[-1].isspace():
+        return None
+    ids = lm.tokenizer(value, add_special_tokens=False)["input_ids"]
+    spaced = lm.tokenizer(" " + value, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or len(spaced) != 1:
+        return None
+    return (
+        f"{flag} {value!r} is token {ids[0]} ({value!r}, no leading space); after {text.split()[-1]!r} the next "
+        f"word is usually {' ' + value!r} (token {spaced[0]}) — did you mean {' ' + value!r}?"
+    )
+
+
 def make_target(
     lm, target: str | None = None, contrast: str | None = None, pair: str | None = None
 ) -> Target:

@@ -77,15 +77,14 @@ def explain_methods() -> list[str]:
 # -- Inspect ---------------------------------------------------------------------------------------
 def inspect(ctx: JobContext, lm, text: str) -> Result:
     """The inspect report (attention, activations, logit lens) and run.json, as ``lmscope inspect`` writes."""
-    from ..cli.inspect import run_summary
-    from ..views.report import build_inspect_report
+    from ..views.report import build_inspect_report, inspect_summary
 
     ctx.progress(0.05, "running the model")
     run = lm.run(text, capture=INSPECT_CAPTURE + (["logits"] if lm.is_causal else []))
     ctx.progress(0.6, "building the views")
     report = build_inspect_report(run)
     ctx.progress(0.9, "summarising")
-    data = run_summary(run)
+    data = inspect_summary(run)
     return Result(
         view={"report": report.data(), "tokens": run.tokens(0)}, report=report, data=data, name="inspect"
     )
@@ -162,7 +161,7 @@ def explain(
 
 def heads(ctx: JobContext, lm, text: str | None) -> Result:
     """Importance and characterization of every head (``lmscope heads``), on ``text`` or the built-in text."""
-    from ..cli.heads import heads_report
+    from ..views.heads import heads_report
 
     analyze_heads = _optional("heads")
 
