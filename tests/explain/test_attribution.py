@@ -310,3 +310,41 @@ def test_contrast_target_is_the_logit_difference(make_tiny):
     assert ab.f_x == pytest.approx(a.f_x - b.f_x, abs=1e-5)
     sal = [get_method("input_x_gradient").attribute(o).scores for o in (a, b, ab)]
     np.testing.assert_allclose(sal[2], np.array(sal[0]) - np.array(sal[1]), atol=1e-5)
+
+
+def test_unknown_setting_is_an_error_naming_the_valid_ones():
+    with pytest.raises(LmscopeError, match="has no setting 'max_step'") as err:
+        get_method("integrated_gradients", max_step=64)
+    assert "max_steps" in str(err.value)
+    assert get_method("integrated_gradients", max_steps=64).max_steps == 64
+
+
+def test_settings_for_an_unknown_method_are_an_error(make_tiny):
+    from lmscope.explain.api import explain_objective
+
+    lm = make_tiny("llama")
+    with pytest.raises(LmscopeError, match="unknown attribution method.*'integrated_gradient'"):
+        explain_objective(objective(lm), ["saliency"], config={"integrated_gradient": {"steps": 4}})
+
+
+def test_a_new_method_file_registers_itself(tmp_path, monkeypatch):
+    """The registry finds methods by listing the package: a new file is a new method, nothing else to edit."""
+    import lmscope.explain.attribution as package
+    from lmscope.explain.attribution import base
+
+    (tmp_path / "constant_one.py").write_text(
+        "from dataclasses import dataclass\n"
+        "import torch\n"
+        "from lmscope.explain.attribution.base import AttributionMethod, register\n\n"
+        "@register\n@dataclass\nclass ConstantOne(AttributionMethod):\n"
+        "    name = 'constant_one'\n"
+        "    def compute(self, objective):\n"
+        "        return torch.ones(objective.ids.shape[-1]), {}\n"
+    )
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.setattr(base, "REGISTRY", dict(base.REGISTRY))
+    monkeypatch.setattr(base, "_loaded", False)
+    monkeypatch.delitem(__import__("sys").modules, "lmscope.explain.attribution.constant_one", raising=False)
+    assert "constant_one" in base.method_names()
+    assert type(base.get_method("constant_one")).__name__ == "ConstantOne"
+    __import__("sys").modules.pop("lmscope.explain.attribution.constant_one", None)
