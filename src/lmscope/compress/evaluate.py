@@ -255,16 +255,6 @@ def peak_rss_during(fn) -> int | None:
     return max(0, peak[0] - start)
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _round_robin(models, fn, repeats: int) -> list[float]:
     """Median seconds of ``fn(model)`` per model, timing the models in turn (after one warm-up each)."""
     for lm in models:
@@ -284,12 +274,6 @@ def _prefill(lm, inputs):
 
 
 @torch.no_grad()
-def prefill_speed(lm, ids: torch.Tensor, repeats: int = 3) -> float:
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return ids.shape[1] / _timed(lambda: lm.forward(inputs), repeats)
-
-
-@torch.no_grad()
 def decode_time(lm, ids: torch.Tensor, new_tokens: int = 32) -> float:
     """Seconds for ``new_tokens`` greedy steps with the KV cache, after an untimed prefill of ``ids``."""
     out = lm.model(input_ids=ids, use_cache=True)
@@ -301,12 +285,6 @@ def decode_time(lm, ids: torch.Tensor, new_tokens: int = 32) -> float:
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         nxt = out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
-
-
-def decode_speed(lm, ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Greedy decode tokens/s with the KV cache (median of ``repeats``)."""
-    times = [decode_time(lm, ids, new_tokens) for _ in range(repeats + 1)][1:]
-    return new_tokens / statistics.median(times)
 
 
 def evaluation_text(text: str | None = None) -> tuple[str, str]:

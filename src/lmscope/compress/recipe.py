@@ -155,7 +155,7 @@ class Quantize(StepConfig):
                 )
 
 
-# -- pruning (lmscope.compress.prune; handlers by the pruning teammate) -----------------------------------
+# -- pruning (lmscope.compress.prune) ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class PruneHeads(StepConfig):
     """Remove ``fraction`` of the attention heads (GQA aware), ranked by ``method``."""
@@ -473,7 +473,3 @@ class Recipe:
 
     def describe(self) -> str:
         return " -> ".join(s.describe() for s in self.steps)
-
-    @property
-    def quantize_step(self):
-        return next((s for s in self.steps if s.stage == STAGE_QUANTIZE), None)

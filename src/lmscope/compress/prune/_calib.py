@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
-
-from ._linear import is_conv1d
 
 #: calibration budget used when a step does not say: windows x tokens
 DEFAULT_WINDOWS = 8
@@ -87,7 +84,3 @@ def input_sq_norms(lm, calib, paths: Iterable[str]) -> dict[str, torch.Tensor]:
         for h in handles:
             h.remove()
     return sums
-
-
-def module_kind(mod: nn.Module) -> str:
-    return "conv1d" if is_conv1d(mod) else type(mod).__name__

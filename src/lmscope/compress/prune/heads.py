@@ -7,8 +7,8 @@ when its whole group goes. Per-layer head counts may differ; ``lm.n_heads_at(i)`
 
 Which heads go is chosen by an exact dynamic program over layers: for a target number of removed heads it
 minimises the summed score of the removed heads under the grouping constraint. Scores come from
-``importance`` (gradient of the calibration loss w.r.t. a per-head gate, Michel et al. 2019, or the explain
-teammate's ``head_importance`` when available), ``magnitude`` (‖W_O^h‖·‖W_V^kv(h)‖) or ``random`` (a seeded
+``importance`` (gradient of the calibration loss w.r.t. a per-head gate, Michel et al. 2019, computed by
+``lmscope.explain.heads.head_importance``), ``magnitude`` (‖W_O^h‖·‖W_V^kv(h)‖) or ``random`` (a seeded
 baseline).
 """
 

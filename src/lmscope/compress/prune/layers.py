@@ -33,11 +33,6 @@ def block_influence(lm, calib=None) -> list[float]:
     return (total / max(count, 1)).tolist()
 
 
-def least_influential(lm, n: int, calib=None) -> list[int]:
-    scores = block_influence(lm, calib)
-    return sorted(sorted(range(lm.n_layers), key=lambda i: scores[i])[:n])
-
-
 def _renumber(lm) -> None:
     """After blocks moved: fix each block's cache index, lmscope's layer tag and the config."""
     fam = lm.family
