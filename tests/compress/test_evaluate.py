@@ -12,9 +12,9 @@ import torch
 
 from lmscope import LM
 from lmscope.cli.main import main
-from lmscope.compress.evaluate import evaluate, model_bytes, state_dict_bytes
+from lmscope.compress.calibration import encoded_windows
+from lmscope.compress.evaluate import evaluate, model_bytes, state_bytes
 from lmscope.compress.prune import remove_heads
-from lmscope.compress.prune._calib import token_windows
 
 TEXT = " ".join(
     f"Paragraph {i}: the interpreter reads the source, tokenizes it and compiles each statement."
@@ -38,7 +38,7 @@ def test_perplexity_matches_hf_loss_and_copy_agrees(make_tiny):
     remove_heads(pruned, {0: [0, 1], 1: [0, 2]})
     ev = evaluate([lm, copy_lm, pruned], text=TEXT, windows=2, window_tokens=64, decode_tokens=3, repeats=1)
     ref, same, small = ev.models
-    wins = token_windows(lm, TEXT, 2, 64)
+    wins = encoded_windows(lm, TEXT, 2, 64)
     losses, counts = [], []
     with torch.no_grad():
         for w in wins:
@@ -49,7 +49,7 @@ def test_perplexity_matches_hf_loss_and_copy_agrees(make_tiny):
     assert same.perplexity == pytest.approx(ref.perplexity, rel=1e-6)
     assert same.top1_agreement == 1.0 and same.kl == pytest.approx(0.0, abs=1e-6)
     assert small.kl > 0 and small.params < ref.params and small.bytes < ref.bytes
-    assert ref.bytes_source == "state dict" and ref.bytes == state_dict_bytes(lm.model)
+    assert ref.bytes_source == "state dict" and ref.bytes == state_bytes(lm.model)
     assert all(m.prefill_tokens_per_s and m.decode_tokens_per_s for m in ev.models)
     text = ev.to_text()
     assert "pruned" in text and "perplexity on" in text and "peak RSS" in text

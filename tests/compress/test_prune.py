@@ -10,6 +10,7 @@ import torch
 
 from lmscope import LM, LmscopeError
 from lmscope.capture.session import hooks
+from lmscope.compress.calibration import calibration_inputs
 from lmscope.compress.prune import (
     plan_heads,
     prune_heads,
@@ -20,7 +21,6 @@ from lmscope.compress.prune import (
     remove_layers,
     remove_neurons,
 )
-from lmscope.compress.prune._calib import calibration_inputs
 from lmscope.compress.prune._linear import weight_out_in
 from lmscope.compress.prune.unstructured import HONEST_NOTE
 

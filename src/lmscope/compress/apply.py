@@ -13,6 +13,7 @@ import torch
 
 from ..errors import LmscopeError
 from .recipe import Calibration, Recipe, StepConfig, handler_for
+from .size import state_bytes
 
 
 def as_recipe(recipe) -> Recipe:
@@ -32,17 +33,6 @@ def as_recipe(recipe) -> Recipe:
     raise LmscopeError(
         f"cannot read a recipe from {type(recipe).__name__}", "pass a Recipe, steps or a JSON path"
     )
-
-
-def state_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the state dict as stored (tied/shared tensors counted once)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _params(model) -> int:

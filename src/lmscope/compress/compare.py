@@ -50,15 +50,6 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def spearman(a, b) -> float | None:
-    from scipy.stats import spearmanr
-
-    a, b = list(map(float, a)), list(map(float, b))
-    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
-        return 1.0 if a == b else None
-    return float(spearmanr(a, b).statistic)
-
-
 def topk_overlap(a, b, k: int) -> float:
     """|top-k(|a|) ∩ top-k(|b|)| / k."""
     k = min(k, len(a))
@@ -247,6 +238,7 @@ def _r(v, nd: int = 4):
 
 def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
     from ..explain.attribution.base import get_method
+    from ..explain.faithfulness import spearman
     from ..explain.targets import Objective, Target, encode_prompt, make_target
 
     out = {}

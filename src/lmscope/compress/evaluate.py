@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import LmscopeError
+from .size import state_bytes
 
 MEMORY_METHOD = (
     "peak RSS increase during one prefill forward (resident set sampled every 0.5 ms from /proc/self/statm)"
@@ -195,30 +195,13 @@ def _bytes(n) -> str:
 
 
 # -- measurements -----------------------------------------------------------------------------------
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes the model's state dict takes (shared storages such as tied embeddings counted once)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if not isinstance(t, torch.Tensor):
-            continue
-        try:
-            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-            size = t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without plain storage
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in seen:
-            seen.add(key)
-            total += size
-    return total
-
-
 def model_bytes(lm) -> tuple[int, str]:
     """(bytes, "disk") from the safetensors files of a loaded directory, else (state dict bytes, "state dict")."""
     if lm.path and Path(lm.path).is_dir():
         files = list(Path(lm.path).glob("*.safetensors"))
         if files and not getattr(lm, "_lmscope_modified", False):
             return sum(f.stat().st_size for f in files), "disk"
-    return state_dict_bytes(lm.model), "state dict"
+    return state_bytes(lm.model), "state dict"
 
 
 def _rss() -> int | None:
@@ -311,14 +294,14 @@ def evaluate(
     repeats: int = 3,
 ) -> Evaluation:
     """Evaluate ``models`` (LM objects; the first is the reference) on the same token windows."""
-    from .prune._calib import token_windows
+    from .calibration import encoded_windows
 
     models = list(models)
     if not models:
         raise LmscopeError("no model to evaluate", "pass at least one --model")
     ref = models[0]
     text, source = evaluation_text(text)
-    wins = token_windows(ref, text, windows, window_tokens)
+    wins = encoded_windows(ref, text, windows, window_tokens)
     if not wins:
         raise LmscopeError("the evaluation text is too short (under 8 tokens)", "pass a longer text")
     stats = []
@@ -330,7 +313,7 @@ def evaluate(
                 params=lm.n_params(),
                 bytes=b,
                 bytes_source=src,
-                weights_memory_bytes=state_dict_bytes(lm.model),
+                weights_memory_bytes=state_bytes(lm.model),
             )
         )
     same_vocab = all(lm.is_causal and lm.vocab_size == ref.vocab_size for lm in models)

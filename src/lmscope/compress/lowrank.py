@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import LmscopeError
-from .prune._linear import block_linears, is_conv1d, set_module, weight_out_in
+from .prune._linear import weight_out_in
 from .recipe import LowRank, register_step
+from .targets import block_linears, is_conv1d, set_module
 
 
 class LowRankLinear(nn.Module):
@@ -105,7 +106,7 @@ def lowrank(
     mods = _targets(lm, targets)
     norms = None
     if activation_aware:
-        from .prune._calib import input_sq_norms
+        from .calibration import input_sq_norms
 
         norms = {p: v.sqrt() for p, v in input_sq_norms(lm, calib, [p for p, _ in mods]).items()}
     layers, before, after = {}, 0, 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..errors import LmscopeError
+from .calibration import Calibration
 
 # order in which stacked steps run: structure first, then factorization, quantization last
 STAGE_PRUNE, STAGE_LOWRANK, STAGE_QUANTIZE = 0, 1, 2
@@ -366,37 +367,6 @@ def handler_for(step) -> StepHandler:
             "this lmscope build does not implement it yet",
         )
     return HANDLERS[step.kind]
-
-
-# -- calibration ------------------------------------------------------------------------------------
-class Calibration:
-    """Calibration data for one ``compress`` call, built lazily (text -> token windows).
-
-    By default the calibration half of the built-in text (``lmscope.data.split_calibration_evaluation``),
-    which never overlaps the evaluation half.
-    """
-
-    def __init__(self, lm, text: str | None = None, window: int = 256, n_windows: int = 8):
-        self.lm = lm
-        self._text = text
-        self.window = window
-        self.n_windows = n_windows
-
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            from ..data import builtin_text, split_calibration_evaluation
-
-            self._text = split_calibration_evaluation(builtin_text())[0]
-        return self._text
-
-    def windows(self, window: int | None = None, n: int | None = None):
-        """Calibration token windows (``lmscope.data.token_windows``): a list of ``[1, window]`` LongTensors."""
-        from ..data import token_windows
-
-        window = min(window or self.window, self.lm.max_positions)
-        rows = token_windows(self.lm, self.text, max_tokens=window * (n or self.n_windows), window=window)
-        return [r[None] for r in rows]
 
 
 # -- recipes ---------------------------------------------------------------------------------------

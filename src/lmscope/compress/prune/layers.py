@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import LmscopeError
-from ._calib import calibration_inputs
+from ..calibration import calibration_inputs
 from ._origin import get_origin, set_origin
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from ...errors import LmscopeError
-from ._calib import calibration_inputs
-from ._linear import keep_inputs, keep_outputs, set_module, weight_out_in
+from ..calibration import calibration_inputs
+from ..targets import set_module
+from ._linear import keep_inputs, keep_outputs, weight_out_in
 from ._origin import get_origin
 
 ORDERS = ("magnitude", "activation", "random")

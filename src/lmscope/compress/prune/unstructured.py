@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from ...errors import LmscopeError
-from ._calib import input_sq_norms
-from ._linear import block_linears, weight_out_in
+from ..calibration import input_sq_norms
+from ..targets import block_linears
+from ._linear import weight_out_in
 
 HONEST_NOTE = (
     "unstructured sparsity saves neither time nor bytes unless stored sparse: the pruned weights are "

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
 
+from ...errors import LmscopeError
+from ..calibration import capture_inputs
 from ..recipe import Quantize, register_step
+from ..targets import block_linears, set_module
 from . import _common as C
 
 SCHEMES: dict[str, Callable] = {}
@@ -41,15 +45,26 @@ def scheme(name: str):
     return deco
 
 
+def quantize_targets(lm, step: Quantize) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers inside the blocks (model-relative names), minus the ``skip`` globs."""
+    out = [(n, m) for n, m in block_linears(lm, conv1d=False) if not any(fnmatch(n, p) for p in step.skip)]
+    if not out:
+        raise LmscopeError(
+            f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
+            "quantization supports Linear-based families such as llama/qwen2/mistral and bert",
+        )
+    return out
+
+
 @register_step(Quantize)
 class QuantizeHandler:
     def apply(self, lm, step: Quantize, calib) -> dict:
         from . import gptq, int4, int8, smooth, w8a8  # noqa: F401  (register the schemes)
 
-        targets = C.block_linears(lm, step.skip)
+        targets = quantize_targets(lm, step)
         names = [n for n, _ in targets]
         windows = calib.windows() if calib is not None else []
-        inputs = C.capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
+        inputs = capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
         done: list[Quantized] = SCHEMES[step.scheme](lm, step, calib, targets)
         rows, modules = [], {}
         for q in done:
@@ -57,7 +72,7 @@ class QuantizeHandler:
             if x is not None and q.input_scale is not None:
                 x = x / q.input_scale
             rows.append(C.error_row(q.name, q.ref_weight, q.bias, q.module, x, q.how))
-            C.set_module(lm.model, q.name, q.module)
+            set_module(lm.model, q.name, q.module)
             modules[q.name] = {"kind": q.kind, **q.meta}
         emb = C.quantize_embeddings(lm)
         if emb is not None:
@@ -73,7 +88,7 @@ class QuantizeHandler:
     def rebuild(self, model: nn.Module, step: Quantize, info: dict) -> None:
         for name, meta in info["modules"].items():
             lin = model.get_submodule(name)
-            C.set_module(
+            set_module(
                 model,
                 name,
                 C.empty_module(meta["kind"], lin.in_features, lin.out_features, lin.bias is not None, meta),

@@ -3,12 +3,11 @@ the tied int8 embedding/head, and the per-layer error rows."""
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
 from ...errors import LmscopeError
+from ..targets import set_module
 from .affine import QuantSpec, affine_params, pack_int4, quantize, sqnr
 from .modules import Int4Linear, Int8Embedding, Int8Linear, Int8TiedHead, QuantizedLinear, W8A8Linear
 
@@ -18,29 +17,6 @@ ERROR_TOKENS = 64  # calibration tokens used for the per-layer output error
 
 def int4_spec(group_size: int) -> QuantSpec:
     return QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=group_size)
-
-
-def block_linears(lm, skip=()) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear layers inside the transformer blocks (model-relative names), minus ``skip`` globs."""
-    prefix = lm.family.blocks
-    out = []
-    for name, mod in lm.model.named_modules():
-        if not name.startswith(prefix + ".") or not isinstance(mod, nn.Linear):
-            continue
-        if any(fnmatch.fnmatch(name, pat) for pat in skip):
-            continue
-        out.append((name, mod))
-    if not out:
-        raise LmscopeError(
-            f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
-            "quantization supports Linear-based families such as llama/qwen2/mistral and bert",
-        )
-    return out
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _copy_bias(linear: nn.Linear, q: QuantizedLinear) -> None:
@@ -142,27 +118,6 @@ def rebuild_embeddings(model: nn.Module, info: dict) -> None:
 
 
 # -- calibration inputs and error rows -------------------------------------------------------------------
-@torch.no_grad()
-def capture_inputs(lm, names: list[str], windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The input rows ``[tokens, in_features]`` each named module sees over ``windows`` (float32)."""
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = []
-    for n in names:
-
-        def pre(mod, args, n=n):
-            x = args[0]
-            got[n].append(x.detach().reshape(-1, x.shape[-1]).float())
-
-        handles.append(lm.model.get_submodule(n).register_forward_pre_hook(pre))
-    try:
-        for ids in windows:
-            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in got.items() if v}
-
-
 def _row(name, w, w_hat, bits, how, out_sqnr=None, rel_err=None) -> dict:
     return {
         "layer": name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..targets import set_module
 from . import Quantized, scheme
 from . import _common as C
 from .affine import affine_params
@@ -135,6 +136,6 @@ def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
                     meta={"group_size": g},
                 )
             )
-            C.set_module(lm.model, n, q)  # the next blocks see this block's quantized outputs
+            set_module(lm.model, n, q)  # the next blocks see this block's quantized outputs
         hidden = [_first(block(h, *args[1:], **kwargs)) for (args, kwargs), h in zip(inputs, hidden)]
     return out
