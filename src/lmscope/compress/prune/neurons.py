@@ -75,8 +75,12 @@ def remove_neurons(lm, keep: dict[int, list[int]]) -> dict:
     return info
 
 
-def prune_neurons(lm, fraction: float = 0.25, order: str = "magnitude", calib=None, seed: int = 0) -> dict:
-    """Remove ``fraction`` of every layer's MLP hidden units, chosen by ``order``; returns the step info."""
+def prune_neurons(
+    lm, fraction: float = 0.25, order: str = "magnitude", calib=None, seed: int = 0, layers=None
+) -> dict:
+    """Remove ``fraction`` of every layer's MLP hidden units, chosen by ``order``; returns the step info.
+
+    ``layers``: only these layers lose neurons (None: every layer)."""
     if not 0.0 <= fraction < 1.0:
         raise LmscopeError(f"neuron fraction {fraction} is outside [0, 1)", "use e.g. 0.25")
     before = sum(lm.d_mlp_at(i) for i in range(lm.n_layers))
@@ -85,6 +89,8 @@ def prune_neurons(lm, fraction: float = 0.25, order: str = "magnitude", calib=No
     scores = neuron_scores(lm, order, calib, seed)
     keep = {}
     for i, s in enumerate(scores):
+        if layers is not None and i not in layers:
+            continue
         n_keep = max(1, len(s) - int(round(len(s) * fraction)))
         keep[i] = torch.topk(s, n_keep).indices.tolist()
     layers = remove_neurons(lm, keep)

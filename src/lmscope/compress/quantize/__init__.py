@@ -16,7 +16,8 @@ from torch import nn
 
 from ...errors import LmscopeError
 from ..calibration import capture_inputs
-from ..recipe import Quantize, register_step
+from ..registry import register_step
+from ..steps import Quantize
 from ..targets import block_linears, set_module
 from . import _common as C
 
@@ -62,6 +63,16 @@ class QuantizeHandler:
         from . import gptq, int4, int8, smooth, w8a8  # noqa: F401  (register the schemes)
 
         targets = quantize_targets(lm, step)
+        embedding = True
+        if step.modules:  # the module filter: only the selected layers (and the embedding if selected)
+            selected = set(step.selected_modules(lm))
+            targets = [(n, m) for n, m in targets if n in selected]
+            embedding = lm.family.embed in selected
+            if not targets:
+                raise LmscopeError(
+                    f"the module filter {list(step.modules)} selects no linear layer to quantize",
+                    "add a glob that matches block linears, e.g. model.layers.*.mlp.*",
+                )
         names = [n for n, _ in targets]
         windows = calib.windows() if calib is not None else []
         inputs = capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
@@ -74,7 +85,7 @@ class QuantizeHandler:
             rows.append(C.error_row(q.name, q.ref_weight, q.bias, q.module, x, q.how))
             set_module(lm.model, q.name, q.module)
             modules[q.name] = {"kind": q.kind, **q.meta}
-        emb = C.quantize_embeddings(lm)
+        emb = C.quantize_embeddings(lm) if embedding else None
         if emb is not None:
             rows.extend(emb.pop("rows"))
         return {
