@@ -79,6 +79,7 @@ def add_parser(sub) -> None:
         help="comma-separated module fqn globs every step is limited to, e.g. 'model.layers.*.mlp.*' "
         "(a glob matching nothing is an error)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p.add_argument("--recipe", help='a JSON recipe file ({"steps": [...]}) instead of the flags')
     p.add_argument(
         "--calibration-file", help="UTF-8 calibration text (default: lmscope's built-in calibration half)"
@@ -158,7 +159,10 @@ def run(args) -> int:
 
     lm = load_model(args.model)
     recipe.check(lm)
-    result = compress(lm, recipe, calibration_text=calib)
+    from .. import progress
+
+    with progress.enabled(not getattr(args, "quiet", False)):
+        result = compress(lm, recipe, calibration_text=calib)
     print(result.to_text())
     diff = result.structure_diff()
     if diff is not None:

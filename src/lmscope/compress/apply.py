@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import LmscopeError
+from ..progress import track
 from .recipe import Calibration, Recipe, StepConfig, handler_for
 from .size import state_bytes
 
@@ -193,7 +194,8 @@ def compress(lm, recipe, calibration_text: str | None = None, inplace: bool = Fa
     infos = []
     start = time.perf_counter()
     with torch.no_grad():
-        for step, handler in zip(recipe.steps, handlers):
+        steps = list(zip(recipe.steps, handlers))
+        for step, handler in track(steps, "compress", unit="step") if len(steps) > 1 else steps:
             t = time.perf_counter()
             info = handler.apply(lm, step, calib) or {}
             info.setdefault("seconds", round(time.perf_counter() - t, 2))

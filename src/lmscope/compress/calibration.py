@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ..progress import track
+
 #: calibration budget used when a step does not say: windows x tokens
 DEFAULT_WINDOWS = 8
 DEFAULT_WINDOW_TOKENS = 256
@@ -120,7 +122,7 @@ def input_sq_norms(lm, calib, paths: Iterable[str]) -> dict[str, torch.Tensor]:
     for p in paths:
         handles.append(lm.model.get_submodule(p).register_forward_pre_hook(make(p)))
     try:
-        for batch in calibration_inputs(lm, calib):
+        for batch in track(calibration_inputs(lm, calib), "calibration", unit="window"):
             mask_holder["mask"] = batch["attention_mask"]
             lm.forward(batch)
     finally:

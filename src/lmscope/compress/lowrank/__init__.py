@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...errors import LmscopeError
+from ...progress import track
 from ..prune._linear import weight_out_in
 from ..registry import register_step
 from ..steps import LowRank
@@ -114,7 +115,7 @@ def lowrank(
 
         norms = {p: v.sqrt() for p, v in input_sq_norms(lm, calib, [p for p, _ in mods]).items()}
     layers, before, after = {}, 0, 0
-    for path, mod in mods:
+    for path, mod in track(mods, "low-rank SVD", unit="layer"):
         n = weight_out_in(mod).numel()
         new, r, kept = factorize(mod, rank, energy, None if norms is None else norms[path])
         before += n

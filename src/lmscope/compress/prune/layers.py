@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import LmscopeError
+from ...progress import track
 from ..calibration import calibration_inputs
 from ._origin import get_origin, set_origin
 
@@ -22,7 +23,7 @@ def block_influence(lm, calib=None) -> list[float]:
     total = torch.zeros(lm.n_layers, dtype=torch.float64)
     count = 0
     with torch.no_grad():
-        for batch in calibration_inputs(lm, calib):
+        for batch in track(calibration_inputs(lm, calib), "calibration", unit="window"):
             with hooks(lm, names) as s:
                 lm.forward(batch)
             for i in range(lm.n_layers):

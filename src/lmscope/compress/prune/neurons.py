@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import LmscopeError
+from ...progress import track
 from ..calibration import calibration_inputs
 from ..targets import set_module
 from ._linear import keep_inputs, keep_outputs, weight_out_in
@@ -47,7 +48,7 @@ def neuron_scores(lm, order: str = "magnitude", calib=None, seed: int = 0) -> li
             handles.append(b.get_submodule(fam.mlp_out).register_forward_pre_hook(make(i)))
         try:
             with torch.no_grad():
-                for batch in calibration_inputs(lm, calib):
+                for batch in track(calibration_inputs(lm, calib), "calibration", unit="window"):
                     lm.forward(batch)
                     count += int(batch["attention_mask"].sum())
         finally:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...errors import LmscopeError
+from ...progress import track
 from ..calibration import capture_inputs
 from ..registry import register_step
 from ..steps import Quantize
@@ -76,7 +77,9 @@ class QuantizeHandler:
         names = [n for n, _ in targets]
         windows = calib.windows() if calib is not None else []
         inputs = capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
-        done: list[Quantized] = SCHEMES[step.scheme](lm, step, calib, targets)
+        done: list[Quantized] = SCHEMES[step.scheme](
+            lm, step, calib, track(targets, f"quantize {step.scheme}", unit="layer")
+        )
         rows, modules = [], {}
         for q in done:
             x = inputs.get(q.name)

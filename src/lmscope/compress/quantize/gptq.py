@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...progress import track
 from ..targets import set_module
 from . import Quantized, scheme
 from . import _common as C
@@ -101,7 +102,7 @@ def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
     inputs = _block_inputs(lm, calib.windows())
     hidden = [a[0] for a, _ in inputs]
     out: list[Quantized] = []
-    for i, block in enumerate(lm.blocks):
+    for i, block in track(list(enumerate(lm.blocks)), "GPTQ", unit="block"):
         mine = {n: m for n, m in by_name.items() if n.startswith(f"{prefix}.{i}.")}
         H = {n: torch.zeros(m.in_features, m.in_features) for n, m in mine.items()}
         count = {n: 0 for n in mine}
