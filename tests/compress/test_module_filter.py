@@ -158,3 +158,10 @@ def test_a_new_step_family_package_registers_itself(tmp_path, monkeypatch):
     finally:
         for name in ("lmscope.compress.identity_family", "lmscope.compress.broken_family"):
             sys.modules.pop(name, None)
+
+
+def test_quantization_schemes_are_found_and_match_what_configs_accept():
+    from lmscope.compress.quantize import load_schemes
+    from lmscope.compress.steps import QUANT_SCHEMES
+
+    assert set(load_schemes()) == set(QUANT_SCHEMES)

@@ -39,6 +39,22 @@ class Quantized:
     meta: dict = field(default_factory=dict)
 
 
+#: modules of this package that hold no scheme (``_private`` ones are skipped too)
+NOT_SCHEMES = frozenset({"affine", "modules"})
+
+
+def load_schemes() -> dict[str, Callable]:
+    """Import every scheme module of this package (each ``@scheme`` registers itself); a new scheme is a
+    new file here, plus its name in ``lmscope.compress.steps.QUANT_SCHEMES`` (what configs accept)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in NOT_SCHEMES:
+            importlib.import_module(f"{__name__}.{info.name}")
+    return SCHEMES
+
+
 def scheme(name: str):
     def deco(fn):
         SCHEMES[name] = fn
@@ -61,8 +77,7 @@ def quantize_targets(lm, step: Quantize) -> list[tuple[str, nn.Linear]]:
 @register_step(Quantize)
 class QuantizeHandler:
     def apply(self, lm, step: Quantize, calib) -> dict:
-        from . import gptq, int4, int8, smooth, w8a8  # noqa: F401  (register the schemes)
-
+        load_schemes()
         targets = quantize_targets(lm, step)
         embedding = True
         if step.modules:  # the module filter: only the selected layers (and the embedding if selected)
