@@ -1,7 +1,7 @@
 """Compression benchmark on smollm2 (fp32 reference): perplexity change, bytes, prefill/decode speed vs fp32.
 
 Rows: fp32, bf16, torchao Int8WeightOnly / Int8DynamicActivationInt8Weight, every lmscope quantization
-scheme, then any rows contributed through ``ROW_PROVIDERS`` (the pruning rows live with the pruning code).
+scheme, then any rows contributed through ``ROW_PROVIDERS`` (the pruning rows: benchmarks/pruning_rows.py).
 Evaluation: the built-in evaluation half of pydoc topics (never the calibration half), ``WINDOWS`` x
 ``WINDOW_TOKENS`` tokens. Latency: models timed round-robin (so load changes hit all rows alike), median of
 ``REPEATS``; prefill = one forward of ``PREFILL_TOKENS`` tokens, decode = per-token time of greedy steps
@@ -30,7 +30,7 @@ THREADS = 2
 
 #: (module, function) pairs; each function(ctx) returns a list of (label, LM, note) rows to measure like the
 #: others. ``ctx`` has ``fresh()`` (a mutable copy of the fp32 LM), ``calibration_text`` and ``base``.
-ROW_PROVIDERS: list[tuple[str, str]] = [("lmscope.compress.prune.bench", "benchmark_rows")]
+ROW_PROVIDERS: list[tuple[str, str]] = [("pruning_rows", "benchmark_rows")]  # benchmarks/pruning_rows.py
 
 
 @dataclass

@@ -148,6 +148,34 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w[i]) for i, v in enumerate(row)).rstrip() for row in table)
 
 
+# rows for benchmarks/compression.py (its ROW_PROVIDERS): (label, LM, note), measured like every other row
+def benchmark_rows(ctx) -> list[tuple[str, object, str]]:
+    rows = []
+    for method in ("magnitude", "wanda"):
+        lm = ctx.fresh()
+        t = time.perf_counter()
+        prune_unstructured(lm, 0.5, method, calib=Calibration(lm, ctx.calibration_text))
+        rows.append(
+            (
+                f"prune 50% unstructured {method}",
+                lm,
+                f"{time.perf_counter() - t:.0f} s; zeros in dense tensors: same bytes and speed",
+            )
+        )
+    for order in ("importance", "random"):
+        lm = ctx.fresh()
+        t = time.perf_counter()
+        info = prune_heads(lm, 0.25, order, calib=Calibration(lm, ctx.calibration_text))
+        rows.append(
+            (
+                f"prune 25% heads {order}",
+                lm,
+                f"{time.perf_counter() - t:.0f} s; {info['heads_removed']}/{info['heads_before']} heads removed",
+            )
+        )
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--windows", type=int, default=8, help="evaluation windows of 256 tokens")

@@ -137,6 +137,21 @@ def test_unknown_capture_name_is_clear(tiny_lm):
         tiny_lm.run(TEXTS[0], capture=["blocks.99.attn.pattern"])
 
 
+@pytest.mark.parametrize("name", ["blocks.99.attn.head_out", "blocks.0.atn.head_out", "blocks.*.mlp.hiden"])
+def test_intervention_matching_nothing_is_an_error(tiny_lm, name):
+    called = []
+    with pytest.raises(LmscopeError, match="intervention name .* matches nothing") as err:
+        tiny_lm.run(TEXTS[0], capture=[], interventions={name: lambda t, n: called.append(n)})
+    assert "attn.head_out" in str(err.value) and f"0..{tiny_lm.n_layers - 1}" in str(err.value)
+    assert not called
+
+
+def test_intervention_globs_resolve_like_capture(tiny_lm):
+    seen = []
+    tiny_lm.run(TEXTS[0], capture=[], interventions={"blocks.*.mlp.out": lambda t, n: seen.append(n)})
+    assert seen == expand("blocks.*.mlp.out", tiny_lm.n_layers, tiny_lm.is_causal)
+
+
 def test_memory_refusal(tiny_lm):
     with pytest.raises(LmscopeError, match="--max-capture-gb"):
         tiny_lm.run(TEXTS[0], capture=["*"], max_bytes=1000)

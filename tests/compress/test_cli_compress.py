@@ -34,6 +34,10 @@ def _one_line_error(capsys, rc, needle):
         (["--quantize", "int8", "--group-size", "64"], "--group-size applies to int4/gptq4"),
         (["--quantize", "int4", "--group-size", "128"], "does not divide the width 64"),
         ([], "the recipe has no steps"),
+        (
+            ["--quantize", "int8", "--modules", "model.layers.*.mlpp.*"],
+            "module filter 'model.layers.*.mlpp.*'",
+        ),
     ],
 )
 def test_bad_recipe_exits_2_and_writes_nothing(tiny_dir, tmp_path, capsys, flags, needle):
@@ -108,3 +112,25 @@ def test_stacked_recipe_file_prunes_then_quantizes(tiny_dir, tmp_path, capsys):
     assert rc == 0
     lm = lmscope.load(str(tmp_path / "s"), progress=False)
     assert lm.n_layers == 2
+
+
+def test_modules_flag_limits_every_step(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "compress",
+            "--model",
+            str(tiny_dir),
+            "--quantize",
+            "int8",
+            "--modules",
+            "*.layers.0.*",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "compress.json").read_text())
+    modules = data["steps"][0]["info"]["modules"]
+    assert modules and all(".layers.0." in m for m in modules)
+    assert data["recipe"]["steps"][0]["modules"] == ["*.layers.0.*"]

@@ -10,6 +10,7 @@ import torch
 
 from lmscope import LM, LmscopeError
 from lmscope.capture.session import hooks
+from lmscope.compress.calibration import calibration_inputs
 from lmscope.compress.prune import (
     plan_heads,
     prune_heads,
@@ -20,7 +21,6 @@ from lmscope.compress.prune import (
     remove_layers,
     remove_neurons,
 )
-from lmscope.compress.prune._calib import calibration_inputs
 from lmscope.compress.prune._linear import weight_out_in
 from lmscope.compress.prune.unstructured import HONEST_NOTE
 
@@ -151,6 +151,44 @@ def test_prune_heads_orders_run_and_capture_works(make_tiny):
         lm.run(TEXT, capture=["*"])
 
 
+def _feasible_kept_sets(n_q: int, per_kv: int):
+    """Every kept-head set a GQA layer allows (brute force): each kept KV group keeps the same number."""
+    for mask in range(1, 2**n_q):
+        kept = [h for h in range(n_q) if mask >> h & 1]
+        per_group = {}
+        for h in kept:
+            per_group[h // per_kv] = per_group.get(h // per_kv, 0) + 1
+        if len(set(per_group.values())) == 1:
+            yield kept
+
+
+@pytest.mark.parametrize("order", ["magnitude", "importance"])
+def test_pruned_heads_are_the_lowest_scored_ones(make_tiny, order):
+    """Reference: brute force over every feasible removal (3 layers x 16 kept sets), not the pruner's DP."""
+    import itertools
+
+    lm = make_tiny("llama")  # 3 layers x 4 query heads, 2 per KV head
+    wo = [b.self_attn.o_proj.weight.detach().clone() for b in lm.model.model.layers]
+    wv = [b.self_attn.v_proj.weight.detach().clone() for b in lm.model.model.layers]
+    info = prune_heads(lm, 0.25, order, calib=CALIB)
+    scores = [torch.tensor(s, dtype=torch.float64) for s in info["scores"]]
+    if order == "magnitude":  # ‖W_O[:, head h]‖ · ‖W_V[kv(h) rows]‖ from the original weights
+        hd = wo[0].shape[1] // 4
+        for i in range(3):
+            o = wo[i].reshape(wo[i].shape[0], 4, hd).norm(dim=(0, 2))
+            v = wv[i].reshape(2, hd, -1).norm(dim=(1, 2)).repeat_interleave(2)
+            torch.testing.assert_close(scores[i], (o * v).double(), rtol=1e-5, atol=1e-6)
+    kept = [info["layers"].get(str(i), {}).get("kept", list(range(4))) for i in range(3)]
+    removed_cost = sum(float(scores[i].sum() - scores[i][kept[i]].sum()) for i in range(3))
+    best = min(
+        sum(float(scores[i].sum() - scores[i][k].sum()) for i, k in enumerate(combo))
+        for combo in itertools.product(*[list(_feasible_kept_sets(4, 2))] * 3)
+        if sum(4 - len(k) for k in combo) == info["heads_removed"]
+    )
+    assert info["heads_removed"] == 3
+    assert removed_cost == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
 # -- neurons and layers ---------------------------------------------------------------------------------
 def test_neuron_removal_equals_masking(tiny_lm):
     lm = fresh(tiny_lm)
@@ -191,8 +229,22 @@ def test_layer_removal_equals_skipping_the_block(tiny_lm):
 
 def test_prune_layers_by_influence_and_range_error(make_tiny):
     lm = make_tiny("llama")
+    # reference: block influence 1 - cos(block input, block output) per token, from HF's hidden states (the
+    # last block's output is taken before the final norm, so compare the first two blocks)
+    want, count = torch.zeros(2, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in calibration_inputs(lm, CALIB):
+            hs = lm.model(**batch, output_hidden_states=True).hidden_states
+            for i in range(2):
+                want[i] += (
+                    (1 - torch.nn.functional.cosine_similarity(hs[i][0], hs[i + 1][0], dim=-1)).double().sum()
+                )
+            count += batch["input_ids"].shape[1]
     info = prune_layers(lm, n=1, calib=CALIB)
     assert len(info["removed"]) == 1 and len(info["block_influence"]) == 3
+    assert info["block_influence"][:2] == pytest.approx((want / count).tolist(), rel=1e-4, abs=1e-6)
+    influence = info["block_influence"]
+    assert info["removed"] == [min(range(3), key=lambda i: influence[i])]  # the least influential block
     with pytest.raises(LmscopeError, match="out of range"):
         remove_layers(lm, [5])
 

@@ -115,3 +115,45 @@ def test_int4_decode_kernel_matches_the_prefill_path():
     x = torch.randn(1, 128)
     ref = torch.nn.functional.linear(x, q.dequantized_weight(), lin.bias)
     assert torch.allclose(q(x), ref, atol=0.02 * float(ref.abs().max()))
+
+
+def test_int8_matches_torchao_int8_weight_only(make_tiny):
+    """Peer reference: torchao's Int8WeightOnlyConfig on the same layers. Both are symmetric per output
+    channel; torchao maps max|w| to 127.5 over [-128, 127], lmscope to 127 over [-127, 127] (so the scales
+    differ by exactly 127.5/127); each rounds to nearest, and the two reconstructions are equally good."""
+    import copy
+
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from lmscope.compress.quantize.affine import sqnr
+
+    lm = make_tiny("llama")
+    peer = copy.deepcopy(lm.model)
+    quantize_(
+        peer,
+        Int8WeightOnlyConfig(),
+        filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in fqn,
+    )
+    result = compress(lm, Quantize("int8"), CALIB)
+    ours = dict(result.lm.model.named_modules())
+    checked = 0
+    for name, m in peer.named_modules():
+        if not (isinstance(m, torch.nn.Linear) and ".layers." in name):
+            continue
+        w = lm.model.get_submodule(name).weight.detach().float()
+        q = ours[name]
+        assert isinstance(q, Int8Linear)
+        peer_scale = m.weight.scale.flatten().float()
+        torch.testing.assert_close(q.scale, peer_scale * 127.5 / 127, rtol=1e-5, atol=0)
+        w_ours, w_peer = q.dequantized_weight(), m.weight.dequantize().float()
+        assert float(((w_ours - w).abs() / q.scale[:, None]).max()) <= 0.5 + 1e-4  # round to nearest
+        assert float(((w_peer - w).abs() / peer_scale[:, None]).max()) <= 0.5 + 1e-4
+        assert abs(sqnr(w, w_ours) - sqnr(w, w_peer)) < 0.5  # dB: the same quality of reconstruction
+        checked += 1
+    assert checked == 4 * lm.n_layers + 3 * lm.n_layers  # q k v o + gate up down in every block
+    ids = lm.encode(TEXT)
+    with torch.no_grad():
+        ref, a, b = lm.forward(ids).logits, result.lm.forward(ids).logits, peer(**ids).logits
+    # the two int8 models agree with each other about as well as each agrees with fp32
+    assert float((a - b).norm()) <= 2.5 * max(float((a - ref).norm()), float((b - ref).norm()))

@@ -47,20 +47,20 @@ def test_pruning_marks_changed_removed_and_added_rows(make_tiny):
 
 
 def test_quantized_modules_show_their_bits(make_tiny):
+    """The real int4 module (not a fake): 4 bits per weight, plus an fp16 scale and a uint8 zero per group."""
+    from lmscope.compress.quantize._common import make_int4, make_int8
+
     a = make_tiny("llama")
     b = LM(copy.deepcopy(a.model), a.tokenizer)
-
-    class FakeInt4(__import__("torch").nn.Module):  # duck-typed like lmscope.compress.quantize modules
-        bits, scheme, group_size = 4, "int4", 32
-
-        def __init__(self):
-            super().__init__()
-            self.in_features, self.out_features, self.bias = 64, 128, None
-            import torch
-
-            self.register_buffer("qweight", torch.zeros(128, 32, dtype=torch.uint8))
-
-    b.model.model.layers[0].mlp.up_proj = FakeInt4()
-    row = next(r for r in structure_diff(a, b).rows if r.path == "model.layers.0.mlp.up_proj")
-    assert row.status == "changed" and row.b.dtype == "int4 g32" and row.b.params == 64 * 128
-    assert row.b.bytes == 128 * 32
+    mlp = b.model.model.layers[0].mlp
+    out_f, in_f = mlp.up_proj.out_features, mlp.up_proj.in_features
+    mlp.up_proj = make_int4(mlp.up_proj, 32)
+    mlp.down_proj = make_int8(mlp.down_proj)
+    rows = {r.path: r for r in structure_diff(a, b).rows}
+    row = rows["model.layers.0.mlp.up_proj"]
+    assert row.status == "changed" and row.b.dtype == "int4 g32" and row.b.params == in_f * out_f
+    assert row.b.bytes == out_f * in_f // 2 + (out_f * in_f // 32) * (2 + 1)
+    assert row.a.bytes == out_f * in_f * 4  # fp32 before
+    down, d_out = rows["model.layers.0.mlp.down_proj"], a.model.model.layers[0].mlp.down_proj.out_features
+    assert down.b.dtype.startswith("int8")  # int8 weights (1 byte each) and one fp32 scale per output row
+    assert down.b.bytes == down.a.bytes // 4 + 4 * d_out

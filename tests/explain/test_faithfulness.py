@@ -70,7 +70,13 @@ def test_long_inputs_use_a_subsampled_grid():
 def test_spearman():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2, 3], [0, 0, 0]) is None
+    assert spearman([0, 0, 0], [0, 0, 0]) == 1.0  # nothing changed: a failed randomization check, not n/a
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=20), rng.normal(size=20)
+    from scipy.stats import spearmanr
+
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
 
 
 def test_randomized_copy_changes_top_layers_only(make_tiny):

@@ -165,19 +165,18 @@ BAD = [
         422,
         "needs a causal language model",
     ),
-    ({"kind": "compare", "original": "tiny-llama", "compressed": "tiny-llama", "text": "hi"}, None, None),
+    (
+        {"kind": "compare", "original": "tiny-llama", "compressed": "tiny-llama", "text": "hi"},
+        422,
+        "two different models",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD, ids=[f"bad{i}" for i in range(len(BAD))])
 def test_bad_requests_get_a_clear_json_error(client, limits, body, status, message):
-    from lmscope.web import features
-
     limits.max_chars, limits.max_tokens = 200, 20
     r = client.post("/api/jobs", json=body)
-    if status is None:  # compare: 501 when compare is not in this build, else the same-model message
-        why = features.unavailable("compare")
-        status, message = (501, "not available") if why else (422, "two different models")
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
     assert client.get("/api/info").status_code == 200  # nothing broke
@@ -249,14 +248,13 @@ def test_compare_finds_the_changed_head(client, wait_job):
     assert r.status_code == 422 and "causal" in r.json()["error"] and "--" not in r.json()["error"]
 
 
-def test_explain_when_missing_says_so(client, monkeypatch):
-    from lmscope.web import features
+def test_info_lists_every_tab_and_the_registered_methods(client):
+    from lmscope.explain.attribution.base import method_names
 
-    monkeypatch.setitem(features.OPTIONAL, "explain", ("lmscope.explain.no_such_module", "explain"))
-    info = client.get("/api/info").json()["features"]["explain"]
-    assert info["available"] is False and "not available in this build" in info["reason"]
-    r = client.post("/api/jobs", json={"kind": "explain", "model": "tiny-llama", "text": "hi"})
-    assert r.status_code == 501 and "explain is not available in this build" in r.json()["error"]
+    info = client.get("/api/info").json()["features"]
+    assert all(f["available"] for f in info.values())
+    assert info["explain"]["methods"] == method_names()
+    assert info["explain"]["default_methods"] == ["saliency", "input_x_gradient", "occlusion"]
 
 
 def test_unknown_job_and_not_done_downloads(client):

@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import LmscopeError
-from .names import ATTENTION_INTERNALS, split
+from .names import ATTENTION_INTERNALS, expand, split
 
 ATTN_IMPL = "lmscope"
 
@@ -126,6 +126,16 @@ def _replace_first(output, new):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+def _resolve(lm, patterns, what: str) -> list[str]:
+    """Concrete hook names for ``patterns`` (globs as for capture); a pattern matching nothing is an error."""
+    try:
+        return expand(list(patterns), lm.n_layers, has_logits=lm.is_causal, moe=lm.family.moe)
+    except LmscopeError as e:
+        if what == "capture":
+            raise
+        raise LmscopeError(e.problem.replace("capture name", f"{what} name", 1), e.fix) from None
+
+
 class HookSession:
     """Record ``names`` and apply ``interventions`` while the ``with`` block runs forwards."""
 
@@ -137,8 +147,12 @@ class HookSession:
         keep_grad: bool = False,
     ):
         self.lm = lm
-        self.names = set(names)
-        self.interventions = dict(interventions or {})
+        self.names = set(_resolve(lm, names, "capture")) if names else set()
+        self.interventions = {
+            name: fn
+            for pat, fn in (interventions or {}).items()
+            for name in _resolve(lm, [pat], "intervention")
+        }
         self.keep_grad = keep_grad
         self.tensors: dict[str, torch.Tensor] = {}
         self._handles: list = []

@@ -74,11 +74,22 @@ def add_parser(sub) -> None:
         metavar="E",
         help="keep the rank holding this fraction of spectral energy",
     )
+    p.add_argument(
+        "--modules",
+        metavar="GLOBS",
+        help="comma-separated module fqn globs every step is limited to, e.g. 'model.layers.*.mlp.*' "
+        "(a glob matching nothing is an error)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p.add_argument("--recipe", help='a JSON recipe file ({"steps": [...]}) instead of the flags')
     p.add_argument(
         "--calibration-file", help="UTF-8 calibration text (default: lmscope's built-in calibration half)"
     )
     p.add_argument("--out", help="write the compressed model, report.html and compress.json here")
+
+
+def _only(options: dict, *keys) -> dict:
+    return {k: v for k, v in options.items() if k in keys}
 
 
 def build_recipe(args):
@@ -99,6 +110,10 @@ def build_recipe(args):
             raise LmscopeError(
                 "--recipe cannot be combined with step flags", "put every step in the recipe file"
             )
+        if getattr(args, "modules", None):
+            raise LmscopeError(
+                "--modules cannot be combined with --recipe", 'put "modules" in each recipe step'
+            )
         return Recipe.from_json(args.recipe)
     if args.group_size is not None and args.quantize is None:
         raise LmscopeError("--group-size needs --quantize int4 or gptq4", "add --quantize int4")
@@ -109,10 +124,12 @@ def build_recipe(args):
             "--prune-method needs --prune-heads, --prune-unstructured or --prune-neurons", "add one of them"
         )
     method = {"method": args.prune_method} if args.prune_method else {}
+    if getattr(args, "modules", None):
+        method["modules"] = tuple(g.strip() for g in args.modules.split(",") if g.strip())
     steps, lowrank_done = [], False
     for dest in order:
         if dest == "quantize":
-            steps.append(Quantize(args.quantize, group_size=args.group_size))
+            steps.append(Quantize(args.quantize, group_size=args.group_size, **_only(method, "modules")))
         elif dest == "prune_heads":
             steps.append(PruneHeads(args.prune_heads, **method))
         elif dest == "prune_unstructured":
@@ -120,9 +137,12 @@ def build_recipe(args):
         elif dest == "prune_neurons":
             steps.append(PruneNeurons(args.prune_neurons, **method))
         elif dest == "prune_layers":
-            steps.append(PruneLayers(tuple(parse_int_list(args.prune_layers, "--prune-layers") or ())))
+            layers = tuple(parse_int_list(args.prune_layers, "--prune-layers") or ())
+            steps.append(PruneLayers(layers, **_only(method, "modules")))
         elif dest in ("lowrank_rank", "lowrank_energy") and not lowrank_done:
-            steps.append(LowRank(rank=args.lowrank_rank, energy=args.lowrank_energy))
+            steps.append(
+                LowRank(rank=args.lowrank_rank, energy=args.lowrank_energy, **_only(method, "modules"))
+            )
             lowrank_done = True
     return Recipe.of(*steps)
 
@@ -140,7 +160,10 @@ def run(args) -> int:
 
     lm = load_model(args.model)
     recipe.check(lm)
-    result = compress(lm, recipe, calibration_text=calib)
+    from .. import progress
+
+    with progress.enabled(not getattr(args, "quiet", False)):
+        result = compress(lm, recipe, calibration_text=calib)
     print(result.to_text())
     from ..views.compress import removed_counts
 

@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
         "--decode-tokens", type=int, default=32, help="tokens generated for decode speed (default 32)"
     )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default: 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
 def run(args) -> int:
@@ -38,18 +39,20 @@ def run(args) -> int:
     text = read_text_file(args.text_file) if args.text_file else None
     if text is not None and not text.strip():
         raise LmscopeError(f"text file '{args.text_file}' is empty", "pass a file with some text")
+    from .. import progress
     from ..compress.evaluate import evaluate
 
     models = [load_model(spec) for spec in (args.model or ["smollm2"])]
-    result = evaluate(
-        models,
-        text=text,
-        windows=args.windows,
-        window_tokens=args.window_tokens,
-        latency=not args.no_latency,
-        decode_tokens=args.decode_tokens,
-        repeats=args.repeats,
-    )
+    with progress.enabled(not args.quiet):
+        result = evaluate(
+            models,
+            text=text,
+            windows=args.windows,
+            window_tokens=args.window_tokens,
+            latency=not args.no_latency,
+            decode_tokens=args.decode_tokens,
+            repeats=args.repeats,
+        )
     print(result.to_text())
     if args.out:
         with atomic_out(args.out) as tmp:

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ..errors import LmscopeError
+from ..progress import track
 from .recipe import Calibration, Recipe, StepConfig, handler_for
+from .size import state_bytes
 
 
 def as_recipe(recipe) -> Recipe:
@@ -32,17 +34,6 @@ def as_recipe(recipe) -> Recipe:
     raise LmscopeError(
         f"cannot read a recipe from {type(recipe).__name__}", "pass a Recipe, steps or a JSON path"
     )
-
-
-def state_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the state dict as stored (tied/shared tensors counted once)."""
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _params(model) -> int:
@@ -148,7 +139,8 @@ def compress(lm, recipe, calibration_text: str | None = None, inplace: bool = Fa
     infos = []
     start = time.perf_counter()
     with torch.no_grad():
-        for step, handler in zip(recipe.steps, handlers):
+        steps = list(zip(recipe.steps, handlers))
+        for step, handler in track(steps, "compress", unit="step") if len(steps) > 1 else steps:
             t = time.perf_counter()
             info = handler.apply(lm, step, calib) or {}
             info.setdefault("seconds", round(time.perf_counter() - t, 2))

@@ -50,15 +50,6 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def spearman(a, b) -> float | None:
-    from scipy.stats import spearmanr
-
-    a, b = list(map(float, a)), list(map(float, b))
-    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
-        return 1.0 if a == b else None
-    return float(spearmanr(a, b).statistic)
-
-
 def overlap_k(k: int, n_tokens: int) -> int:
     """The k actually used for a top-k overlap on ``n_tokens``: at most half of them (at least 1), since
     with k near n any two rankings share almost all of their top k (k = n gives 1.00 always)."""
@@ -175,6 +166,7 @@ class Comparison:
 
 def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
     from ..explain.attribution.base import get_method
+    from ..explain.faithfulness import spearman
     from ..explain.targets import Objective, Target, encode_prompt, make_target
 
     out = {}

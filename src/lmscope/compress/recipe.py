@@ -1,408 +1,65 @@
-"""Compression recipes: an ordered list of steps, each a frozen config dataclass that round-trips to a dict.
-
-The shared contract (torchao style: plain config data + one registered handler per step kind):
-
-* A step config is a frozen dataclass with a ``kind`` ClassVar. Bad values raise ``LmscopeError`` in
-  ``__post_init__`` (so the CLI exits 2 before any work); checks that need the model (a group size
-  that does not divide a layer's width, a layer index out of range) live in ``check(lm)``, which
-  ``compress`` calls for every step before it changes anything.
-* ``@register_step(ConfigClass)`` on a handler class registers one instance of it. A handler has
-  ``apply(lm, step, calib) -> dict`` (mutates ``lm.model`` in place; returns JSON-able info/metrics
-  for the report, saved in ``lmscope_recipe.json``) and ``rebuild(model, step, info) -> None``
-  (re-creates module structure/shapes on a freshly constructed model *before* its saved state dict is
-  loaded).
-* ``calib`` is a :class:`Calibration`: calibration text and token windows, built lazily, never
-  overlapping the evaluation text.
+"""Compression recipes: an ordered, validated list of step configs (``lmscope.compress.steps``) that
+round-trips to JSON and reproduces exactly. Handlers live in ``lmscope.compress.registry``, calibration in
+``lmscope.compress.calibration``; their names are re-exported here for existing imports.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
 from ..errors import LmscopeError
-
-# order in which stacked steps run: structure first, then factorization, quantization last
-STAGE_PRUNE, STAGE_LOWRANK, STAGE_QUANTIZE = 0, 1, 2
-
-QUANT_SCHEMES = ("int8", "int4", "w8a8", "w8a8-smooth", "gptq4")
-GROUP_SIZES = (32, 64, 128)
-HEAD_METHODS = ("importance", "magnitude", "random")
-UNSTRUCTURED_METHODS = ("magnitude", "wanda")
-NEURON_METHODS = ("magnitude", "activation", "random")
-
-
-def _fraction(name: str, value, *, allow_zero: bool = True, allow_one: bool = False, flag: str = "") -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise LmscopeError(f"{name} must be a number, got {value!r}", f"e.g. {flag or name} 0.25") from None
-    lo_ok = v >= 0 if allow_zero else v > 0
-    hi_ok = v <= 1 if allow_one else v < 1
-    if not (lo_ok and hi_ok) or v != v:
-        lo = "0" if allow_zero else "0 (excluded)"
-        hi = "1" if allow_one else "1 (excluded)"
-        raise LmscopeError(
-            f"{name} must be between {lo} and {hi}, got {value}",
-            f"pass a fraction such as {flag or name} 0.25",
-        )
-    return v
-
-
-def _choice(name: str, value, choices, flag: str = "") -> str:
-    if value not in choices:
-        raise LmscopeError(
-            f"unknown {name} '{value}'",
-            f"use one of: {', '.join(choices)}" + (f" (with {flag})" if flag else ""),
-        )
-    return value
-
-
-# -- base -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepConfig:
-    """Base of every step config. Subclasses set ``kind`` (the JSON tag) and ``stage``."""
-
-    kind: ClassVar[str] = ""
-    stage: ClassVar[int] = STAGE_PRUNE
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StepConfig:
-        d = dict(d)
-        d.pop("kind", None)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise LmscopeError(
-                f"recipe step '{cls.kind}' has unknown field(s) {', '.join(unknown)}",
-                f"allowed fields: {', '.join(sorted(names)) or '(none)'}",
-            )
-        return cls(**d)
-
-    def check(self, lm) -> None:
-        """Checks that need the model (shapes, layer counts). Raise LmscopeError; change nothing."""
-
-    def describe(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k != "kind" and v is not None)
-        return f"{self.kind}({args})"
-
-
-# -- quantization (lmscope.compress.quantize) ----------------------------------------------------------
-@dataclass(frozen=True)
-class Quantize(StepConfig):
-    """Quantize the linear layers (and for int4/gptq4 the tied embedding as int8) with one scheme.
-
-    ``scheme``: int8 (weight-only, per-channel), int4 (weight-only, group-wise, RTN), w8a8 (int8 weights,
-    dynamic per-token int8 activations), w8a8-smooth (w8a8 with SmoothQuant scaling from calibration
-    text; outlier channels kept in bf16 where smoothing is not enough), gptq4 (int4 via GPTQ).
-    ``alpha``: SmoothQuant migration strength. ``skip``: module-name globs left in full precision.
-    """
-
-    scheme: str = "int8"
-    group_size: int | None = None
-    alpha: float = 0.5
-    skip: tuple[str, ...] = ()
-
-    kind: ClassVar[str] = "quantize"
-    stage: ClassVar[int] = STAGE_QUANTIZE
-
-    def __post_init__(self):
-        _choice("quantization scheme", self.scheme, QUANT_SCHEMES, "--quantize")
-        grouped = self.scheme in ("int4", "gptq4")
-        if self.group_size is not None:
-            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-                raise LmscopeError(
-                    f"group size must be an integer, got {self.group_size!r}",
-                    "use --group-size 32, 64 or 128",
-                )
-            if not grouped:
-                raise LmscopeError(
-                    f"--group-size applies to int4/gptq4, not to '{self.scheme}' (which is per-channel)",
-                    "drop --group-size, or use --quantize int4",
-                )
-            if self.group_size not in GROUP_SIZES:
-                raise LmscopeError(
-                    f"group size {self.group_size} is not supported",
-                    f"use one of: {', '.join(map(str, GROUP_SIZES))}",
-                )
-        elif grouped:
-            object.__setattr__(self, "group_size", 64)
-        if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
-            raise LmscopeError(f"smoothing alpha must be in [0, 1], got {self.alpha}", "e.g. alpha 0.5")
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "skip", tuple(self.skip))
-
-    def check(self, lm) -> None:
-        if not self.group_size:
-            return
-        from torch import nn
-
-        for name, mod in lm.model.named_modules():
-            if isinstance(mod, nn.Linear) and mod.in_features % self.group_size:
-                raise LmscopeError(
-                    f"group size {self.group_size} does not divide the width {mod.in_features} of '{name}'",
-                    "choose a group size that divides every layer's input width (e.g. 32 or 64)",
-                )
-
-
-# -- pruning (lmscope.compress.prune; handlers by the pruning teammate) -----------------------------------
-@dataclass(frozen=True)
-class PruneHeads(StepConfig):
-    """Remove ``fraction`` of the attention heads (GQA aware), ranked by ``method``."""
-
-    fraction: float = 0.25
-    method: str = "importance"
-    seed: int = 0
-
-    kind: ClassVar[str] = "prune_heads"
-    stage: ClassVar[int] = STAGE_PRUNE
-
-    def __post_init__(self):
-        object.__setattr__(self, "fraction", _fraction("head fraction", self.fraction, flag="--prune-heads"))
-        _choice("head pruning method", self.method, HEAD_METHODS, "--prune-method")
-
-    def check(self, lm) -> None:
-        if self.fraction > 0:
-            from .prune.heads import check_head_surgery
-
-            check_head_surgery(lm)
-
-
-@dataclass(frozen=True)
-class PruneUnstructured(StepConfig):
-    """Zero ``sparsity`` of the linear weights (magnitude or Wanda); ``n_m`` like "2:4" for N:M sparsity."""
-
-    sparsity: float = 0.5
-    method: str = "magnitude"
-    n_m: str | None = None
-
-    kind: ClassVar[str] = "prune_unstructured"
-    stage: ClassVar[int] = STAGE_PRUNE
-
-    def __post_init__(self):
-        s = _fraction("sparsity", self.sparsity, flag="--prune-unstructured")
-        object.__setattr__(self, "sparsity", s)
-        _choice("unstructured pruning method", self.method, UNSTRUCTURED_METHODS, "--prune-method")
-        if self.n_m is not None:
-            try:
-                n, m = (int(x) for x in str(self.n_m).split(":"))
-            except ValueError:
-                raise LmscopeError(f"--n-m must look like 2:4, got '{self.n_m}'", "e.g. --n-m 2:4") from None
-            if not 0 < n < m:
-                raise LmscopeError(f"--n-m {self.n_m}: need 0 < N < M", "e.g. --n-m 2:4")
-            if abs(s - n / m) > 1e-9 and s != 0.5:
-                raise LmscopeError(
-                    f"--n-m {self.n_m} zeroes {n}/{m} of the weights, but sparsity {s} was asked",
-                    f"pass --prune-unstructured {n / m:g} with --n-m {self.n_m}",
-                )
-            object.__setattr__(self, "sparsity", n / m)
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        if self.n_m is None:
-            return None
-        n, m = (int(x) for x in self.n_m.split(":"))
-        return n, m
-
-
-@dataclass(frozen=True)
-class PruneNeurons(StepConfig):
-    """Remove ``fraction`` of the MLP hidden neurons in every layer, ranked by ``method``."""
-
-    fraction: float = 0.25
-    method: str = "magnitude"
-    seed: int = 0
-
-    kind: ClassVar[str] = "prune_neurons"
-    stage: ClassVar[int] = STAGE_PRUNE
-
-    def __post_init__(self):
-        object.__setattr__(
-            self, "fraction", _fraction("neuron fraction", self.fraction, flag="--prune-neurons")
-        )
-        _choice("neuron pruning method", self.method, NEURON_METHODS, "--prune-method")
-
-
-@dataclass(frozen=True)
-class PruneLayers(StepConfig):
-    """Remove whole transformer blocks by index."""
-
-    layers: tuple[int, ...] = ()
-
-    kind: ClassVar[str] = "prune_layers"
-    stage: ClassVar[int] = STAGE_PRUNE
-
-    def __post_init__(self):
-        try:
-            layers = tuple(int(i) for i in self.layers)
-        except (TypeError, ValueError):
-            raise LmscopeError(
-                f"layers to prune must be integers, got {self.layers!r}", "e.g. --prune-layers 3,7"
-            ) from None
-        if not layers:
-            raise LmscopeError("no layers given to prune", "e.g. --prune-layers 3,7")
-        if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
-            raise LmscopeError(
-                f"layers to prune must be distinct non-negative indices, got {list(layers)}",
-                "e.g. --prune-layers 3,7",
-            )
-        object.__setattr__(self, "layers", tuple(sorted(layers)))
-
-    def check(self, lm) -> None:
-        bad = [i for i in self.layers if i >= lm.n_layers]
-        if bad:
-            raise LmscopeError(
-                f"layer(s) {bad} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})",
-                "pass indices below the layer count",
-            )
-        if len(self.layers) >= lm.n_layers:
-            raise LmscopeError("cannot remove every layer", "keep at least one layer")
-
-
-@dataclass(frozen=True)
-class LowRank(StepConfig):
-    """Factor linear layers by SVD into two thinner ones: a fixed ``rank`` or the rank keeping ``energy``."""
-
-    rank: int | None = None
-    energy: float | None = None
-    activation_aware: bool = False
-    targets: tuple[str, ...] = ()  # module-name globs; empty = every block linear
-
-    kind: ClassVar[str] = "lowrank"
-    stage: ClassVar[int] = STAGE_LOWRANK
-
-    def __post_init__(self):
-        if (self.rank is None) == (self.energy is None):
-            raise LmscopeError(
-                "low-rank needs exactly one of a rank or an energy",
-                "pass --lowrank-rank R or --lowrank-energy E",
-            )
-        if self.rank is not None and (
-            isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1
-        ):
-            raise LmscopeError(
-                f"rank must be a positive integer, got {self.rank!r}", "e.g. --lowrank-rank 64"
-            )
-        if self.energy is not None:
-            e = _fraction("energy", self.energy, allow_zero=False, allow_one=True, flag="--lowrank-energy")
-            object.__setattr__(self, "energy", e)
-        object.__setattr__(self, "targets", tuple(self.targets))
-
-
-STEP_TYPES: dict[str, type[StepConfig]] = {
-    c.kind: c for c in (Quantize, PruneHeads, PruneUnstructured, PruneNeurons, PruneLayers, LowRank)
-}
-
-
-def register_step_type(cls: type[StepConfig]) -> type[StepConfig]:
-    """Register a new step config class (a frozen StepConfig dataclass with ``kind``/``stage`` ClassVars)."""
-    STEP_TYPES[cls.kind] = cls
-    return cls
-
-
-def step_from_dict(d: dict[str, Any]):
-    if not isinstance(d, dict) or "kind" not in d:
-        raise LmscopeError(
-            f"a recipe step must be an object with a 'kind', got {d!r}"[:200],
-            f'e.g. {{"kind": "quantize", "scheme": "int8"}}; kinds: {", ".join(STEP_TYPES)}',
-        )
-    cls = STEP_TYPES.get(d["kind"])
-    if cls is None:
-        raise LmscopeError(f"unknown recipe step kind '{d['kind']}'", f"use one of: {', '.join(STEP_TYPES)}")
-    try:
-        return cls.from_dict(d)
-    except TypeError as e:
-        raise LmscopeError(f"bad recipe step {d!r}: {e}"[:300], "check the field names and values") from None
-
-
-# -- handlers --------------------------------------------------------------------------------------
-class StepHandler(Protocol):
-    def apply(self, lm, step, calib: Calibration) -> dict: ...
-
-    def rebuild(self, model, step, info: dict) -> None: ...
-
-
-HANDLERS: dict[str, StepHandler] = {}
-
-# modules that register handlers when imported (a new step family adds its module here)
-HANDLER_MODULES = (
-    "lmscope.compress.quantize",
-    "lmscope.compress.prune",
-    "lmscope.compress.lowrank",
+from .calibration import Calibration
+from .registry import HANDLERS, StepHandler, handler_for, register_step
+from .steps import (
+    GROUP_SIZES,
+    HEAD_METHODS,
+    NEURON_METHODS,
+    QUANT_SCHEMES,
+    STAGE_LOWRANK,
+    STAGE_PRUNE,
+    STAGE_QUANTIZE,
+    STEP_TYPES,
+    UNSTRUCTURED_METHODS,
+    LowRank,
+    PruneHeads,
+    PruneLayers,
+    PruneNeurons,
+    PruneUnstructured,
+    Quantize,
+    StepConfig,
+    register_step_type,
+    step_from_dict,
 )
 
-
-def register_step(config_cls: type):
-    """Class decorator: ``@register_step(PruneHeads) class HeadPruner: def apply(...); def rebuild(...)``."""
-
-    def deco(handler_cls):
-        HANDLERS[config_cls.kind] = handler_cls() if isinstance(handler_cls, type) else handler_cls
-        return handler_cls
-
-    return deco
-
-
-def _import_handlers() -> None:
-    import importlib
-
-    for mod in HANDLER_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def handler_for(step) -> StepHandler:
-    if step.kind not in HANDLERS:
-        _import_handlers()
-    if step.kind not in HANDLERS:
-        raise LmscopeError(
-            f"no handler is registered for recipe step '{step.kind}'",
-            "this lmscope build does not implement it yet",
-        )
-    return HANDLERS[step.kind]
-
-
-# -- calibration ------------------------------------------------------------------------------------
-class Calibration:
-    """Calibration data for one ``compress`` call, built lazily (text -> token windows).
-
-    By default the calibration half of the built-in text (``lmscope.data.split_calibration_evaluation``),
-    which never overlaps the evaluation half.
-    """
-
-    def __init__(self, lm, text: str | None = None, window: int = 256, n_windows: int = 8):
-        self.lm = lm
-        self._text = text
-        self.window = window
-        self.n_windows = n_windows
-
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            from ..data import builtin_text, split_calibration_evaluation
-
-            self._text = split_calibration_evaluation(builtin_text())[0]
-        return self._text
-
-    def windows(self, window: int | None = None, n: int | None = None):
-        """Calibration token windows (``lmscope.data.token_windows``): a list of ``[1, window]`` LongTensors."""
-        from ..data import token_windows
-
-        window = min(window or self.window, self.lm.max_positions)
-        rows = token_windows(self.lm, self.text, max_tokens=window * (n or self.n_windows), window=window)
-        return [r[None] for r in rows]
+__all__ = [
+    "GROUP_SIZES",
+    "HANDLERS",
+    "HEAD_METHODS",
+    "NEURON_METHODS",
+    "QUANT_SCHEMES",
+    "STAGE_LOWRANK",
+    "STAGE_PRUNE",
+    "STAGE_QUANTIZE",
+    "STEP_TYPES",
+    "UNSTRUCTURED_METHODS",
+    "Calibration",
+    "LowRank",
+    "PruneHeads",
+    "PruneLayers",
+    "PruneNeurons",
+    "PruneUnstructured",
+    "Quantize",
+    "Recipe",
+    "StepConfig",
+    "StepHandler",
+    "handler_for",
+    "register_step",
+    "register_step_type",
+    "step_from_dict",
+]
 
 
 # -- recipes ---------------------------------------------------------------------------------------
@@ -479,7 +136,3 @@ class Recipe:
 
     def describe(self) -> str:
         return " -> ".join(s.describe() for s in self.steps)
-
-    @property
-    def quantize_step(self):
-        return next((s for s in self.steps if s.stage == STAGE_QUANTIZE), None)

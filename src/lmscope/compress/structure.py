@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .size import tensor_bytes, tensor_key
+
 
 @dataclass
 class ModuleInfo:
@@ -47,10 +49,6 @@ class DiffRow:
 
 
 MARK = {"same": " ", "changed": "~", "removed": "-", "added": "+"}
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _own_tensors(module: nn.Module):
@@ -99,14 +97,14 @@ def module_table(model: nn.Module) -> list[ModuleInfo]:
     """Every module that holds tensors (itself or below), in model order, with totals for containers."""
     rows: dict[str, ModuleInfo] = {}
     order = []
-    seen_tensors: set[int] = set()
+    seen_tensors: set[tuple] = set()
     for path, mod in model.named_modules(remove_duplicate=False):
         shape, dtype, n = _describe(mod)
         own_bytes = 0
         for _, t in _own_tensors(mod):
-            if id(t) not in seen_tensors:  # tied weights count once
-                seen_tensors.add(id(t))
-                own_bytes += _tensor_bytes(t)
+            if tensor_key(t) not in seen_tensors:  # tied weights count once
+                seen_tensors.add(tensor_key(t))
+                own_bytes += tensor_bytes(t)
             else:
                 n = 0 if getattr(mod, "bits", None) is None else n
                 shape = shape + " (tied)" if shape and "(tied)" not in shape else shape

@@ -157,6 +157,12 @@ def explain_objective(
     config = config or {}
     results, skipped = {}, {}
     names = resolve_methods(methods)
+    unknown = sorted(set(config) - set(method_names()))
+    if unknown:
+        raise LmscopeError(
+            f"settings given for unknown attribution method(s) {', '.join(map(repr, unknown))}",
+            f"key the settings by method name: {', '.join(method_names())}",
+        )
     for i, name in enumerate(names):
         method = get_method(name, **config.get(name, {}))
         why = method.supports(objective.lm)

@@ -132,12 +132,16 @@ def random_baseline(objective, n_orders: int = 3, seed: int = 0, max_points: int
     return faithfulness_many(objective, [], max_points, random_orders=n_orders, seed=seed)[1]
 
 
-def spearman(a, b) -> float:
+def spearman(a, b) -> float | None:
+    """Spearman rank correlation; 1.0 for two identical sequences (even constant ones: nothing changed),
+    None where it is undefined (under two values, or one side constant and the other not)."""
     from scipy.stats import spearmanr
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) >= 1 and a.shape == b.shape and np.array_equal(a, b):
+        return 1.0
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
+        return None
     return float(spearmanr(a, b).statistic)
 
 

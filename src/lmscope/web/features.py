@@ -2,13 +2,11 @@
 
 Each returns a ``Result``: ``view`` is the JSON the page draws (``Report.data()`` sections rendered by
 lmscope.js), ``report`` and ``data`` are the downloads — the same report.html / JSON the CLI writes.
-Explain, Heads and Compare come from the explain / compress packages; when those are missing from
-this build, ``unavailable(name)`` says so and the page shows that message instead of a result.
+Explain, Heads and Compare call the explain / compress packages, imported when a job first needs them.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,37 +25,19 @@ class Result:
     name: str = "result"
 
 
-# -- optional parts: (module, attribute) each tab needs ----------------------------------------------
-OPTIONAL = {
-    "explain": ("lmscope.explain.api", "explain"),
-    "heads": ("lmscope.explain.heads", "analyze_heads"),
-    "compare": ("lmscope.compress.compare", "compare"),
-}
-
-
-def _optional(name: str):
-    module, attr = OPTIONAL[name]
-    return getattr(importlib.import_module(module), attr)
-
-
-def unavailable(name: str) -> str | None:
-    """None when the ``name`` tab can run in this build; otherwise a one-line reason for the page."""
-    try:
-        _optional(name)
-    except (ImportError, AttributeError) as e:
-        module, attr = OPTIONAL[name]
-        return f"{name} is not available in this build ({module}.{attr} could not be imported: {e})"
-    return None
-
-
 def status() -> dict:
-    out = {}
-    for name in OPTIONAL:
-        why = unavailable(name)
-        out[name] = {"available": why is None, "reason": why}
-    out["explain"]["methods"] = explain_methods() if out["explain"]["available"] else []
-    out["explain"]["default_methods"] = [m for m in FAST_METHODS if m in out["explain"]["methods"]]
-    return out
+    """What the page's tabs offer (every tab is part of every build); Explain lists its methods."""
+    methods = explain_methods()
+    return {
+        "explain": {
+            "available": True,
+            "reason": None,
+            "methods": methods,
+            "default_methods": [m for m in FAST_METHODS if m in methods],
+        },
+        "heads": {"available": True, "reason": None},
+        "compare": {"available": True, "reason": None},
+    }
 
 
 #: checked on the page at start: one forward+backward or one pass per token each, seconds on CPU
@@ -66,12 +46,9 @@ FAST_METHODS = ("saliency", "input_x_gradient", "occlusion")
 
 
 def explain_methods() -> list[str]:
-    try:
-        from ..explain.attribution.base import method_names
+    from ..explain.attribution.base import method_names
 
-        return method_names()
-    except ImportError:
-        return []
+    return method_names()
 
 
 # -- Inspect ---------------------------------------------------------------------------------------
@@ -119,7 +96,7 @@ def explain(
 ) -> Result:
     """Token attributions per method with the faithfulness ranking (``lmscope explain``). With
     ``generate`` > 0, one step per greedily generated token; the page picks the step to show."""
-    run_explain = _optional("explain")
+    from ..explain.api import explain as run_explain
 
     def progress(fraction: float, message: str) -> None:  # called between methods: cancel lands there
         ctx.progress(0.02 + 0.93 * fraction, f"attribution: {message}")
@@ -161,9 +138,8 @@ def explain(
 
 def heads(ctx: JobContext, lm, text: str | None) -> Result:
     """Importance and characterization of every head (``lmscope heads``), on ``text`` or the built-in text."""
+    from ..explain.heads import analyze_heads
     from ..views.heads import heads_report
-
-    analyze_heads = _optional("heads")
 
     def progress(done: int, total: int) -> None:
         message = f"ablating heads: layer {done} of {total}"
@@ -197,7 +173,8 @@ def dla(ctx: JobContext, lm, text: str, target=None, contrast=None) -> Result:
 def compare(ctx: JobContext, original, compressed, text: str) -> Result:
     """Original vs compressed on ``text`` (``lmscope compare``): attention divergence, attribution
     agreement, logit-lens drift and the structure diff."""
-    run_compare = _optional("compare")
+    from ..compress.compare import compare as run_compare
+
     ctx.progress(0.05, f"comparing {original.name} with {compressed.name}")
     result = run_compare(original, compressed, text)
     ctx.progress(0.8, "building the views")

@@ -233,9 +233,6 @@ class App:
                     "'scored_on' must be 'builtin' (the built-in text) or 'text' (the text sent)"
                 )
             text = self.text(data, entry) if scored_on == "text" else None
-            why = features.unavailable("heads")
-            if why:
-                raise BadRequest(why, 501)
             return self.jobs.submit(kind, entry.id, lambda ctx: features.heads(ctx, lm, text))
         text = self.text(data, entry)
         if kind == "inspect":
@@ -272,9 +269,6 @@ class App:
                 raise BadRequest(
                     "generation steps explain each generated token: leave target and contrast empty"
                 )
-            why = features.unavailable("explain")
-            if why:
-                raise BadRequest(why, 501)
             known = features.explain_methods()
             unknown = [m for m in methods or [] if m not in known]
             if unknown:
@@ -293,9 +287,6 @@ class App:
         raise BadRequest(f"unknown job kind '{kind}'")
 
     def _compare_job(self, data: dict):
-        why = features.unavailable("compare")
-        if why:
-            raise BadRequest(why, 501)
         original = self.model(data, "original")
         compressed = self.model(data, "compressed")
         if original.id == compressed.id:

@@ -5,7 +5,8 @@ Importing this package registers the recipe step handlers with ``lmscope.compres
 
 from __future__ import annotations
 
-from ..recipe import PruneHeads, PruneLayers, PruneNeurons, PruneUnstructured, register_step
+from ..registry import register_step
+from ..steps import PruneHeads, PruneLayers, PruneNeurons, PruneUnstructured
 from .heads import head_scores, plan_heads, prune_heads, rebuild_heads, remove_heads
 from .layers import block_influence, prune_layers, rebuild_layers, remove_layers
 from .neurons import neuron_scores, prune_neurons, rebuild_neurons, remove_neurons
@@ -15,7 +16,8 @@ from .unstructured import HONEST_NOTE, prune_unstructured
 @register_step(PruneUnstructured)
 class UnstructuredPruner:
     def apply(self, lm, step, calib) -> dict:
-        return prune_unstructured(lm, step.sparsity, step.method, step.n_m, calib)
+        only = step.selected_modules(lm) if step.modules else None
+        return prune_unstructured(lm, step.sparsity, step.method, step.n_m, calib, targets=only)
 
     def rebuild(self, model, step, info) -> None:
         """Nothing to rebuild: the zeros live in the dense state dict."""
@@ -24,7 +26,7 @@ class UnstructuredPruner:
 @register_step(PruneHeads)
 class HeadPruner:
     def apply(self, lm, step, calib) -> dict:
-        return prune_heads(lm, step.fraction, step.method, calib, step.seed)
+        return prune_heads(lm, step.fraction, step.method, calib, step.seed, layers=step.selected_layers(lm))
 
     def rebuild(self, model, step, info) -> None:
         rebuild_heads(model, info)
@@ -33,7 +35,9 @@ class HeadPruner:
 @register_step(PruneNeurons)
 class NeuronPruner:
     def apply(self, lm, step, calib) -> dict:
-        return prune_neurons(lm, step.fraction, step.method, calib, step.seed)
+        return prune_neurons(
+            lm, step.fraction, step.method, calib, step.seed, layers=step.selected_layers(lm)
+        )
 
     def rebuild(self, model, step, info) -> None:
         rebuild_neurons(model, info)

@@ -10,9 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+from ..targets import is_conv1d
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -60,18 +58,3 @@ def keep_inputs(module: nn.Module, index: Iterable[int]) -> nn.Module:
     w = weight_out_in(module).detach()[:, idx]
     b = module.bias.detach() if getattr(module, "bias", None) is not None else None
     return _new_like(module, w, b)
-
-
-def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
-
-
-def block_linears(lm) -> list[tuple[str, nn.Module]]:
-    """(full path, module) of every Linear/Conv1D inside the transformer blocks, in model order."""
-    prefix = lm.family.blocks
-    found = []
-    for name, mod in lm.model.get_submodule(prefix).named_modules():
-        if isinstance(mod, nn.Linear) or is_conv1d(mod):
-            found.append((f"{prefix}.{name}", mod))
-    return found

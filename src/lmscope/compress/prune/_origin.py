@@ -21,11 +21,3 @@ def get_origin(model, n_layers: int | None = None, n_heads: int | None = None) -
 
 def set_origin(model, origin: dict) -> None:
     setattr(model.config, KEY, {"layers": list(origin["layers"]), "heads": dict(origin["heads"])})
-
-
-def original_heads(model, layer: int) -> list[int]:
-    return get_origin(model)["heads"][str(layer)]
-
-
-def original_layers(model) -> list[int]:
-    return get_origin(model)["layers"]

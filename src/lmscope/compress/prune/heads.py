@@ -7,8 +7,8 @@ when its whole group goes. Per-layer head counts may differ; ``lm.n_heads_at(i)`
 
 Which heads go is chosen by an exact dynamic program over layers: for a target number of removed heads it
 minimises the summed score of the removed heads under the grouping constraint. Scores come from
-``importance`` (gradient of the calibration loss w.r.t. a per-head gate, Michel et al. 2019, or the explain
-teammate's ``head_importance`` when available), ``magnitude`` (‖W_O^h‖·‖W_V^kv(h)‖) or ``random`` (a seeded
+``importance`` (gradient of the calibration loss w.r.t. a per-head gate, Michel et al. 2019, computed by
+``lmscope.explain.heads.head_importance``), ``magnitude`` (‖W_O^h‖·‖W_V^kv(h)‖) or ``random`` (a seeded
 baseline).
 """
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ...errors import LmscopeError
-from ._calib import calibration_inputs
-from ._linear import keep_inputs, keep_outputs, set_module, weight_out_in
+from ..calibration import calibration_inputs
+from ..targets import set_module
+from ._linear import keep_inputs, keep_outputs, weight_out_in
 from ._origin import get_origin, set_origin
 
 ORDERS = ("importance", "magnitude", "random")
@@ -173,10 +174,17 @@ def _layer_options(scores: torch.Tensor, per_kv: int) -> dict[int, tuple[float, 
     return options
 
 
-def plan_heads(lm, scores: list[torch.Tensor], n_remove: int) -> dict[int, list[int]]:
+def plan_heads(lm, scores: list[torch.Tensor], n_remove: int, layers=None) -> dict[int, list[int]]:
     """Kept heads per layer (current numbering) removing ``n_remove`` heads in total, or the nearest count
-    the grouping allows; minimises the summed score of the removed heads (exact DP over layers)."""
-    options = [_layer_options(scores[i], layer_layout(lm, i)[1]) for i in range(lm.n_layers)]
+    the grouping allows; minimises the summed score of the removed heads (exact DP over layers).
+    ``layers``: the only layers that may lose heads (None: all)."""
+    allowed = set(range(lm.n_layers)) if layers is None else set(layers)
+    options = [
+        _layer_options(scores[i], layer_layout(lm, i)[1])
+        if i in allowed
+        else {0: (0.0, list(range(len(scores[i]))))}
+        for i in range(lm.n_layers)
+    ]
     best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}  # removed so far -> (cost, choice per layer)
     for opts in options:
         nxt: dict[int, tuple[float, list[int]]] = {}
@@ -251,17 +259,22 @@ def remove_heads(lm, keep: dict[int, list[int]], track_origin: bool = True) -> d
     return info
 
 
-def prune_heads(lm, fraction: float = 0.25, order: str = "importance", calib=None, seed: int = 0) -> dict:
-    """Remove ``fraction`` of all query heads (GQA aware) chosen by ``order``; returns the step info."""
+def prune_heads(
+    lm, fraction: float = 0.25, order: str = "importance", calib=None, seed: int = 0, layers=None
+) -> dict:
+    """Remove ``fraction`` of the query heads (GQA aware) chosen by ``order``; returns the step info.
+
+    ``layers``: only these layers lose heads, and ``fraction`` is of their heads (None: every layer)."""
     if not 0.0 <= fraction < 1.0:
         raise LmscopeError(f"head fraction {fraction} is outside [0, 1)", "use e.g. 0.25")
     total = sum(lm.n_heads_at(i) for i in range(lm.n_layers))
-    target = int(round(total * fraction))
+    eligible = total if layers is None else sum(lm.n_heads_at(i) for i in layers)
+    target = int(round(eligible * fraction))
     if target == 0:
         return {"order": order, "heads_before": total, "heads_removed": 0, "layers": {}}
     check_head_surgery(lm)
     scores = head_scores(lm, order, calib, seed)
-    keep = plan_heads(lm, scores, target)
+    keep = plan_heads(lm, scores, target, layers)
     before = {i: lm.n_heads_at(i) for i in keep}
     changed = {i: k for i, k in keep.items() if len(k) < before[i]}
     probe, masked = _masked_reference(lm, changed)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ...errors import LmscopeError
-from ._calib import calibration_inputs
+from ...progress import track
+from ..calibration import calibration_inputs
 from ._origin import get_origin, set_origin
 
 
@@ -22,7 +23,7 @@ def block_influence(lm, calib=None) -> list[float]:
     total = torch.zeros(lm.n_layers, dtype=torch.float64)
     count = 0
     with torch.no_grad():
-        for batch in calibration_inputs(lm, calib):
+        for batch in track(calibration_inputs(lm, calib), "calibration", unit="window"):
             with hooks(lm, names) as s:
                 lm.forward(batch)
             for i in range(lm.n_layers):
@@ -31,11 +32,6 @@ def block_influence(lm, calib=None) -> list[float]:
                 total[i] += (1 - nn.functional.cosine_similarity(a, b, dim=-1)).double().sum()
             count += batch["input_ids"].shape[1]
     return (total / max(count, 1)).tolist()
-
-
-def least_influential(lm, n: int, calib=None) -> list[int]:
-    scores = block_influence(lm, calib)
-    return sorted(sorted(range(lm.n_layers), key=lambda i: scores[i])[:n])
 
 
 def _renumber(lm) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from ...errors import LmscopeError
-from ._calib import calibration_inputs
-from ._linear import keep_inputs, keep_outputs, set_module, weight_out_in
+from ...progress import track
+from ..calibration import calibration_inputs
+from ..targets import set_module
+from ._linear import keep_inputs, keep_outputs, weight_out_in
 from ._origin import get_origin
 
 ORDERS = ("magnitude", "activation", "random")
@@ -46,7 +48,7 @@ def neuron_scores(lm, order: str = "magnitude", calib=None, seed: int = 0) -> li
             handles.append(b.get_submodule(fam.mlp_out).register_forward_pre_hook(make(i)))
         try:
             with torch.no_grad():
-                for batch in calibration_inputs(lm, calib):
+                for batch in track(calibration_inputs(lm, calib), "calibration", unit="window"):
                     lm.forward(batch)
                     count += int(batch["attention_mask"].sum())
         finally:
@@ -74,8 +76,12 @@ def remove_neurons(lm, keep: dict[int, list[int]]) -> dict:
     return info
 
 
-def prune_neurons(lm, fraction: float = 0.25, order: str = "magnitude", calib=None, seed: int = 0) -> dict:
-    """Remove ``fraction`` of every layer's MLP hidden units, chosen by ``order``; returns the step info."""
+def prune_neurons(
+    lm, fraction: float = 0.25, order: str = "magnitude", calib=None, seed: int = 0, layers=None
+) -> dict:
+    """Remove ``fraction`` of every layer's MLP hidden units, chosen by ``order``; returns the step info.
+
+    ``layers``: only these layers lose neurons (None: every layer)."""
     if not 0.0 <= fraction < 1.0:
         raise LmscopeError(f"neuron fraction {fraction} is outside [0, 1)", "use e.g. 0.25")
     before = sum(lm.d_mlp_at(i) for i in range(lm.n_layers))
@@ -84,6 +90,8 @@ def prune_neurons(lm, fraction: float = 0.25, order: str = "magnitude", calib=No
     scores = neuron_scores(lm, order, calib, seed)
     keep = {}
     for i, s in enumerate(scores):
+        if layers is not None and i not in layers:
+            continue
         n_keep = max(1, len(s) - int(round(len(s) * fraction)))
         keep[i] = torch.topk(s, n_keep).indices.tolist()
     layers = remove_neurons(lm, keep)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from ...errors import LmscopeError
-from ._calib import input_sq_norms
-from ._linear import block_linears, weight_out_in
+from ...progress import track
+from ..calibration import input_sq_norms
+from ..targets import block_linears
+from ._linear import weight_out_in
 
 HONEST_NOTE = (
     "unstructured sparsity saves neither time nor bytes unless stored sparse: the pruned weights are "
@@ -109,7 +111,7 @@ def prune_unstructured(
     layer_sparsity, zeros, total = {}, 0, 0
     if sparsity > 0:
         all_scores = scores(lm, method, mods, calib)
-    for path, mod in mods:
+    for path, mod in track(mods, f"prune {method}", unit="layer"):
         w = weight_out_in(mod)
         if sparsity > 0:
             mask = keep_mask(all_scores[path], sparsity, per_row=(method == "wanda"), nm=pattern)

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 
 import torch
 from torch import nn
 
-from ..recipe import Quantize, register_step
+from ...errors import LmscopeError
+from ...progress import track
+from ..calibration import capture_inputs
+from ..registry import register_step
+from ..steps import Quantize
+from ..targets import block_linears, is_conv1d, set_module
 from . import _common as C
 
 SCHEMES: dict[str, Callable] = {}
@@ -33,6 +39,22 @@ class Quantized:
     meta: dict = field(default_factory=dict)
 
 
+#: modules of this package that hold no scheme (``_private`` ones are skipped too)
+NOT_SCHEMES = frozenset({"affine", "modules"})
+
+
+def load_schemes() -> dict[str, Callable]:
+    """Import every scheme module of this package (each ``@scheme`` registers itself); a new scheme is a
+    new file here, plus its name in ``lmscope.compress.steps.QUANT_SCHEMES`` (what configs accept)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name not in NOT_SCHEMES:
+            importlib.import_module(f"{__name__}.{info.name}")
+    return SCHEMES
+
+
 def scheme(name: str):
     def deco(fn):
         SCHEMES[name] = fn
@@ -41,33 +63,65 @@ def scheme(name: str):
     return deco
 
 
+def quantize_targets(lm, step: Quantize) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers inside the blocks (model-relative names), minus the ``skip`` globs. GPT-2-style
+    Conv1D layers are swapped for the equivalent nn.Linear first, so every scheme applies to them."""
+    out = []
+    for n, m in block_linears(lm, conv1d=True):
+        if any(fnmatch(n, p) for p in step.skip):
+            continue
+        if is_conv1d(m):
+            m = C.as_linear(m)
+            set_module(lm.model, n, m)
+        out.append((n, m))
+    if not out:
+        raise LmscopeError(
+            f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
+            "quantization supports Linear-based families such as llama/qwen2/mistral and bert",
+        )
+    return out
+
+
 @register_step(Quantize)
 class QuantizeHandler:
     def apply(self, lm, step: Quantize, calib) -> dict:
-        from . import gptq, int4, int8, smooth, w8a8  # noqa: F401  (register the schemes)
-
-        targets = C.block_linears(lm, step.skip)
+        load_schemes()
+        targets = quantize_targets(lm, step)
+        embedding, selected = True, set()
+        if step.modules:  # the module filter: only the selected layers (and the embedding if selected)
+            selected = set(step.selected_modules(lm))
+            targets = [(n, m) for n, m in targets if n in selected]
+            embedding = lm.family.embed in selected
+            if not targets:
+                raise LmscopeError(
+                    f"the module filter {list(step.modules)} selects no linear layer to quantize",
+                    "add a glob that matches block linears, e.g. model.layers.*.mlp.*",
+                )
         names = [n for n, _ in targets]
         windows = calib.windows() if calib is not None else []
-        inputs = C.capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
-        done: list[Quantized] = SCHEMES[step.scheme](lm, step, calib, targets)
+        inputs = capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
+        done: list[Quantized] = SCHEMES[step.scheme](
+            lm, step, calib, track(targets, f"quantize {step.scheme}", unit="layer")
+        )
         rows, modules = [], {}
         for q in done:
             x = inputs.get(q.name)
             if x is not None and q.input_scale is not None:
                 x = x / q.input_scale
             rows.append(C.error_row(q.name, q.ref_weight, q.bias, q.module, x, q.how))
-            C.set_module(lm.model, q.name, q.module)
+            set_module(lm.model, q.name, q.module)
             modules[q.name] = {"kind": q.kind, **q.meta}
         experts = {}
         for name, mod in C.experts_of(lm):  # MoE experts: int8 per (expert, output row) under every scheme
+            if step.modules and name not in selected:
+                continue
             new, expert_rows = quantize_experts(mod)
-            C.set_module(lm.model, name, new)
+            set_module(lm.model, name, new)
             experts[name] = {"kind": "int8-experts", "params": list(new._lmscope_qparams)}
             rows.extend(
                 C._row(f"{name}.{p}", w, w_hat, 8, "int8 per expert row") for p, w, w_hat in expert_rows
             )
-        emb = C.quantize_embeddings(lm)
+        emb = C.quantize_embeddings(lm) if embedding else None
         if emb is not None:
             rows.extend(emb.pop("rows"))
         return {
@@ -83,11 +137,9 @@ class QuantizeHandler:
         for name, meta in info["modules"].items():
             lin = model.get_submodule(name)
             n_in, n_out = C.io_features(lin)
-            C.set_module(model, name, C.empty_module(meta["kind"], n_in, n_out, lin.bias is not None, meta))
+            set_module(model, name, C.empty_module(meta["kind"], n_in, n_out, lin.bias is not None, meta))
         for name, meta in (info.get("experts") or {}).items():
-            C.set_module(
-                model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0]
-            )
+            set_module(model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0])
         if info.get("embedding"):
             C.rebuild_embeddings(model, info["embedding"])
 

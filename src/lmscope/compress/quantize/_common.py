@@ -3,12 +3,11 @@ the tied int8 embedding/head, and the per-layer error rows."""
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
 from ...errors import LmscopeError
+from ..targets import set_module
 from .affine import QuantSpec, affine_params, pack_int4, quantize, sqnr
 from .modules import Int4Linear, Int8Embedding, Int8Linear, Int8TiedHead, QuantizedLinear, W8A8Linear
 
@@ -18,50 +17,6 @@ ERROR_TOKENS = 64  # calibration tokens used for the per-layer output error
 
 def int4_spec(group_size: int) -> QuantSpec:
     return QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=group_size)
-
-
-def as_linear(conv: nn.Module) -> nn.Linear:
-    """GPT-2's Conv1D (``x @ W + b``, W stored [in, out]) as the nn.Linear computing the same map."""
-    w = conv.weight.detach()
-    lin = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w.t())
-        if conv.bias is not None:
-            lin.bias.copy_(conv.bias.detach())
-    return lin
-
-
-def block_linears(lm, skip=()) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear layers inside the transformer blocks (model-relative names), minus ``skip`` globs.
-
-    GPT-2-style Conv1D layers are swapped for the equivalent nn.Linear first, so every scheme applies to them.
-    """
-    prefix = lm.family.blocks
-    out = []
-    for name, mod in list(lm.model.named_modules()):
-        if not name.startswith(prefix + "."):
-            continue
-        if type(mod).__name__ == "Conv1D":
-            if any(fnmatch.fnmatch(name, pat) for pat in skip):
-                continue
-            mod = as_linear(mod)
-            set_module(lm.model, name, mod)
-        elif not isinstance(mod, nn.Linear):
-            continue
-        if any(fnmatch.fnmatch(name, pat) for pat in skip):
-            continue
-        out.append((name, mod))
-    if not out:
-        raise LmscopeError(
-            f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
-            "quantization supports Linear-based families such as llama/qwen2/mistral and bert",
-        )
-    return out
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _copy_bias(linear: nn.Linear, q: QuantizedLinear) -> None:
@@ -108,6 +63,17 @@ def make_int4(linear: nn.Linear, group_size: int, codes=None, scale=None, zero=N
     q.zero.copy_(zero.reshape(linear.out_features, -1).to(torch.uint8))
     _copy_bias(linear, q)
     return q
+
+
+def as_linear(conv: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D (``x @ W + b``, W stored [in, out]) as the nn.Linear computing the same map."""
+    w = conv.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias.detach())
+    return lin
 
 
 def io_features(module: nn.Module) -> tuple[int, int]:
@@ -180,27 +146,6 @@ def rebuild_embeddings(model: nn.Module, info: dict) -> None:
 
 
 # -- calibration inputs and error rows -------------------------------------------------------------------
-@torch.no_grad()
-def capture_inputs(lm, names: list[str], windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The input rows ``[tokens, in_features]`` each named module sees over ``windows`` (float32)."""
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = []
-    for n in names:
-
-        def pre(mod, args, n=n):
-            x = args[0]
-            got[n].append(x.detach().reshape(-1, x.shape[-1]).float())
-
-        handles.append(lm.model.get_submodule(n).register_forward_pre_hook(pre))
-    try:
-        for ids in windows:
-            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in got.items() if v}
-
-
 def _row(name, w, w_hat, bits, how, out_sqnr=None, rel_err=None) -> dict:
     return {
         "layer": name,

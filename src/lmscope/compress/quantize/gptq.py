@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ...progress import track
+from ..targets import set_module
 from . import Quantized, scheme
 from . import _common as C
 from .affine import affine_params
@@ -100,7 +102,7 @@ def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
     inputs = _block_inputs(lm, calib.windows())
     hidden = [a[0] for a, _ in inputs]
     out: list[Quantized] = []
-    for i, block in enumerate(lm.blocks):
+    for i, block in track(list(enumerate(lm.blocks)), "GPTQ", unit="block"):
         mine = {n: m for n, m in by_name.items() if n.startswith(f"{prefix}.{i}.")}
         H = {n: torch.zeros(m.in_features, m.in_features) for n, m in mine.items()}
         count = {n: 0 for n in mine}
@@ -135,6 +137,6 @@ def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
                     meta={"group_size": g},
                 )
             )
-            C.set_module(lm.model, n, q)  # the next blocks see this block's quantized outputs
+            set_module(lm.model, n, q)  # the next blocks see this block's quantized outputs
         hidden = [_first(block(h, *args[1:], **kwargs)) for (args, kwargs), h in zip(inputs, hidden)]
     return out

@@ -65,9 +65,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _straight_through(self, x)
 
-    def stored_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
-
     def logical_numel(self) -> int:  # the weight it stands for (its bias is a Parameter, counted apart)
         return self.in_features * self.out_features
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ...progress import track
 from . import Quantized, scheme
 from . import _common as C
 from .affine import fake_quantize
@@ -45,7 +46,7 @@ def _activation_stats(lm, names, windows):
 
         handles.append(lm.model.get_submodule(n).register_forward_pre_hook(pre))
     try:
-        for ids in windows:
+        for ids in track(windows, "SmoothQuant statistics", unit="window"):
             lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             seen["tokens"] += ids.shape[1]
     finally:

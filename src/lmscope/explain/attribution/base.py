@@ -2,7 +2,8 @@
 
 A method is one file in this package: a dataclass whose fields are its configuration (plain data,
 ``to_dict()`` round-trips), decorated with ``@register``, with one method ``attribute(objective)``.
-Adding a method adds a file and a row in the contract-test table (tests/explain/test_attribution.py).
+Adding a method adds a file (``_load_all`` finds it) and a row in the contract-test table
+(tests/explain/test_attribution.py).
 """
 
 from __future__ import annotations
@@ -99,25 +100,43 @@ def method_names() -> list[str]:
 
 
 def get_method(name: str, **config) -> AttributionMethod:
-    """An instance of the method registered as ``name``; ``config`` keys it does not have are ignored."""
+    """An instance of the method registered as ``name``. A ``config`` key the method does not have is an
+    error naming the ones it has; a value of None means "the default"."""
     _load_all()
     if name not in REGISTRY:
         raise LmscopeError(
             f"unknown attribution method '{name}'", f"use one of: {', '.join(REGISTRY)} (or --methods list)"
         )
     cls = REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in fields and v is not None})
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(config) - set(fields))
+    if unknown:
+        raise LmscopeError(
+            f"attribution method '{name}' has no setting {', '.join(map(repr, unknown))}",
+            f"its settings are: {', '.join(fields) or '(none)'}",
+        )
+    return cls(**{k: v for k, v in config.items() if v is not None})
+
+
+#: modules of this package that hold no method
+NOT_METHODS = frozenset({"base", "report"})
+_loaded = False
 
 
 def _load_all() -> None:
-    from . import (  # noqa: F401  (importing registers)
-        attention_flow,
-        attention_rollout,
-        input_x_gradient,
-        integrated_gradients,
-        kernel_shap,
-        logit_lens,
-        occlusion,
-        saliency,
-    )
+    """Import every module of this package once: each ``@register``-decorated method registers itself.
+
+    Found with ``pkgutil``, so adding a method is adding a file; ``_private`` modules and ``NOT_METHODS``
+    are skipped.
+    """
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__name__.rpartition(".")[0])
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_") and info.name not in NOT_METHODS:
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    _loaded = True

@@ -13,9 +13,12 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from ..errors import LmscopeError
-from .prune._linear import block_linears, is_conv1d, set_module, weight_out_in
-from .recipe import LowRank, register_step
+from ...errors import LmscopeError
+from ...progress import track
+from ..prune._linear import weight_out_in
+from ..registry import register_step
+from ..steps import LowRank
+from ..targets import block_linears, is_conv1d, set_module
 
 
 class LowRankLinear(nn.Module):
@@ -68,7 +71,7 @@ def factorize(module: nn.Module, rank: int | None = None, energy: float | None =
     return new, r, kept_energy
 
 
-def _targets(lm, patterns) -> list[tuple[str, nn.Module]]:
+def lowrank_targets(lm, patterns=()) -> list[tuple[str, nn.Module]]:
     found = block_linears(lm)
     fam = lm.family
     # GPT-2's o / mlp_out are Conv1D whose weight layout lmscope reads for head and neuron counts: leave them
@@ -98,18 +101,21 @@ def lowrank(
     activation_aware: bool = False,
     targets=(),
     calib=None,
+    only=None,
 ) -> dict:
     """Factorize the block linears of ``lm`` in place; returns the info a rebuild needs (rank per layer)."""
     if (rank is None) == (energy is None):
         raise LmscopeError("low-rank needs exactly one of a rank or an energy", "pass rank=... or energy=...")
-    mods = _targets(lm, targets)
+    mods = lowrank_targets(lm, targets)
+    if only is not None:  # a step's module filter (paths already validated)
+        mods = [(p, m) for p, m in mods if p in set(only)]
     norms = None
     if activation_aware:
-        from .prune._calib import input_sq_norms
+        from ..calibration import input_sq_norms
 
         norms = {p: v.sqrt() for p, v in input_sq_norms(lm, calib, [p for p, _ in mods]).items()}
     layers, before, after = {}, 0, 0
-    for path, mod in mods:
+    for path, mod in track(mods, "low-rank SVD", unit="layer"):
         n = weight_out_in(mod).numel()
         new, r, kept = factorize(mod, rank, energy, None if norms is None else norms[path])
         before += n
@@ -144,7 +150,8 @@ def rebuild_lowrank(model, info: dict) -> None:
 @register_step(LowRank)
 class LowRankHandler:
     def apply(self, lm, step, calib) -> dict:
-        return lowrank(lm, step.rank, step.energy, step.activation_aware, step.targets, calib)
+        only = step.selected_modules(lm) if step.modules else None
+        return lowrank(lm, step.rank, step.energy, step.activation_aware, step.targets, calib, only=only)
 
     def rebuild(self, model, step, info) -> None:
         rebuild_lowrank(model, info)
