@@ -65,10 +65,10 @@ def _scanner_class(ray):
             if str(next(self.lm.model.parameters()).dtype).replace("torch.", "") != dtype:
                 self.lm.model.to(getattr(torch, dtype))
 
-        def run(self, windows, settings):
+        def run(self, batches, settings):
             from .shard import run_shard
 
-            return {k: v.numpy() for k, v in run_shard(self.lm, windows, settings).items()}
+            return {k: v.numpy() for k, v in run_shard(self.lm, batches, settings).items()}
 
     return ShardScanner
 
@@ -76,6 +76,8 @@ def _scanner_class(ray):
 def run_on_ray(lm, todo, settings, address: str, workers: int):
     """Yield (index, shard, partial state) for every (index, shard) of ``todo``, in order, computed on Ray."""
     import torch
+
+    from .engine import as_jobs
 
     ray = require_ray()
     if not lm.path:
@@ -94,9 +96,7 @@ def run_on_ray(lm, todo, settings, address: str, workers: int):
         pending = []  # (index, shard) submitted and not yet returned, in order
 
         def submit(index, shard):
-            pool.submit(
-                lambda actor, job: actor.run.remote(*job), ([(w.index, w.ids) for w in shard], settings)
-            )
+            pool.submit(lambda actor, job: actor.run.remote(*job), (as_jobs(shard), settings))
             pending.append((index, shard))
 
         for index, shard in todo:

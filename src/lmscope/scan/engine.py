@@ -28,7 +28,7 @@ from ..fsutil import atomic_directory
 from .corpus import Corpus
 from .shard import Settings, merge_state, run_shard
 from .stats import decode, hist_edges
-from .windows import Window, windows
+from .windows import Window, batches, windows
 
 FORMAT_VERSION = 1
 NOT_SCANNABLE = {"attn.pattern": "--heads", "attn.scores": "--heads", "logits": "lmscope inspect"}
@@ -78,17 +78,23 @@ def model_identity(lm) -> dict:
     }
 
 
-def shards(stream: Iterator[Window], shard_tokens: int) -> Iterator[list[Window]]:
-    """Consecutive windows grouped until ``shard_tokens`` tokens (at least one window per shard)."""
+def shards(stream: Iterator[list[Window]], shard_tokens: int) -> Iterator[list[list[Window]]]:
+    """Consecutive batches grouped until ``shard_tokens`` tokens (at least one batch per shard)."""
     cur, size = [], 0
-    for w in stream:
-        if cur and size + len(w.ids) > shard_tokens:
+    for batch in stream:
+        tokens = sum(len(w.ids) for w in batch)
+        if cur and size + tokens > shard_tokens:
             yield cur
             cur, size = [], 0
-        cur.append(w)
-        size += len(w.ids)
+        cur.append(batch)
+        size += tokens
     if cur:
         yield cur
+
+
+def as_jobs(shard: list[list[Window]]) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """A shard's batches as plain (window index, ids) pairs: what ``run_shard`` takes (and Ray ships)."""
+    return [[(w.index, w.ids) for w in batch] for batch in shard]
 
 
 def _fmt_time(seconds: float) -> str:
@@ -234,8 +240,9 @@ def scan(
     tokens_done = sum(s["tokens"] for s in ckpt.meta["shards"])
     t0, tokens_at_start = time.perf_counter(), tokens_done
 
-    def commit(index: int, shard: list[Window], part: dict[str, torch.Tensor]) -> None:
+    def commit(index: int, shard_batches: list[list[Window]], part: dict[str, torch.Tensor]) -> None:
         nonlocal tokens_done
+        shard = sorted((w for b in shard_batches for w in b), key=lambda w: w.index)
         ids = torch.tensor([t for w in shard for t in w.ids], dtype=torch.int32)
         lengths = torch.tensor([len(w.ids) for w in shard], dtype=torch.int64)
         _save(
@@ -260,7 +267,8 @@ def scan(
             elapsed = time.perf_counter() - t0
             progress(tokens_done, total, (tokens_done - tokens_at_start) / max(elapsed, 1e-9))
 
-    todo = ((i, s) for i, s in enumerate(shards(all_windows(), shard_tokens)) if i >= ckpt.done)
+    stream_batches = batches(all_windows(), seq_len, batch_tokens)
+    todo = ((i, s) for i, s in enumerate(shards(stream_batches, shard_tokens)) if i >= ckpt.done)
     if ray:
         from .distributed import run_on_ray
 
@@ -268,7 +276,7 @@ def scan(
             commit(i, shard, part)
     else:
         for i, shard in todo:
-            commit(i, shard, run_shard(lm, [(w.index, w.ids) for w in shard], settings))
+            commit(i, shard, run_shard(lm, as_jobs(shard), settings))
     if progress is not None:
         print(file=sys.stderr)
     _finalize(lm, out, ckpt, identity, settings, corpus, report)
@@ -315,12 +323,16 @@ def _finalize(lm, out: Path, ckpt: _Checkpoint, identity: dict, settings: Settin
     from safetensors.torch import load_file
 
     state, meta = ckpt.state, ckpt.meta
-    docs = torch.cat(
-        [
-            load_file(str(out / "windows" / f"shard-{i:05d}.safetensors"))["doc"]
-            for i in range(len(meta["shards"]))
-        ]
-    )  # [windows] document of each window, by global window index
+    n_windows = sum(s["windows"] for s in meta["shards"])
+    docs = torch.full((n_windows,), -1, dtype=torch.int64)  # document of each global window
+    shard_of = torch.full((n_windows,), -1, dtype=torch.int32)
+    row_of = torch.full((n_windows,), -1, dtype=torch.int32)
+    for i in range(len(meta["shards"])):
+        data = load_file(str(out / "windows" / f"shard-{i:05d}.safetensors"))
+        docs[data["window"]] = data["doc"]
+        shard_of[data["window"]] = i
+        row_of[data["window"]] = torch.arange(len(data["window"]), dtype=torch.int32)
+    _save(out / "windows" / "index.safetensors", {"shard": shard_of, "row": row_of})
     stats, topk = {"hist_edges": hist_edges(settings.hist_bins)}, {}
     for s in settings.sites:
         count = state[f"stats.{s}.count"]

@@ -20,8 +20,7 @@ class ScanResult:
         self._stats = stats
         self._topk = topk
         self.tokenizer = tokenizer
-        starts = [s["first_window"] for s in info["shards"]]
-        self._shard_starts = torch.tensor(starts + [starts[-1] + info["shards"][-1]["windows"]])
+        self._index = None  # global window -> (shard, row), read on first use
 
     # -- description ------------------------------------------------------------------------------
     @property
@@ -60,9 +59,12 @@ class ScanResult:
 
     def window_ids(self, window: int) -> list[int]:
         """The token ids of global window ``window``."""
-        shard = int(torch.searchsorted(self._shard_starts, torch.tensor(window), right=True)) - 1
+        if self._index is None:
+            from safetensors.torch import load_file
+
+            self._index = load_file(str(self.out / "windows" / "index.safetensors"))
+        shard, row = int(self._index["shard"][window]), int(self._index["row"][window])
         data = self._shard(shard)
-        row = window - int(self._shard_starts[shard])
         a, b = int(data["offsets"][row]), int(data["offsets"][row + 1])
         return data["ids"][a:b].tolist()
 

@@ -75,8 +75,11 @@ def site_units(lm, site: str) -> int:
     return lm.d_model
 
 
-def run_shard(lm, windows: list[tuple[int, tuple[int, ...]]], settings: Settings) -> dict[str, torch.Tensor]:
-    """Scan ``windows`` [(global window index, ids)]; returns the shard's partial state as flat tensors.
+def run_shard(
+    lm, batches: list[list[tuple[int, tuple[int, ...]]]], settings: Settings
+) -> dict[str, torch.Tensor]:
+    """Scan ``batches`` of windows [(global window index, ids)] (equal lengths within a batch); returns the
+    shard's partial state as flat tensors.
 
     Keys: ``stats.{site}.{field}``, ``topk.{site}``, ``heads.*`` (with --heads), ``dump.{site}`` /
     ``dump.slot`` (fp16 activations and their token slots, ordered by slot).
@@ -93,9 +96,6 @@ def run_shard(lm, windows: list[tuple[int, tuple[int, ...]]], settings: Settings
     dumped: dict[str, list[torch.Tensor]] = defaultdict(list)
     dump_slots: list[torch.Tensor] = []
 
-    by_length: dict[int, list[tuple[int, tuple[int, ...]]]] = defaultdict(list)
-    for w in windows:
-        by_length[len(w[1])].append(w)
     current: dict = {}
 
     def observe(tensor: torch.Tensor, name: str):
@@ -116,20 +116,17 @@ def run_shard(lm, windows: list[tuple[int, tuple[int, ...]]], settings: Settings
     if settings.heads:
         names |= {f"blocks.{i}.attn.pattern" for i in range(n_layers)}
     interventions = {n: observe for n in names}
-    for length in sorted(by_length, reverse=True):
-        group = by_length[length]
-        per_batch = max(1, settings.batch_tokens // length)
-        for start in range(0, len(group), per_batch):
-            batch = group[start : start + per_batch]
-            ids = torch.tensor([w[1] for w in batch], dtype=torch.long)  # [b, len]
-            index = torch.tensor([w[0] for w in batch], dtype=torch.int64)
-            slots = (index[:, None] * settings.seq_len + torch.arange(length)).reshape(-1)  # [b * len]
-            current.update(b=len(batch), len=length, slots=slots)
-            if settings.dump:
-                dump_slots.append(slots)
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            with torch.no_grad(), hooks(lm, (), interventions):
-                base_forward(lm, inputs)
+    for batch in batches:
+        length = len(batch[0][1])
+        ids = torch.tensor([w[1] for w in batch], dtype=torch.long)  # [b, len], equal lengths
+        index = torch.tensor([w[0] for w in batch], dtype=torch.int64)
+        slots = (index[:, None] * settings.seq_len + torch.arange(length)).reshape(-1)  # [b * len]
+        current.update(b=len(batch), len=length, slots=slots)
+        if settings.dump:
+            dump_slots.append(slots)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad(), hooks(lm, (), interventions):
+            base_forward(lm, inputs)
 
     state: dict[str, torch.Tensor] = {}
     for s in settings.sites:

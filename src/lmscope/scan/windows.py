@@ -61,3 +61,24 @@ def windows(lm, documents, seq_len: int, max_tokens: int | None) -> Iterator[Win
             yield Window(index, doc, start, window)
             index += 1
             done += len(window)
+
+
+def batches(stream, seq_len: int, batch_tokens: int) -> Iterator[list[Window]]:
+    """Forward batches, formed from the window stream alone (never from shard boundaries).
+
+    Full windows go ``batch_tokens // seq_len`` to a batch; a shorter window (a document's tail) is a
+    batch of its own. Batches therefore have the same members and shapes however the scan is sharded or
+    distributed, so every activation is computed by the same kernels and top-k is identical.
+    """
+    per_batch = max(1, batch_tokens // seq_len)
+    full: list[Window] = []
+    for w in stream:
+        if len(w.ids) < seq_len:
+            yield [w]
+            continue
+        full.append(w)
+        if len(full) == per_batch:
+            yield full
+            full = []
+    if full:
+        yield full
