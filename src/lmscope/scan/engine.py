@@ -396,7 +396,7 @@ def _finalize(lm, out: Path, ckpt: _Checkpoint, identity: dict, settings: Settin
         from .result import ScanResult
 
         result = ScanResult(out, info, stats, topk, lm.tokenizer)
-        _write(out / "report.html", lambda p: scan_report(result).write(p))
+        _write(out / "report.html", lambda p: scan_report(result, lm).write(p))
     _save_json(out / "scan.json", info)
     (out / "state.safetensors").unlink(missing_ok=True)
     # temporary siblings a killed run left behind (atomic_directory puts them beside their target)
