@@ -14,7 +14,7 @@ import torch
 
 from ..capture.names import split
 from ..capture.session import hooks
-from .stats import SiteStats, TopK, encode
+from .stats import SiteStats, TopK
 
 #: per-head corpus sums kept by --heads (text metrics; induction comes from random repeated sequences)
 HEAD_SUMS = ("previous_token", "first_token", "self", "mean_distance", "entropy")
@@ -107,7 +107,7 @@ def run_shard(
         x = _units(tensor.detach(), b, length)  # [tokens, units]
         if name in stats:
             stats[name].update(x)
-            tops[name].update(encode(x, slots))
+            tops[name].update_values(x, slots)
         if name in settings.dump:
             dumped[name].append(x.half())
         return None
