@@ -19,6 +19,7 @@ VERBS = [
     "patch",
     "heads",
     "dla",
+    "scan",
     "compress",
     "evaluate",
     "compare",
