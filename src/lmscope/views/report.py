@@ -94,6 +94,7 @@ def build_inspect_report(
             x_title="token",
             y_title="layer",
             log=True,
+            controls=["first", "log"],
         )
         if all(f"blocks.{i}.mlp.hidden" in run.tensors for i in range(lm.n_layers)):
             options = []

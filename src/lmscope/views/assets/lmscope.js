@@ -233,7 +233,7 @@
     var g = svg("svg", { width: W, height: H, "class": "ls-svg" });
     g.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
     g.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
-    yTicks.forEach(function (v) { var t = svg("text", { x: L - 4, y: py(v) + 4, "text-anchor": "end", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
+    yTicks.forEach(function (v) { var t = svg("text", { x: L - 8, y: py(v) + 4, "text-anchor": "end", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
     [x0, Math.round((x0 + x1) / 2), x1].forEach(function (v) { var t = svg("text", { x: px(v), y: H - B + 14, "text-anchor": "middle", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
     var xt = svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", "class": "ls-axis" }); xt.textContent = spec.x_title || ""; g.appendChild(xt);
     var yc = T + (H - T - B) / 2;
