@@ -112,3 +112,15 @@ def test_head_pruning_refused_in_one_line_where_it_cannot_be_exact(mt, why, caus
         compress(lm, PruneHeads(0.25, method="magnitude"))
     assert "\n" not in str(e.value)
     compress(lm, Quantize("int8"))  # quantization still works for the family
+
+
+@pytest.mark.parametrize("mt", ["opt", "gptj", "qwen3", "gemma2", "mixtral", "starcoder2"])
+def test_smoothquant_runs_and_tracks_the_float_model(mt, causal_tokenizer):
+    """SmoothQuant folds only where the family's structure allows it; the result stays close to float."""
+    lm = LM(tiny_model(mt), causal_tokenizer, name=mt)
+    res = compress(lm, Quantize("w8a8-smooth"))
+    probe = _probe(lm)
+    with torch.no_grad():
+        ref = lm.output_of(lm.forward(probe))
+        got = res.lm.output_of(res.lm.forward(probe))
+    assert float((got - ref).norm() / ref.norm()) < 0.1

@@ -111,7 +111,7 @@ def quantize_embeddings(lm) -> dict | None:
     if not fam.causal or fam.embed is None:
         return None
     emb = lm.module(fam.embed)
-    if not isinstance(emb, nn.Embedding):
+    if type(emb) is not nn.Embedding:  # a subclass (Gemma's scaled embedding) computes more than a lookup
         return None
     head = lm.module(fam.unembed) if fam.unembed else None
     tied = head is not None and getattr(head, "weight", None) is emb.weight

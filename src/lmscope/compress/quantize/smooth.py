@@ -100,12 +100,14 @@ def quantize_w8a8_smooth(lm, step, calib, targets) -> list[Quantized]:
     if folds:
         for i, block in enumerate(lm.blocks):
             pre = f"{fam.blocks}.{i}."
-            groups = [
-                (fam.ln_attn, [fam.q, fam.k, fam.v], None),
-                (fam.ln_mlp, list(fam.mlp_in), None),
-                (fam.mlp_in[-1], [fam.mlp_out], None),  # up_proj rows -> down_proj input
-                (fam.v, [fam.o], "gqa"),
-            ]
+            groups = []  # (module whose output rows absorb the scales, layers reading it, mode)
+            if fam.ln_attn:  # only norms known to feed exactly q/k/v (models/families.py)
+                groups.append((fam.ln_attn, [fam.q, fam.k, fam.v], None))
+            if fam.ln_mlp and fam.mlp_in:
+                groups.append((fam.ln_mlp, list(fam.mlp_in), None))
+            if fam.gated_mlp and len(fam.mlp_in) == 2:  # act(gate) * up: up_proj rows -> down_proj input
+                groups.append((fam.mlp_in[-1], [fam.mlp_out], None))
+            groups.append((fam.v, [fam.o], "gqa"))
             for src, dsts, mode in groups:
                 full = [pre + d for d in dsts]
                 if not all(n in by_name for n in full) or any(n not in sample for n in full):
