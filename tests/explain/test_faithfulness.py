@@ -106,8 +106,12 @@ def test_explain_json_ranks_methods_and_runs_the_sanity_check(make_tiny, tmp_pat
     assert data["target"]["token"] == " Mary" and len(data["tokens"]) == 14
     assert set(data["methods"]) == {"occlusion", "saliency", "logit_lens", "integrated_gradients"}
     assert sorted(data["ranking"]) == ["integrated_gradients", "occlusion", "saliency"]
-    sums = [data["methods"][m]["faithfulness"]["aopc_sum"] for m in data["ranking"]]
-    assert sums == sorted(sums, reverse=True)
+    # unflagged methods first, each group by AOPC sum (flags: test_flags.py)
+    keys = [
+        (bool(data["methods"][m]["flags"]), -data["methods"][m]["faithfulness"]["aopc_sum"])
+        for m in data["ranking"]
+    ]
+    assert keys == sorted(keys)
     for m in data["ranking"]:
         fa = data["methods"][m]["faithfulness"]
         assert len(data["methods"][m]["scores"]) == 14

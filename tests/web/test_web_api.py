@@ -244,8 +244,8 @@ def test_compare_finds_the_changed_head(client, wait_job):
         "/api/jobs",
         json={"kind": "compare", "original": "tiny-llama", "compressed": "tiny-bert", "text": text},
     )
-    job = wait_job(client, r.json()["id"])
-    assert job["status"] == "error" and "causal" in job["error"]
+    # refused before queueing, in the page's words (no CLI flags)
+    assert r.status_code == 422 and "causal" in r.json()["error"] and "--" not in r.json()["error"]
 
 
 def test_info_lists_every_tab_and_the_registered_methods(client):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from ..errors import LmscopeError
-from .names import split
+from .names import numel
 
 
 def available_bytes() -> int:
@@ -21,33 +22,39 @@ def available_bytes() -> int:
 
 
 def estimate_bytes(lm, names: list[str], batch: int, seq: int, bytes_per_value: int = 4) -> int:
-    """Bytes the captured tensors will take for a [batch, seq] input."""
-    total = 0
-    for name in names:
-        layer, what = split(name)
-        if what in ("attn.scores", "attn.pattern"):
-            n = batch * lm.n_heads_at(layer) * seq * seq
-        elif what == "attn.head_out":
-            n = batch * seq * lm.n_heads_at(layer) * lm.head_dim
-        elif what == "mlp.hidden":
-            n = batch * seq * lm.d_mlp_at(layer)
-        elif what == "logits":
-            n = batch * seq * lm.vocab_size
-        else:  # embed, resid_*, attn.out, mlp.out
-            n = batch * seq * lm.d_model
-        total += n * bytes_per_value
-    return total
+    """Bytes the captured tensors will take for a [batch, seq] input (shapes from the site table)."""
+    return sum(numel(lm, name, batch, seq) for name in names) * bytes_per_value
 
 
 def check_fits(lm, names: list[str], batch: int, seq: int, max_bytes: int | None = None) -> int:
-    """Raise a clear error when the capture would take more than ``max_bytes`` (default: half of free RAM)."""
+    """Raise a clear error when the capture would take more than ``max_bytes`` (default: half of free
+    RAM). The fix names what would work: the longest text that fits, or the limit that would let it run
+    when the machine has that much memory."""
     need = estimate_bytes(lm, names, batch, seq)
     limit = max_bytes if max_bytes is not None else available_bytes() // 2
     if need > limit:
+        fits = _longest_fitting(lm, names, batch, seq, limit)
+        fixes = [f"shorten the text to at most {fits} tokens" if fits else "shorten the text"]
+        gb = math.ceil(need / 2**30 * 10) / 10
+        if need < available_bytes() * 0.9:
+            fixes.append(f"or raise the limit with --max-capture-gb {gb:.1f}")
+        else:
+            fixes.append(f"or use a machine with more than {gb:.1f} GiB free")
         raise LmscopeError(
             f"capturing {len(names)} tensors for {batch}x{seq} tokens needs ~{need / 2**30:.1f} GiB, "
             f"over the {limit / 2**30:.1f} GiB limit",
-            "capture fewer names (--capture 'blocks.*.resid_post'), shorten the text, "
-            "or raise the limit with --max-capture-gb",
+            " ".join(fixes),
         )
     return need
+
+
+def _longest_fitting(lm, names: list[str], batch: int, seq: int, limit: int) -> int:
+    """The largest token count whose capture fits in ``limit`` (estimate grows with the length)."""
+    lo, hi = 0, seq
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate_bytes(lm, names, batch, mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import LmscopeError
-from .names import all_names, expand, split
+from .names import ATTENTION_INTERNALS, all_names, expand, split
 
 ATTN_IMPL = "lmscope"
 
@@ -41,10 +41,18 @@ def lmscope_attention(
 ):
     session = _ACTIVE.get()
     layer = getattr(module, "_lmscope_layer", None)
-    if session is None or layer is None or not session.wants_attention(layer):
+    softcap = kwargs.get("softcap")
+    wanted = session is not None and layer is not None and session.wants_attention(layer)
+    if (
+        not wanted and softcap is None
+    ):  # SDPA cannot soft-cap scores: those families always take the eager math
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    if wanted:
+        query = session._emit(layer, "attn.q", query)
+        key = session._emit(layer, "attn.k", key)
+        value = session._emit(layer, "attn.v", value)
     # Exact eager attention (the computation HF's `eager` runs), so captured patterns are the real ones.
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:  # grouped-query attention: each KV head serves n_rep query heads
@@ -53,20 +61,53 @@ def lmscope_attention(
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    keep, additive = session._masks(module, attention_mask, query, key, scores.dtype)
-    if session.wants(layer, "attn.scores"):  # shown with masked entries as -inf, as TransformerLens does
+    keep, additive = _masks(session, module, attention_mask, query, key, scores.dtype)
+    if wanted and session.wants(
+        layer, "attn.scores"
+    ):  # masked entries shown as -inf, as TransformerLens does
         shown = scores if keep is None else scores.masked_fill(~keep, float("-inf"))
         session._emit(layer, "attn.scores", shown)
     if additive is not None:
         scores = scores + additive
     pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    pattern = session._emit(layer, "attn.pattern", pattern)
+    if wanted:
+        pattern = session._emit(layer, "attn.pattern", pattern)
     pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
     out = torch.matmul(pattern, value).transpose(1, 2).contiguous()
     return out, pattern
+
+
+def _masks(session, module, attention_mask, query, key, dtype):
+    """(boolean keep-mask, additive float mask) for the eager path, built once per forward and shape.
+
+    SDPA's mask builder passes a boolean mask, or None for a purely causal batch (is_causal fast path).
+    The additive form (0 / dtype-min) is what HF's eager attention adds to the scores.
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    causal = getattr(module, "is_causal", False) and q_len > 1
+    if attention_mask is None and not causal:
+        return None, None
+    cache = session._mask_cache if session is not None else {}
+    key_ = (None if attention_mask is None else attention_mask.data_ptr(), q_len, k_len, dtype, causal)
+    hit = cache.get(key_)
+    if hit is not None:
+        return hit
+    if attention_mask is None:
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    elif attention_mask.dtype == torch.bool:
+        keep = attention_mask[:, :, :, :k_len]
+    else:  # an additive mask given by the caller
+        additive = attention_mask[:, :, :, :k_len].to(dtype)
+        keep = additive > torch.finfo(dtype).min / 2
+        cache[key_] = (keep, additive)
+        return keep, additive
+    additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+        ~keep, torch.finfo(dtype).min
+    )
+    cache[key_] = (keep, additive)
+    return keep, additive
 
 
 def register_attention() -> None:
@@ -91,11 +132,12 @@ def _resolve(lm, patterns, what: str) -> list[str]:
     Exact names are checked against the name table directly (sessions are opened per head in ablation loops).
     """
     patterns = list(patterns)
-    universe = set(all_names(lm.n_layers, has_logits=lm.is_causal))
+    moe = lm.family.moe
+    universe = set(all_names(lm.n_layers, has_logits=lm.is_causal, moe=moe))
     if all(p in universe for p in patterns):
         return patterns
     try:
-        return expand(patterns, lm.n_layers, has_logits=lm.is_causal)
+        return expand(patterns, lm.n_layers, has_logits=lm.is_causal, moe=moe)
     except LmscopeError as e:
         if what == "capture":
             raise
@@ -125,7 +167,37 @@ class HookSession:
         self._mask_cache: dict = {}
         self._token = None
         active = self.names | set(self.interventions)
-        self._attn_layers = {split(n)[0] for n in active if split(n)[1] in ("attn.scores", "attn.pattern")}
+        self._attn_layers = {split(n)[0] for n in active if split(n)[1] in ATTENTION_INTERNALS}
+        self._check_supported(active)
+
+    def _check_supported(self, active: set[str]) -> None:
+        """Refuse, in one line, what this family cannot give exactly."""
+        fam = self.lm.family
+        for name in sorted(active):
+            layer, what = split(name)
+            if fam.native_attention:
+                unsupported = set(ATTENTION_INTERNALS) - {"attn.pattern"}
+                if what in unsupported or (what == "attn.pattern" and name in self.interventions):
+                    raise LmscopeError(
+                        f"'{name}' is not available for {fam.name}: it computes attention in its own code, "
+                        "so lmscope reads only the patterns it returns (output_attentions) and cannot intervene on them",
+                        "capture blocks.*.attn.pattern, head_out, resid_* or mlp.* instead",
+                    )
+            if what == "resid_mid" and fam.mid is None:
+                raise LmscopeError(
+                    f"'{name}' does not exist in {fam.name}: attention and MLP read the same residual in parallel",
+                    "capture resid_pre / attn.out / mlp.out / resid_post instead",
+                )
+            if what in ("mlp.router", "mlp.experts") and not fam.moe:
+                raise LmscopeError(
+                    f"'{name}' exists only in mixture-of-experts models",
+                    "capture mlp.hidden / mlp.out instead",
+                )
+            if what == "mlp.hidden" and fam.moe:
+                raise LmscopeError(
+                    f"'{name}' has no single MLP in {fam.name} (a mixture of experts)",
+                    "capture mlp.router, mlp.experts or mlp.out instead",
+                )
 
     # -- called from hooks -------------------------------------------------------------------
     def wants_attention(self, layer: int) -> bool:
@@ -133,37 +205,6 @@ class HookSession:
 
     def wants(self, layer: int | None, what: str) -> bool:
         return self._wants(layer, what)
-
-    def _masks(self, module, attention_mask, query, key, dtype):
-        """(boolean keep-mask, additive float mask) for the eager path, built once per forward and shape.
-
-        SDPA's mask builder passes a boolean mask, or None for a purely causal batch (is_causal fast path).
-        The additive form (0 / dtype-min) is what HF's eager attention adds to the scores.
-        """
-        q_len, k_len = query.shape[2], key.shape[2]
-        causal = getattr(module, "is_causal", False) and q_len > 1
-        if attention_mask is None and not causal:
-            return None, None
-        key_ = (None if attention_mask is None else attention_mask.data_ptr(), q_len, k_len, dtype, causal)
-        hit = self._mask_cache.get(key_)
-        if hit is not None:
-            return hit
-        if attention_mask is None:
-            keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[
-                None, None
-            ]
-        elif attention_mask.dtype == torch.bool:
-            keep = attention_mask[:, :, :, :k_len]
-        else:  # an additive mask given by the caller
-            additive = attention_mask[:, :, :, :k_len].to(dtype)
-            keep = additive > torch.finfo(dtype).min / 2
-            self._mask_cache[key_] = (keep, additive)
-            return keep, additive
-        additive = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
-            ~keep, torch.finfo(dtype).min
-        )
-        self._mask_cache[key_] = (keep, additive)
-        return keep, additive
 
     def _emit(self, layer: int | None, what: str, tensor: torch.Tensor) -> torch.Tensor:
         name = what if layer is None else f"blocks.{layer}.{what}"
@@ -181,9 +222,24 @@ class HookSession:
         return name in self.names or name in self.interventions
 
     # -- hook registration -------------------------------------------------------------------
+    def _unflatten(self, x: torch.Tensor):
+        """Some families flatten [batch, pos] into one dimension inside a block (OPT's MLP): emit [b, pos, ...]."""
+        shape = self._token_shape
+        if shape and x.dim() >= 1 and x.shape[0] == shape[0] * shape[1] and (x.dim() == 2 or shape[0] > 1):
+            if x.dim() == 2:
+                return x.unflatten(0, shape), True
+        return x, False
+
+    def _emit_shaped(self, layer, what, x):
+        shaped, flat = self._unflatten(x)
+        new = self._emit(layer, what, shaped)
+        if new is shaped:
+            return x
+        return new.flatten(0, 1) if flat else new
+
     def _output_hook(self, module: nn.Module, layer: int | None, what: str) -> None:
         def hook(mod, args, output):
-            new = self._emit(layer, what, _first(output))
+            new = self._emit_shaped(layer, what, _first(output))
             return _replace_first(output, new)
 
         self._handles.append(module.register_forward_hook(hook))
@@ -195,22 +251,79 @@ class HookSession:
             else:
                 key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
                 x = kwargs[key]
-            shaped = x.unflatten(-1, (heads, -1)) if heads else x
+            base, flat = self._unflatten(x)
+            shaped = base.unflatten(-1, (heads, -1)) if heads else base
             new = self._emit(layer, what, shaped)
             if new is shaped:
                 return None
             new = new.flatten(-2) if heads else new
+            new = new.flatten(0, 1) if flat else new
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, key: new}
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
+    def _router_hook(self, module: nn.Module, layer: int) -> None:
+        """MoE router: emits (logits, top-k weights, top-k experts); capture probabilities and choices."""
+
+        def hook(mod, args, output):
+            logits, _, chosen = output
+            shape = self._token_shape
+            if self._wants(layer, "mlp.router"):
+                probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+                self._emit(layer, "mlp.router", probs.reshape(*shape, -1) if shape else probs)
+            if self._wants(layer, "mlp.experts"):
+                self._emit(layer, "mlp.experts", chosen.reshape(*shape, -1) if shape else chosen)
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def _logits_hook(self) -> None:
+        """The model's final logits (after any logit scaling or soft-capping the family applies)."""
+
+        def hook(mod, args, output):
+            new = self._emit(None, "logits", output.logits)
+            if new is not output.logits:
+                output.logits = new
+            return output
+
+        self._handles.append(self.lm.model.register_forward_hook(hook))
+
+    def _native_patterns(self) -> None:
+        """Families with their own attention code: ask for output_attentions and emit what they return."""
+        layers = sorted(self._attn_layers)
+
+        def pre(mod, args, kwargs):
+            return args, {**kwargs, "output_attentions": True}
+
+        def post(mod, args, kwargs, output):
+            attentions = getattr(output, "attentions", None)
+            if attentions is None:
+                raise LmscopeError(
+                    f"{self.lm.family.name} returned no attention patterns",
+                    "capture other names for this model",
+                )
+            for i in layers:
+                self._emit(i, "attn.pattern", attentions[i])
+
+        self._handles.append(self.lm.model.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(self.lm.model.register_forward_hook(post, with_kwargs=True))
+
     def __enter__(self) -> HookSession:
         lm = self.lm
         fam = lm.family
-        # masks are cached by tensor identity, which is only unique within one forward
-        self._handles.append(lm.model.register_forward_pre_hook(lambda *_: self._mask_cache.clear()))
+        self._token_shape = None
+
+        def start(mod, args, kwargs):  # masks are cached by tensor identity, unique only within one forward
+            self._mask_cache.clear()
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            self._token_shape = tuple(ids.shape[:2]) if ids is not None else None
+
+        self._handles.append(lm.model.register_forward_pre_hook(start, with_kwargs=True))
+        if fam.native_attention and self._attn_layers:
+            self._native_patterns()
         if self._wants(None, "embed"):
             self._output_hook(lm.module(fam.embed), None, "embed")
         for i, block in enumerate(lm.blocks):
@@ -220,14 +333,19 @@ class HookSession:
                 self._input_hook(block.get_submodule(fam.o), i, "attn.head_out", heads=lm.n_heads_at(i))
             if self._wants(i, "attn.out"):
                 self._output_hook(block.get_submodule(fam.o), i, "attn.out")
+            if self._wants(i, "resid_mid"):
+                self._input_hook(block.get_submodule(fam.mid), i, "resid_mid")
+            if fam.moe and (self._wants(i, "mlp.router") or self._wants(i, "mlp.experts")):
+                self._router_hook(block.get_submodule(fam.router), i)
             if self._wants(i, "mlp.hidden"):
                 self._input_hook(block.get_submodule(fam.mlp_out), i, "mlp.hidden")
             if self._wants(i, "mlp.out"):
-                self._output_hook(block.get_submodule(fam.mlp_out), i, "mlp.out")
+                out_module = fam.mlp if fam.moe else fam.mlp_out
+                self._output_hook(block.get_submodule(out_module), i, "mlp.out")
             if self._wants(i, "resid_post"):
                 self._output_hook(block, i, "resid_post")
-        if self._wants(None, "logits") and fam.unembed:
-            self._output_hook(lm.module(fam.unembed), None, "logits")
+        if self._wants(None, "logits") and lm.task == "lm":
+            self._logits_hook()
         self._token = _ACTIVE.set(self)
         return self
 

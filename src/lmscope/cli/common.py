@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from ..errors import LmscopeError
@@ -12,6 +13,25 @@ from ..fsutil import atomic_directory
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with lmscope's error shape: one stderr line "problem — fix", exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        prefix = "the following arguments are required: "
+        if message.startswith(prefix):
+            names = message[len(prefix) :]
+            message = f"{names} {'is' if ',' not in names else 'are'} required"
+        self.exit(2, f"lmscope: error: {message} — see '{self.prog} --help'\n")
+
+
+class EarlyExit(Exception):  # noqa: N818  (not an error: an option that finished the command while parsing)
+    """Raised by options that do their whole job while parsing (``explain --methods list``)."""
+
+    def __init__(self, code: int = 0):
+        super().__init__(code)
+        self.code = code
 
 
 def add_verb(sub, name: str, help: str, example: str, func) -> argparse.ArgumentParser:
@@ -23,6 +43,10 @@ def add_verb(sub, name: str, help: str, example: str, func) -> argparse.Argument
     return p
 
 
+#: --dtype / --device of the running command, applied by load_model (set by main() after parsing)
+LOAD_OPTIONS: dict = {}
+
+
 def add_model_arg(p: argparse.ArgumentParser, default: str = "smollm2", multiple: bool = False) -> None:
     p.add_argument(
         "--model",
@@ -31,6 +55,13 @@ def add_model_arg(p: argparse.ArgumentParser, default: str = "smollm2", multiple
         help="built-in name (smollm2, minilm), a HF directory, a .gguf file or a hub id"
         + (" (repeatable)" if multiple else f" (default: {default})"),
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="weights and compute dtype (default: float32)",
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
 
 
 def add_text_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -63,20 +94,40 @@ def get_text(args) -> str:
 def load_model(spec: str):
     import lmscope
 
-    return lmscope.load(spec)
+    return lmscope.load(spec, **LOAD_OPTIONS)
 
 
 def check_out_dir(out: str) -> Path:
-    """Fail early (before any heavy work) when --out cannot be written."""
+    """Fail early (before any heavy work) when --out cannot be written: it is a file, lies under a file,
+    or its nearest existing folder refuses a new entry (read-only, /proc, /sys). Probed by creating and
+    removing an empty folder there, which is what ``atomic_out`` will do; ``os.access`` cannot tell."""
     path = Path(out).expanduser()
-    parent = path if path.exists() else path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
     if path.exists() and not path.is_dir():
         raise LmscopeError(f"--out '{out}' exists and is not a directory", "choose another --out directory")
-    if not os.access(parent, os.W_OK):
-        raise LmscopeError(f"--out '{out}' is not writable", "choose a directory you can write to")
+    nearest = path
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise LmscopeError(
+            f"--out '{out}' lies under '{nearest}', which is a file", "choose an --out path under a folder"
+        )
+    probe_in = nearest
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lmscope-probe-", dir=probe_in))
+    except OSError as e:
+        raise LmscopeError(
+            f"--out '{out}' cannot be created in '{probe_in}' ({e.strerror.lower()})",
+            "choose a directory you can write to",
+        ) from None
     return path
+
+
+def show_path(out: str, name: str = "") -> str:
+    """``out`` joined with ``name`` for messages, without doubled slashes ("small/" + "x" -> "small/x")."""
+    base = out.rstrip("/")
+    if not name:
+        return base or "/"
+    return f"{base}/{name}"
 
 
 def atomic_out(out: str):

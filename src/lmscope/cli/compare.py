@@ -4,7 +4,16 @@ layer, attribution agreement, top-1 agreement; compare.json and report.html."""
 from __future__ import annotations
 
 from ..errors import LmscopeError
-from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+from .common import (
+    add_model_arg,
+    add_text_args,
+    add_verb,
+    atomic_out,
+    check_out_dir,
+    get_text,
+    load_model,
+    show_path,
+)
 
 EXAMPLE = 'lmscope compare --model smollm2 --against small/ --text "The capital of France is" --out cmp/'
 
@@ -23,7 +32,12 @@ def add_parser(sub) -> None:
         help="attribution methods to compare, comma-separated, or 'none' (default: saliency,input_x_gradient,"
         "occlusion)",
     )
-    p.add_argument("--top-k", type=int, default=5, help="k for the top-k attribution overlap (default: 5)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        help="k for the top-k attribution overlap (default: 5; at most half of the tokens, since k near the token count makes the overlap trivially 1)",
+    )
 
 
 def run(args) -> int:
@@ -52,5 +66,5 @@ def run(args) -> int:
         result.to_json(tmp / "compare.json")
         result.report(tmp / "report.html")
     print(result.to_text())
-    print(f"wrote {args.out}/compare.json, report.html")
+    print(f"wrote {show_path(args.out, 'compare.json')}, report.html")
     return 0

@@ -15,6 +15,7 @@ from .common import (
     load_model,
     parse_int_list,
     read_text_file,
+    show_path,
 )
 
 EXAMPLE = "lmscope compress --model smollm2 --quantize int8 --out small/"
@@ -164,6 +165,10 @@ def run(args) -> int:
     with progress.enabled(not getattr(args, "quiet", False)):
         result = compress(lm, recipe, calibration_text=calib)
     print(result.to_text())
+    from ..views.compress import removed_counts
+
+    for what, before, after, removed in removed_counts(result):
+        print(f"{what}: {before} -> {after} ({removed} removed)")
     diff = result.structure_diff()
     if diff is not None:
         print(diff.summary())
@@ -183,7 +188,7 @@ def run(args) -> int:
         "loads_in_transformers"
     ]
     print(
-        f"wrote {args.out}/ (model.safetensors, config, tokenizer, lmscope_recipe.json, manifest), "
+        f"wrote {show_path(args.out)}/ (model.safetensors, config, tokenizer, lmscope_recipe.json, manifest), "
         f"report.html, compress.json; "
         + (
             "also loads in plain transformers"

@@ -4,7 +4,7 @@ parameters, bytes on disk, peak memory, prefill/decode speed; terminal table, ev
 from __future__ import annotations
 
 from ..errors import LmscopeError
-from .common import add_model_arg, add_verb, atomic_out, check_out_dir, load_model, read_text_file
+from .common import add_model_arg, add_verb, atomic_out, check_out_dir, load_model, read_text_file, show_path
 
 EXAMPLE = "lmscope evaluate --model smollm2 --model small/ --out eval/"
 
@@ -59,5 +59,5 @@ def run(args) -> int:
             result.to_json(tmp / "evaluate.json")
             result.report(tmp / "report.html")
             result.figure().savefig(tmp / "evaluate.png", dpi=110)
-        print(f"wrote {args.out}/evaluate.json, report.html, evaluate.png")
+        print(f"wrote {show_path(args.out, 'evaluate.json')}, report.html, evaluate.png")
     return 0

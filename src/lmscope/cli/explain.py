@@ -3,15 +3,37 @@ report.html and attributions.json."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import LmscopeError
-from .common import add_model_arg, add_text_args, add_verb, atomic_out, check_out_dir, get_text, load_model
+from .common import (
+    EarlyExit,
+    add_model_arg,
+    add_text_args,
+    add_verb,
+    atomic_out,
+    check_out_dir,
+    get_text,
+    load_model,
+)
+from .speed import add_speed_args, apply_threads, progress_bar
 
 EXAMPLE = (
     'lmscope explain --model smollm2 --text "When Mary and John went to the store, John gave a drink to" '
     '--target " Mary" --out out/'
 )
+
+
+class _MethodsOrList(argparse.Action):
+    """``--methods list`` prints the methods and exits while parsing, like --help: so --out can be
+    required (and shown so in --help) without being required for listing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.strip() == "list":
+            print_methods()
+            raise EarlyExit(0)
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(sub) -> None:
@@ -29,8 +51,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--methods",
+        action=_MethodsOrList,
         default=None,
-        help="comma-separated attribution methods, or 'list' to print them (default: all)",
+        help="comma-separated attribution methods, 'all', or 'list' to print them "
+        "(default: saliency,input_x_gradient,occlusion — the fast ones)",
     )
     p.add_argument("--generate", type=int, default=0, help="explain each of N greedily generated tokens")
     p.add_argument(
@@ -52,7 +76,8 @@ def add_parser(sub) -> None:
         help="never perturb special tokens (BOS, chat markers); score 0",
     )
     p.add_argument("--no-sanity", action="store_true", help="skip the model-randomization sanity check")
-    p.add_argument("--out", default=None, help="output directory (report.html, attributions.json)")
+    p.add_argument("--out", required=True, help="output directory (report.html, attributions.json)")
+    add_speed_args(p)
 
 
 def print_methods() -> int:
@@ -65,10 +90,6 @@ def print_methods() -> int:
 
 
 def run(args) -> int:
-    if args.methods is not None and args.methods.strip() == "list":
-        return print_methods()
-    if args.out is None:
-        raise LmscopeError("--out is required", "pass an output directory, e.g. --out out/")
     check_out_dir(args.out)
     text = get_text(args)
     if args.steps is not None and args.steps < 1:
@@ -83,7 +104,15 @@ def run(args) -> int:
     if args.generate < 0:
         raise LmscopeError("--generate must be 0 or more", "e.g. --generate 3")
     resolve_methods(args.methods)
+    apply_threads(args)
     lm = load_model(args.model)
+    from ..explain.targets import leading_space_hint
+
+    for flag, value in (("--target", args.target), ("--contrast", args.contrast)):
+        hint = leading_space_hint(lm, text, value, flag)
+        if hint:
+            print(f"note: {hint}", file=sys.stderr)
+    bar = progress_bar("explain", "%", quiet=args.quiet, total=100)
     config = {"integrated_gradients": {"max_steps": args.max_steps}} if args.max_steps else None
     result = explain(
         lm,
@@ -100,14 +129,19 @@ def run(args) -> int:
         sanity=not args.no_sanity,
         config=config,
         truncate=args.truncate,
+        progress=lambda fraction, message: bar.update_to(round(100 * fraction), 100, message),
     )
+    bar.close()
     with atomic_out(args.out) as tmp:
         result.write_json(tmp / "attributions.json")
         result.report(tmp / "report.html")
     first = result.first
     print(f"target: {first.target['description']} = {first.target['value']:.4g}", file=sys.stderr)
-    if first.ranking:
-        print(f"most faithful here: {', '.join(first.ranking[:3])}", file=sys.stderr)
+    trusted = [n for n in first.ranking if not first.methods[n].flags]
+    if trusted:
+        print(f"most faithful here: {', '.join(trusted[:3])}", file=sys.stderr)
+    elif first.ranking:
+        print("every method is flagged on this input (see the report's flags column)", file=sys.stderr)
     ig = first.methods.get("integrated_gradients")
     if ig is not None:
         print(

@@ -16,6 +16,7 @@ from .common import (
     parse_int_list,
     read_text_file,
 )
+from .speed import add_speed_args, apply_threads, progress_bar
 
 EXAMPLE = "lmscope heads --model smollm2 --out out/"
 
@@ -39,88 +40,24 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--layers", default=None, help="score only these layers, e.g. 0,5,29 (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sequences for the induction score")
-
-
-def heads_report(scores, title: str):
-    """The HTML report for a ``HeadScores`` (importance and characterization heatmaps, notable heads)."""
-    import numpy as np
-
-    from ..views.html import Report
-
-    rep = Report(
-        title,
-        subtitle=f"{scores.n_layers} layers × {scores.n_heads} heads; "
-        f"{scores.meta.get('tokens_used', '?')} text tokens",
+    p.add_argument(
+        "--approx",
+        choices=["atp"],
+        default=None,
+        help="estimate the zero/mean ablations by attribution patching (one forward + backward; "
+        "APPROXIMATE, labelled so in heads.json and the report) instead of running them",
     )
-    x_labels = [f"h{h}" for h in range(scores.n_heads)]
-    y_labels = [f"L{i}" for i in range(scores.n_layers)]
-    notes = {
-        "ablation_mean": "Δ loss (nats/token) when the head's output is replaced by its mean",
-        "ablation_zero": "Δ loss (nats/token) when the head's output is zeroed",
-        "grad_importance": "|∂loss/∂mask| of a mask on the head's output (Michel et al. 2019)",
-        "induction": "attention to the token after the previous occurrence (random repeated tokens)",
-        "previous_token": "attention to the previous token",
-        "first_token": "attention to the first token (attention sink)",
-        "self": "attention to its own position",
-    }
-
-    def maps(metrics, diverging):
-        out = []
-        for m in metrics:
-            if m in scores.scores:
-                z = scores.scores[m]
-                spec = {
-                    "type": "heatmap",
-                    "z": [[None if np.isnan(v) else round(float(v), 6) for v in row] for row in z],
-                    "x_labels": x_labels,
-                    "y_labels": y_labels,
-                    "title": notes[m],
-                    "x_title": "head",
-                    "y_title": "layer",
-                    "diverging": diverging,
-                }
-                out.append((m, spec))
-        return out
-
-    imp = maps(("ablation_mean", "ablation_zero", "grad_importance"), True)
-    if imp:
-        sec = rep.section("Head importance", note="larger = the model needs the head more on this text")
-        sec.choice(imp, label="metric")
-    pat = maps(("induction", "previous_token", "first_token", "self"), False)
-    if pat:
-        sec = rep.section("What each head does", note="mean attention weight on the named position (0..1)")
-        sec.choice(pat, label="pattern")
-    rows, cols = [], ["layer", "head", "kv head", "zero Δloss", "mean Δloss", "grad", "summary"]
-    for i in range(scores.n_layers):
-        for h in range(scores.heads_per_layer[i]):
-            line = scores.summary(i, h)
-            if line:
-                vals = [scores.scores.get(m) for m in ("ablation_zero", "ablation_mean", "grad_importance")]
-                rows.append(
-                    [i, h, scores.kv_heads[i][h], *[None if v is None else v[i, h] for v in vals], line]
-                )
-    sec = rep.section("Notable heads", note="heads with a clear attention pattern or a large ablation effect")
-    if rows:
-        sec.table(cols, rows)
-    else:
-        sec.text("No head passes the thresholds on this text.")
-
-    def braces(groups):
-        return "  ".join("{" + ",".join(map(str, g)) + "}" for g in groups)
-
-    per_layer = [braces(scores.kv_groups(i)) for i in range(scores.n_layers)]
-    if len(set(per_layer)) == 1:
-        text = f"every layer: {per_layer[0]}"
-    else:
-        text = "\n".join(f"L{i}: {g}" for i, g in enumerate(per_layer))
-    rep.section("Grouped-query attention", note="query heads in one brace read the same key/value head").text(
-        text
+    p.add_argument(
+        "--compare-exact",
+        action="store_true",
+        help="with --approx: also run the exact ablations and report the rank correlation",
     )
-    return rep
+    add_speed_args(p)
 
 
 def run(args) -> int:
     from ..explain.heads import METHODS, analyze_heads
+    from ..views.heads import heads_report
 
     check_out_dir(args.out)
     text = None
@@ -132,13 +69,17 @@ def run(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise LmscopeError(f"unknown --methods '{args.methods}'", f"use some of: {','.join(METHODS)}")
+    if args.compare_exact and not args.approx:
+        raise LmscopeError(
+            "--compare-exact compares an approximation with the exact scores", "add --approx atp"
+        )
     if args.max_tokens < 2 or args.window < 2:
         raise LmscopeError("--max-tokens and --window must be at least 2", "e.g. --max-tokens 64")
     layers = parse_int_list(args.layers, "--layers")
+    apply_threads(args)
     lm = load_model(args.model)
 
-    def progress(done, total):
-        print(f"\rablating heads: layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+    bar = progress_bar("ablating heads", "layer", quiet=args.quiet)
 
     scores = analyze_heads(
         lm,
@@ -148,8 +89,11 @@ def run(args) -> int:
         methods=methods,
         layers=layers,
         seed=args.seed,
-        progress=progress,
+        progress=bar.update_to,
+        approx=args.approx,
+        compare_exact=args.compare_exact,
     )
+    bar.close()
     data = scores.to_json()
     with atomic_out(args.out) as tmp:
         (tmp / "heads.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))

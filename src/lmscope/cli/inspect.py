@@ -26,9 +26,16 @@ def add_parser(sub) -> None:
         "every layer's attn.pattern, resid_post and mlp.hidden are always captured",
     )
     p.add_argument(
-        "--layer", type=int, default=None, help="layer for the static attention figures (default: last)"
+        "--layer",
+        type=int,
+        default=None,
+        help="layer the report's attention view opens at and the static figures show (default: last)",
     )
-    p.add_argument("--head", default="mean", help="head for the static attention figures (default: mean)")
+    p.add_argument(
+        "--head",
+        default="mean",
+        help="head (a number or mean) for the report's attention view and the static figures (default: mean)",
+    )
     p.add_argument(
         "--max-capture-gb",
         type=float,
@@ -50,7 +57,7 @@ def inspect(
     png: bool = True,
 ) -> dict:
     """Run the inspect job; returns run.json's content. Writes nothing unless every step succeeds."""
-    from ..views.report import build_inspect_report, save_pngs
+    from ..views.report import build_inspect_report, inspect_summary, save_pngs
 
     check_out_dir(out)
     if layer is not None and not 0 <= layer < lm.n_layers:
@@ -68,44 +75,17 @@ def inspect(
     names += capture or []
     max_bytes = int(max_capture_gb * 2**30) if max_capture_gb else None
     run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate, progress=True)
-    summary = run_summary(run)
+    summary = inspect_summary(run)
     with atomic_out(out) as tmp:
-        build_inspect_report(run).write(tmp / "report.html")
+        opened = {}  # --layer/--head: the report's attention explorer opens where the figures are
+        if layer is not None or head != "mean":
+            opened = {"layer": lm.n_layers - 1 if layer is None else layer, "head": head}
+        build_inspect_report(run, **opened).write(tmp / "report.html")
         if png:
             summary["pngs"] = save_pngs(run, tmp, layer=layer, head=head)
         run.save_tensors(tmp / "tensors.safetensors")
         (tmp / "run.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
-
-
-def run_summary(run) -> dict:
-    import torch
-
-    lm = run.lm
-    s = run.summary()
-    s["n_tokens"] = len(s["tokens"][0])
-    s["n_params"] = lm.n_params()
-    layers = []
-    for i in range(lm.n_layers):
-        row = {"layer": i}
-        p = run.tensors.get(f"blocks.{i}.attn.pattern")
-        if p is not None:
-            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # [b, h, q]
-            row["attention_entropy_mean"] = round(float(ent[0].mean()), 4)
-            row["attention_entropy_per_head"] = [round(float(x), 4) for x in ent[0].mean(-1)]
-        r = run.tensors.get(f"blocks.{i}.resid_post")
-        if r is not None:
-            row["resid_norm_mean"] = round(float(r[0].norm(dim=-1).mean()), 4)
-        layers.append(row)
-    s["layers"] = layers
-    if lm.is_causal:
-        last = int(run.attention_mask[0].sum()) - 1
-        probs = torch.softmax(run.output[0, last].float(), -1).topk(5)
-        s["prediction"] = [
-            {"token": lm.tokenizer.decode([int(i)]), "prob": round(float(p), 5)}
-            for p, i in zip(probs.values, probs.indices)
-        ]
-    return s
 
 
 def run(args) -> int:
@@ -123,6 +103,12 @@ def run(args) -> int:
         args.max_capture_gb,
         png=not args.no_png,
     )
+    if "truncated" in summary:
+        t = summary["truncated"]
+        print(
+            f"--truncate: kept the first {t['kept']} of {t['tokens']} tokens ({t['tokens'] - t['kept']} cut)",
+            file=sys.stderr,
+        )
     pred = f" → {summary['prediction'][0]['token']!r}" if "prediction" in summary else ""
     print(f"{lm.name}: {summary['n_tokens']} tokens{pred}", file=sys.stderr)
     print(f"{args.out.rstrip('/')}/report.html")

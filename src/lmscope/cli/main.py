@@ -11,11 +11,26 @@ import os
 import sys
 
 # verb modules, in the order --help lists them; a new verb is one module + one name here
-VERBS = ["inspect", "models", "demo", "explain", "patch", "heads", "compress", "evaluate", "compare", "serve"]
+VERBS = [
+    "inspect",
+    "models",
+    "demo",
+    "explain",
+    "patch",
+    "heads",
+    "dla",
+    "scan",
+    "compress",
+    "evaluate",
+    "compare",
+    "serve",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .common import Parser
+
+    parser = Parser(
         prog="lmscope",
         description="Open a language model offline, see what it computes, explain it, compress it.",
     )
@@ -35,22 +50,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # anywhere, imports included: one line, no traceback
+        print("lmscope: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .common import EarlyExit
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except EarlyExit as e:
+        return e.code
+    except SystemExit as e:  # a usage error (one line, see common.Parser); --help / --version exit 0
+        if not e.code:
+            raise
+        return int(e.code)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     from ..errors import LmscopeError
+    from .common import LOAD_OPTIONS
 
+    LOAD_OPTIONS.update(dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     try:
         result = args.func(args)
     except LmscopeError as e:
         print(f"lmscope: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmscope: interrupted", file=sys.stderr)
-        return 130
     return int(result or 0)
 
 

@@ -105,65 +105,10 @@ class CompressResult:
         return "\n".join(lines)
 
     def report(self, path: str | os.PathLike | None = None) -> str:
-        """Self-contained HTML: structure diff + per-layer SQNR table."""
-        from ..views.html import Report
+        """Self-contained HTML: summary, structure diff, per-layer SQNR (``views.compress``)."""
+        from ..views.compress import compress_report
 
-        rep = Report(f"Compress: {getattr(self.lm, 'name', 'model')}", subtitle=self.recipe.describe())
-        sec = rep.section("Summary", note="bytes of the state dict as stored; parameters counted logically")
-        sec.table(
-            ["", "before", "after", "ratio"],
-            [
-                [
-                    "bytes",
-                    self.bytes_before,
-                    self.bytes_after,
-                    f"{self.bytes_after / max(1, self.bytes_before):.3f}",
-                ],
-                [
-                    "params",
-                    self.params_before,
-                    self.params_after,
-                    f"{self.params_after / max(1, self.params_before):.3f}",
-                ],
-            ],
-        )
-        diff = self.structure_diff()
-        if diff is not None:
-            diff.add_to(rep, changed_only=False)
-        rows = self.layer_errors()
-        if rows:
-            sec = rep.section(
-                "Per-layer quantization error (worst first)",
-                note="SQNR = 20·log10(‖w‖/‖w − ŵ‖); output SQNR on calibration activations (higher is better)",
-            )
-            cols = ["layer", "shape", "bits", "how", "weight SQNR dB", "output SQNR dB", "output rel. error"]
-            table = [
-                [
-                    r["layer"],
-                    "×".join(map(str, r["shape"])),
-                    r["bits"],
-                    r["how"],
-                    r["weight_sqnr_db"],
-                    r["output_sqnr_db"],
-                    r["output_rel_error"],
-                ]
-                for r in rows
-            ]
-            sec.table(cols, table, highlight=list(range(min(5, len(table)))))
-            with_out = [r for r in rows if r["output_sqnr_db"] is not None][:40]
-            if with_out:
-                sec.bars(
-                    [r["layer"] for r in with_out],
-                    [r["output_sqnr_db"] for r in with_out],
-                    title="output SQNR (dB), worst 40",
-                )
-        for step, info in zip(self.recipe.steps, self.infos):
-            if step.kind != "quantize":
-                small = {k: v for k, v in info.items() if not isinstance(v, (list, dict))}
-                if small:
-                    rep.section(f"Step {step.kind}").table(
-                        ["key", "value"], [[k, str(v)] for k, v in small.items()]
-                    )
+        rep = compress_report(self)
         if path is not None:
             rep.write(path)
         return rep.render()

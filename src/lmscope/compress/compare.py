@@ -50,6 +50,12 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def overlap_k(k: int, n_tokens: int) -> int:
+    """The k actually used for a top-k overlap on ``n_tokens``: at most half of them (at least 1), since
+    with k near n any two rankings share almost all of their top k (k = n gives 1.00 always)."""
+    return max(1, min(k, n_tokens // 2))
+
+
 def topk_overlap(a, b, k: int) -> float:
     """|top-k(|a|) ∩ top-k(|b|)| / k."""
     k = min(k, len(a))
@@ -146,94 +152,16 @@ class Comparison:
         return "\n".join(lines)
 
     def report(self, path=None):
-        from ..views.html import Report
+        """The HTML report (``views.compress.compare_report``), written to ``path`` when given."""
+        from ..views.compress import compare_report
 
-        rep = Report(f"Compare: {self.a_name} vs {self.b_name}", subtitle=self.text[:200])
-        sec = rep.section("Summary", note="what the compressed model does differently on this text")
-        summary = [
-            ["tokens", len(self.tokens)],
-            ["output top-1 agreement", f"{self.top1_agreement:.1%}"],
-            ["output KL (nats/token)", round(self.output_kl, 5)],
-            ["heads removed", len(self.removed_heads)],
-            ["max head JS among kept (bits)", round(self.max_head_js, 4)],
-            [
-                "layers removed",
-                ", ".join(str(x["layer"]) for x in self.layers if x["status"] == "removed") or "none",
-            ],
-            ["structure", self.structure],
-        ]
-        sec.table(["measure", "value"], summary)
-        for line in self.notes:
-            sec.text(line)
-        n_layers = max(h["layer"] for h in self.heads) + 1
-        n_heads = max(h["head"] for h in self.heads) + 1
-        z = [[None] * n_heads for _ in range(n_layers)]
-        cell = [[""] * n_heads for _ in range(n_layers)]
-        for h in self.heads:
-            z[h["layer"]][h["head"]] = h["js"]
-            cell[h["layer"]][h["head"]] = "✕" if h["status"] == "removed" else ""
-        hs = rep.section(
-            "Attention heads: Jensen–Shannon divergence (bits)",
-            note="0 = same pattern, 1 = disjoint; ✕ marks heads the compression removed",
-        )
-        hs.heatmap(
-            z,
-            x_labels=[f"H{i}" for i in range(n_heads)],
-            y_labels=[f"L{i}" for i in range(n_layers)],
-            x_title="head (original numbering)",
-            y_title="layer",
-            cell_text=cell,
-            value_range=[0, 1],
-        )
-        hs.table(
-            ["layer", "head", "JS (bits)"],
-            [[h["layer"], h["head"], round(h["js"], 4)] for h in self.most_changed_heads(10)],
-        )
-        ls = rep.section(
-            "Layers: logit-lens drift", note="KL(original ‖ compressed) of what each layer predicts"
-        )
-        kept = [x for x in self.layers if x["lens_kl"] is not None]
-        ls.lines(
-            [
-                {
-                    "name": "logit-lens KL (nats)",
-                    "x": [x["layer"] for x in kept],
-                    "y": [x["lens_kl"] for x in kept],
-                },
-                {
-                    "name": "mean head JS (bits)",
-                    "x": [x["layer"] for x in kept],
-                    "y": [x["mean_head_js"] for x in kept],
-                },
-            ],
-            x_title="layer",
-            y_title="divergence",
-        )
-        ls.table(
-            ["layer", "status", "lens KL", "mean head JS"],
-            [[x["layer"], x["status"], _r(x["lens_kl"]), _r(x["mean_head_js"])] for x in self.layers],
-            highlight=[i for i, x in enumerate(self.layers) if x["status"] == "removed"],
-        )
-        at = rep.section("Attributions", note="same target (the original's top prediction) in both models")
-        rows = [
-            [m, _r(v.get("spearman")), _r(v.get("topk_overlap")), v.get("k", ""), v.get("error", "")]
-            for m, v in self.attribution.items()
-        ]
-        at.table(["method", "Spearman", "top-k overlap", "k", "note"], rows)
-        for m, v in self.attribution.items():
-            if "a" in v:
-                at.tokens(self.tokens, v["a"], label=f"{m}: {self.a_name}")
-                at.tokens(self.tokens, v["b"], label=f"{m}: {self.b_name}")
+        rep = compare_report(self)
         if path is not None:
             rep.write(path)
         return rep
 
     def _repr_html_(self) -> str:
         return self.report()._repr_html_()
-
-
-def _r(v, nd: int = 4):
-    return "" if v is None else round(v, nd)
 
 
 def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
@@ -254,10 +182,12 @@ def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
         except LmscopeError as e:
             out[name] = {"error": str(e)}
             continue
+        k_used = overlap_k(k, len(sa))
         out[name] = {
             "spearman": spearman(sa, sb),
-            "topk_overlap": topk_overlap(sa, sb, k),
-            "k": min(k, len(sa)),
+            "topk_overlap": topk_overlap(sa, sb, k_used),
+            "k": k_used,
+            "k_requested": k,
             "target": target.token,
             "a": [float(x) for x in sa],
             "b": [float(x) for x in sb],
@@ -331,6 +261,13 @@ def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate
     from .structure import structure_diff
 
     structure = structure_diff(lm_a, lm_b).summary()
+    notes = []
+    n_tok = run_a.input_ids.shape[1]
+    if methods and overlap_k(k, n_tok) != k:
+        notes.append(
+            f"top-k overlap: k = {overlap_k(k, n_tok)}, not the {k} asked for — at most half of the {n_tok} "
+            "tokens, because a k near the token count makes the overlap trivially 1"
+        )
     return Comparison(
         a_name=lm_a.name,
         b_name=lm_b.name,
@@ -342,4 +279,5 @@ def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate
         top1_agreement=agreement,
         output_kl=output_kl,
         structure=structure,
+        notes=notes,
     )

@@ -232,6 +232,13 @@ class PruneHeads(StepConfig):
     def module_candidates(self, lm) -> list[str]:  # the attention module of every block
         return [f"{lm.family.blocks}.{i}.{lm.family.attn}" for i in range(lm.n_layers)]
 
+    def check(self, lm) -> None:
+        super().check(lm)
+        if self.fraction > 0:  # families whose heads cannot be sliced exactly are refused before any work
+            from .prune.heads import check_head_surgery
+
+            check_head_surgery(lm)
+
     def selected_layers(self, lm) -> list[int] | None:
         """Indices of the blocks whose heads may go (None: all)."""
         return _selected_layers(self, lm)

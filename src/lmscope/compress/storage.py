@@ -53,10 +53,10 @@ def plain_transformers_loadable(model: torch.nn.Module, tensors: dict, aliases: 
     """True when the saved tensors are exactly what transformers builds from the saved config (names and
     shapes), so ``AutoModelForCausalLM.from_pretrained(dir)`` loads the directory without lmscope."""
     try:
-        from ..models.loading import _model_class
+        from ..models.loading import model_class
 
         with torch.device("meta"):
-            fresh = _model_class(model.config).from_config(model.config)
+            fresh = model_class(model.config).from_config(model.config)
         expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     except Exception:
         return False
@@ -160,23 +160,22 @@ def verify(directory: str | os.PathLike) -> dict:
 def _fresh_model(d: Path):
     from transformers import AutoConfig
 
-    from ..capture.session import ATTN_IMPL, register_attention
-    from ..models.loading import _model_class, _quiet_transformers
+    from ..models.loading import attn_implementation_for, concrete_class, model_class, quiet_transformers
 
-    register_attention()
-    _quiet_transformers()
+    quiet_transformers()
     config = AutoConfig.from_pretrained(d, trust_remote_code=False, local_files_only=True)
-    cls = _model_class(config)
+    cls = model_class(config)
+    impl = attn_implementation_for(concrete_class(cls, config))
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
-        model = cls.from_config(config, attn_implementation=ATTN_IMPL, dtype=torch.float32)
+        model = cls.from_config(config, attn_implementation=impl, dtype=torch.float32)
     return model
 
 
-def load_compressed(directory: str | os.PathLike):
+def load_compressed(directory: str | os.PathLike, dtype=None, device=None):
     """(model, tokenizer) from a directory written by :func:`save`; logits equal the in-memory model's."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -210,6 +209,11 @@ def load_compressed(directory: str | os.PathLike):
         )
     for dropped, kept in aliases.items():  # re-tie tensors saved once (tied embeddings, if not already)
         _set_tensor(model, dropped, _get_tensor(model, kept))
+    from ..models.loading import resolve_device, resolve_dtype
+
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    if dtype != torch.float32 or device.type != "cpu":
+        model.to(device=device, dtype=dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(d, trust_remote_code=False, local_files_only=True)
     return model, tokenizer

@@ -210,10 +210,10 @@ class StructureDiff:
         return list(self.COLUMNS), rows, [i for i, r in enumerate(shown) if r.changed]
 
     def add_to(self, report, changed_only: bool = False):
-        sec = report.section(f"Structure: {self.a_name} vs {self.b_name}", note=self.summary())
-        cols, rows, hl = self.to_html_rows(changed_only)
-        sec.table(cols, rows, highlight=hl)
-        return sec
+        """Append this diff as a section of ``report`` (``views.compress.structure_section``)."""
+        from ..views.compress import structure_section
+
+        return structure_section(report, self, changed_only)
 
     def to_dict(self) -> dict:
         return {
@@ -247,9 +247,9 @@ def structure_diff(model_a, model_b, a_name: str | None = None, b_name: str | No
     ma, mb = _model_of(model_a), _model_of(model_b)
     blocks = None
     try:
-        from ..models.families import family_for
+        from ..models.families import family_of
 
-        blocks = family_for(mb.config.model_type).blocks
+        blocks = family_of(mb).blocks
     except Exception:
         pass
     mapping = _layer_map(mb, blocks)

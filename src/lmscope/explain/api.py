@@ -18,11 +18,20 @@ import torch
 
 from ..errors import LmscopeError
 from .attribution.base import Attribution, get_method, method_names
-from .faithfulness import faithfulness, random_baseline, randomized_copy, spearman
+from .faithfulness import (
+    faithfulness,
+    faithfulness_many,
+    random_baseline,
+    randomized_copy,
+    rank_methods,
+    spearman,
+)
 from .targets import Objective, Target, encode_prompt, make_target
 
-#: what `explain` runs when no methods are named: every registered method
-DEFAULT_METHODS = None
+#: what `explain` runs when no methods are named: the fast ones (one gradient, one batch of
+#: occlusions; seconds on a CPU), each still with faithfulness and the randomization check.
+#: ``methods="all"`` runs every registered method.
+DEFAULT_METHODS = ("saliency", "input_x_gradient", "occlusion")
 
 
 @dataclass
@@ -37,6 +46,8 @@ class Explanation:
     random_baseline: dict | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     sanity_layers: int | None = None
+    #: where the time went (seconds): each method, the faithfulness batch, the randomization check
+    timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -48,6 +59,7 @@ class Explanation:
             "random_baseline": self.random_baseline,
             "skipped": self.skipped,
             "sanity_randomized_top_layers": self.sanity_layers,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
 
@@ -81,7 +93,7 @@ class ExplainResult:
             json.dump(self.to_json(), f, indent=1, allow_nan=False)
 
     def build_report(self):
-        from .attribution.report import explain_report
+        from ..views.explain import explain_report
 
         return explain_report(self)
 
@@ -107,11 +119,14 @@ def _finite(x):
 
 
 def resolve_methods(methods) -> list[str]:
+    """Method names from a list or a comma-separated string; None: ``DEFAULT_METHODS``; "all": every one."""
     names = method_names()
     if methods is None:
-        return names
+        return [m for m in DEFAULT_METHODS if m in names]
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if list(methods) == ["all"]:
+        return names
     if not methods:
         raise LmscopeError("no attribution method given", f"use one or more of: {', '.join(names)}")
     for m in methods:
@@ -129,8 +144,16 @@ def explain_objective(
     sanity_layers: int | None = None,
     seed: int = 0,
     progress=None,
+    share: bool = True,
 ) -> Explanation:
-    """Run ``methods`` on one objective, score each for faithfulness, rank them."""
+    """Run ``methods`` on one objective, score each for faithfulness, rank them.
+
+    ``share``: the perturbations of every method's faithfulness curves and of the random baseline run
+    as one batch, each distinct perturbed input once, and gradient methods share the gradient at the
+    input (``Objective.cache``); ``share=False`` runs each method's on its own (the same numbers up
+    to float rounding; kept as the reference the tests compare with)."""
+    objective.cache = share
+    timings: dict[str, float] = {}
     config = config or {}
     results, skipped = {}, {}
     names = resolve_methods(methods)
@@ -150,9 +173,24 @@ def explain_objective(
             progress(i / len(names), f"{name}")
         torch.manual_seed(seed)
         results[name] = method.attribute(objective)
-        if faithful and results[name].unit == "token":
+        if faithful and not share and results[name].unit == "token":
             fa = faithfulness(objective, results[name].scores)
             results[name].faithfulness = fa
+    t0 = time.perf_counter()
+    rand_base = None
+    if faithful and share:
+        if progress:
+            progress(len(names) / (len(names) + 1), "faithfulness")
+        scored = [n for n, r in results.items() if r.unit == "token"]
+        fas, rand_base = faithfulness_many(
+            objective, [results[n].scores for n in scored], random_orders=3, seed=seed
+        )
+        for n, fa in zip(scored, fas):
+            results[n].faithfulness = fa
+    elif faithful:
+        rand_base = random_baseline(objective, seed=seed)
+    timings["faithfulness"] = time.perf_counter() - t0  # share=False: the random baseline only
+    t0 = time.perf_counter()
     rand_copy = None
     if sanity and results:
         rand_lm, sanity_layers = randomized_copy(objective.lm, sanity_layers, seed=seed)
@@ -163,6 +201,7 @@ def explain_objective(
             objective.baseline,
             objective.exclude_special,
             objective.batch_size,
+            cache=share,
         )
         for name, res in results.items():
             if res.unit != "token":
@@ -174,19 +213,19 @@ def explain_objective(
             res.faithfulness = fa
         rand_copy = sanity_layers
         del rand_lm, rand_obj
-    ranked = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
-    ranked.sort(key=lambda n: -results[n].faithfulness["aopc_sum"])
-    for place, n in enumerate(ranked, 1):
-        results[n].faithfulness["rank"] = place
+    timings["sanity"] = time.perf_counter() - t0
+    timings.update({f"method:{n}": r.seconds for n, r in results.items()})
+    ranked = rank_methods(results, rand_base)  # flagged methods rank after the unflagged ones
     return Explanation(
         tokens=objective.tokens,
         special=objective.special,
         target=objective.describe(),
         methods=results,
         ranking=ranked,
-        random_baseline=random_baseline(objective, seed=seed) if faithful else None,
+        random_baseline=rand_base,
         skipped=skipped,
         sanity_layers=rand_copy,
+        timings=timings,
     )
 
 
@@ -208,11 +247,13 @@ def explain(
     config: dict | None = None,
     truncate: bool = False,
     progress=None,
+    share: bool = True,
 ) -> ExplainResult:
     """Explain ``lm``'s output on ``text``.
 
     target/contrast: one token each (``None``: the model's top prediction); pair: encoders only, the
-    second text of a cosine similarity. methods: names or a comma-separated string (None: all).
+    second text of a cosine similarity. methods: names or a comma-separated string (None: the fast
+    ``DEFAULT_METHODS``; "all": every registered method). share: see ``explain_objective``.
     baseline: pad | eos | zero | mask (the "absent token" for IG, occlusion, SHAP and faithfulness).
     steps: uniform IG steps (None: adaptive until the completeness error ≤ 1%). generate: explain
     each of N greedily generated tokens. config: per-method settings, e.g.
@@ -246,6 +287,7 @@ def explain(
                 sanity=sanity and step == 0,
                 seed=seed,
                 progress=progress,
+                share=share,
             )
         )
         if generate:

@@ -19,6 +19,10 @@ highest first (for signed methods "most in favour of the target" first).
 - sanity check (Adebayo et al. 2018): attributions on a copy of the model whose top layers are
   re-initialized must change; ``randomization_spearman`` is the rank correlation with the original
   (near 1 = the method ignores the model = not faithful).
+
+``rank_methods`` orders methods by ``aopc_sum`` but puts every *flagged* method after the unflagged ones
+(``FLAG_RULES``: below the random order, fails the randomization check, surrogate R² too low, IG
+completeness error too large), so the top of the ranking is never a method its own numbers disqualify.
 """
 
 from __future__ import annotations
@@ -45,18 +49,34 @@ def _grid(m: int, max_points: int) -> list[int]:
     return sorted(ks)
 
 
-def curves(objective, order: np.ndarray, max_points: int = 33) -> dict:
-    """Deletion and insertion curves along ``order``: {"k": [...], "deletion": [...], "insertion": [...]}."""
-    n, m = objective.n, len(order)
-    ks = _grid(m, max_points)
+def _curve_masks(n: int, order: np.ndarray, max_points: int) -> tuple[list[int], torch.Tensor]:
+    """(ks, masks [2·len(ks), n]): the deletion rows, then the insertion rows."""
+    ks = _grid(len(order), max_points)
     delete = torch.ones(len(ks), n, dtype=torch.bool)
     insert = torch.zeros(len(ks), n, dtype=torch.bool)
     for row, k in enumerate(ks):
         top = torch.as_tensor(order[:k], dtype=torch.long)
         delete[row, top] = False
         insert[row, top] = True
-    f = objective.f_masks(torch.cat([delete, insert])).double().numpy()
-    return {"k": ks, "deletion": f[: len(ks)].tolist(), "insertion": f[len(ks) :].tolist()}
+    return ks, torch.cat([delete, insert])
+
+
+def curves(objective, order: np.ndarray, max_points: int = 33) -> dict:
+    """Deletion and insertion curves along ``order``: {"k": [...], "deletion": [...], "insertion": [...]}."""
+    return curves_many(objective, [order], max_points)[0]
+
+
+def curves_many(objective, orders: list[np.ndarray], max_points: int = 33) -> list[dict]:
+    """``curves`` for several orders with one batched evaluation (rows shared between orders — the
+    full and the empty input, common top-k sets — run once)."""
+    grids = [_curve_masks(objective.n, order, max_points) for order in orders]
+    f = objective.f_masks(torch.cat([masks for _, masks in grids])).double().numpy()
+    out, at = [], 0
+    for ks, masks in grids:
+        part = f[at : at + len(masks)]
+        at += len(masks)
+        out.append({"k": ks, "deletion": part[: len(ks)].tolist(), "insertion": part[len(ks) :].tolist()})
+    return out
 
 
 def scores_from_curves(objective, c: dict, m: int) -> dict:
@@ -78,22 +98,38 @@ def scores_from_curves(objective, c: dict, m: int) -> dict:
 def faithfulness(objective, scores, max_points: int = 33) -> dict:
     """Deletion/insertion AOPC, comprehensiveness and sufficiency of ``scores`` (one per token) on
     ``objective``; also returns the two curves (``curves``)."""
-    order = ranking(scores, objective.free)
-    c = curves(objective, order, max_points)
-    out = scores_from_curves(objective, c, len(order))
-    out["curves"] = c
-    return out
+    return faithfulness_many(objective, [scores], max_points)[0]
+
+
+def faithfulness_many(
+    objective, score_lists: list, max_points: int = 33, random_orders: int = 0, seed: int = 0
+):
+    """``faithfulness`` of several score lists at once, plus (``random_orders`` > 0) the
+    ``random_baseline``, all perturbations in one batched evaluation. Returns the list of results,
+    or (list, random baseline) when ``random_orders``."""
+    orders = [ranking(s, objective.free) for s in score_lists]
+    rand = _random_orders(objective, random_orders, seed)
+    all_curves = curves_many(objective, orders + rand, max_points)
+    out = []
+    for order, c in zip(orders, all_curves):
+        res = scores_from_curves(objective, c, len(order))
+        res["curves"] = c
+        out.append(res)
+    if not random_orders:
+        return out
+    runs = [scores_from_curves(objective, c, len(o)) for o, c in zip(rand, all_curves[len(orders) :])]
+    return out, {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+
+
+def _random_orders(objective, n_orders: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    free = np.nonzero(objective.free.numpy())[0]
+    return [rng.permutation(free) for _ in range(n_orders)]
 
 
 def random_baseline(objective, n_orders: int = 3, seed: int = 0, max_points: int = 33) -> dict:
     """The same metrics for random token orders (mean over ``n_orders``): what "no information" scores."""
-    rng = np.random.default_rng(seed)
-    free = np.nonzero(objective.free.numpy())[0]
-    runs = []
-    for _ in range(n_orders):
-        order = rng.permutation(free)
-        runs.append(scores_from_curves(objective, curves(objective, order, max_points), len(order)))
-    return {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+    return faithfulness_many(objective, [], max_points, random_orders=n_orders, seed=seed)[1]
 
 
 def spearman(a, b) -> float | None:
@@ -124,3 +160,60 @@ def randomized_copy(lm, n_top: int | None = None, seed: int = 0):
                 if p.dim() >= 2:
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.std())
     return LM(model, lm.tokenizer, name=f"{lm.name}+random-top-{n_top}"), n_top
+
+
+#: thresholds of the flags (stated in the report and in attributions.json)
+RANDOMIZATION_MAX = 0.7  # Spearman ρ with the randomized model above this: the method ignores the model
+SURROGATE_R2_MIN = 0.5  # kernel SHAP's linear surrogate explains less than half of f's variance
+IG_COMPLETENESS_MAX = 0.01  # |Σ IG − Δf| / |Δf| above 1%: too few integration steps
+
+FLAG_RULES = {
+    "below_random": "AOPC sum below the random token order",
+    "fails_randomization": f"randomization ρ above {RANDOMIZATION_MAX} (attributions barely change when the "
+    "top layers are re-initialized)",
+    "low_surrogate_r2": f"surrogate R² below {SURROGATE_R2_MIN} (the linear model does not fit f)",
+    "ig_incomplete": f"integrated-gradients completeness error above {100 * IG_COMPLETENESS_MAX:g}% of |Δf|",
+}
+
+
+def _finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def flags_for(attribution, random_reference: dict | None) -> list[dict]:
+    """The checks ``attribution`` fails: [{"flag": name, "why": one line with the numbers}, ...]."""
+    fa, info, out = attribution.faithfulness or {}, attribution.info, []
+    if random_reference and "aopc_sum" in fa and fa["aopc_sum"] < random_reference["aopc_sum"]:
+        out.append(
+            {
+                "flag": "below_random",
+                "why": f"AOPC sum {fa['aopc_sum']:.3g} < {random_reference['aopc_sum']:.3g} of a random order",
+            }
+        )
+    rho = fa.get("randomization_spearman")
+    if _finite(rho) and rho > RANDOMIZATION_MAX:
+        out.append({"flag": "fails_randomization", "why": f"randomization ρ {rho:.3f} > {RANDOMIZATION_MAX}"})
+    r2 = info.get("r2")
+    if _finite(r2) and info.get("n_features", 1) and r2 < SURROGATE_R2_MIN:
+        out.append({"flag": "low_surrogate_r2", "why": f"surrogate R² {r2:.3f} < {SURROGATE_R2_MIN}"})
+    err = info.get("relative_completeness_error")
+    if _finite(err) and err > IG_COMPLETENESS_MAX:
+        out.append(
+            {
+                "flag": "ig_incomplete",
+                "why": f"completeness error {100 * err:.2f}% of |Δf| > {100 * IG_COMPLETENESS_MAX:g}%",
+            }
+        )
+    return out
+
+
+def rank_methods(results: dict, random_reference: dict | None) -> list[str]:
+    """Names of the scored methods, unflagged first, each group by ``aopc_sum`` (highest first). Sets
+    each attribution's ``flags`` and its ``faithfulness["rank"]``."""
+    scored = [n for n, r in results.items() if r.faithfulness and "aopc_sum" in r.faithfulness]
+    for res in results.values():
+        res.flags = flags_for(res, random_reference)
+    scored.sort(key=lambda n: (bool(results[n].flags), -results[n].faithfulness["aopc_sum"]))
+    for place, n in enumerate(scored, 1):
+        results[n].faithfulness["rank"] = place
+    return scored

@@ -28,12 +28,21 @@ import torch
 from ..capture.session import hooks
 from ..data import token_windows
 from ..errors import LmscopeError
-from .patching import _check_layers, base_forward, record_block_outputs, replay_blocks, unembed
+from .replay import base_forward, check_layers, record_block_outputs, replay_blocks, unembed
 
 #: metric names: importance (Δ loss / gradient) and characterization (attention fractions)
 IMPORTANCE = ("ablation_zero", "ablation_mean", "grad_importance")
 PATTERNS = ("induction", "previous_token", "first_token", "self")
 METHODS = {"zero": "ablation_zero", "mean": "ablation_mean", "grad": "grad_importance"}
+#: approximate metrics (attribution patching): estimates of the ablation metrics, and how much their
+#: per-position terms cancel; present only when asked for (``approx="atp"``)
+APPROX = ("atp_zero", "atp_mean", "atp_zero_cancellation", "atp_mean_cancellation")
+APPROX_NOTES = {
+    "atp_zero": "APPROXIMATE (attribution patching): first-order estimate of ablation_zero",
+    "atp_mean": "APPROXIMATE (attribution patching): first-order estimate of ablation_mean",
+    "atp_zero_cancellation": "1 − |Σ_pos e| / Σ_pos |e| of atp_zero's per-position terms (1 = they cancel)",
+    "atp_mean_cancellation": "1 − |Σ_pos e| / Σ_pos |e| of atp_mean's per-position terms (1 = they cancel)",
+}
 
 
 @dataclass
@@ -95,6 +104,9 @@ class HeadScores:
                 row = {"layer": i, "head": h, "kv_head": self.kv_heads[i][h]}
                 for m in IMPORTANCE + PATTERNS:
                     row[m] = _num(self.scores[m][i, h]) if m in self.scores else None
+                for m in APPROX:
+                    if m in self.scores:
+                        row[m] = _num(self.scores[m][i, h])
                 row["shares_kv_with"] = [g for g in _group_of(self, i, h) if g != h]
                 row["summary"] = self.summary(i, h)
                 heads.append(row)
@@ -112,6 +124,7 @@ class HeadScores:
                 "previous_token": "attention to the previous position",
                 "first_token": "attention to the first position (attention sink)",
                 "self": "attention to its own position",
+                **{m: APPROX_NOTES[m] for m in APPROX if m in self.scores},
             },
             **self.meta,
             "heads": heads,
@@ -212,6 +225,8 @@ def head_importance(
     layers: Sequence[int] | None = None,
     input_ids: torch.Tensor | None = None,
     progress=None,
+    approx: str | None = None,
+    compare_exact: bool = False,
 ) -> HeadScores:
     """Importance of every head over ``texts`` (default: built-in text), ``max_tokens`` tokens in windows.
 
@@ -219,6 +234,9 @@ def head_importance(
     restricts the ablations and gradients to those layers (others stay NaN). ``input_ids`` [n, len]
     overrides the text. ``progress(done, total)`` is called after each layer of ablations.
     Larger is more important for every metric (a negative Δloss: the model is better without the head).
+    ``approx="atp"``: the zero/mean ablations are estimated by attribution patching (``atp_zero``,
+    ``atp_mean``: one forward + backward, approximate; see ``explain.atp``) instead of run; with
+    ``compare_exact`` they are also run exactly and ``meta["atp_vs_exact"]`` holds the rank correlation.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -226,7 +244,15 @@ def head_importance(
             f"unknown head-importance method '{unknown[0] if unknown else ''}'",
             f"use some of: {', '.join(METHODS)}",
         )
-    layers = _check_layers(lm, layers)
+    if approx not in (None, "atp"):
+        raise LmscopeError(f"unknown approximation '{approx}'", "use --approx atp (or leave it out: exact)")
+    if approx and not lm.is_causal:
+        raise LmscopeError(
+            "--approx atp needs a causal LM: the encoder stand-in loss is at its minimum on the clean run, "
+            "so its gradient (and every first-order estimate) is zero",
+            "drop --approx for encoders (exact ablation)",
+        )
+    layers = check_layers(lm, layers)
     ids = input_ids if input_ids is not None else _windows(lm, texts, max_tokens, window)
     mask = torch.ones_like(ids)
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -245,11 +271,29 @@ def head_importance(
     result.meta["clean_loss"] = round(float(clean.mean()), 6)
 
     ablate = [m for m in ("zero", "mean") if m in methods]
+    if approx == "atp" and ablate:
+        from .atp import LABEL, head_ablation_atp, rank_correlation
+
+        est = head_ablation_atp(lm, ids, layers, lambda h, i: _row_losses(lm, h, i), ablate)
+        for mode in ablate:
+            result.scores[f"atp_{mode}"] = est[mode]
+            result.scores[f"atp_{mode}_cancellation"] = est[f"cancellation_{mode}"]
+        result.meta["approximate"] = {f"atp_{mode}": LABEL for mode in ablate}
+        if not compare_exact:
+            for mode in ablate:
+                del result.scores[METHODS[mode]]
+            ablate = []
     for done, layer in enumerate(layers):
         if ablate:
             _ablate_layer(lm, result, layer, ablate, ids, inputs, blocks, acts, clean, reference)
         if progress is not None:
             progress(done + 1, len(layers))
+    if approx == "atp" and compare_exact:
+        result.meta["atp_vs_exact"] = {
+            f"atp_{m}": rank_correlation(result.scores[f"atp_{m}"], result.scores[METHODS[m]])
+            for m in ("zero", "mean")
+            if m in methods
+        }
     if "grad" in methods:
         result.scores["grad_importance"][:] = _grad_importance(lm, ids, layers)
     return result
@@ -416,10 +460,20 @@ def analyze_heads(
     layers: Sequence[int] | None = None,
     seed: int = 0,
     progress=None,
+    approx: str | None = None,
+    compare_exact: bool = False,
 ) -> HeadScores:
     """Importance and characterization together (what ``lmscope heads`` writes)."""
     ids = _windows(lm, texts, max_tokens, window)
-    importance = head_importance(lm, methods=methods, layers=layers, input_ids=ids, progress=progress)
+    importance = head_importance(
+        lm,
+        methods=methods,
+        layers=layers,
+        input_ids=ids,
+        progress=progress,
+        approx=approx,
+        compare_exact=compare_exact,
+    )
     return importance.merge(characterize_heads(lm, input_ids=ids, seed=seed))
 
 

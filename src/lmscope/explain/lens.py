@@ -44,7 +44,7 @@ class LogitLens:
 
 
 def check_lens(lm) -> None:
-    if not lm.family.unembed or not lm.family.final_norm:
+    if lm.task != "lm" or not lm.family.unembed or not lm.family.final_norm:
         raise LmscopeError(
             f"the logit lens needs an unembedding; {lm.name} ({lm.family.name}) has none",
             "use a causal language model (e.g. --model smollm2)",
@@ -54,8 +54,7 @@ def check_lens(lm) -> None:
 def lens_logits(lm, resid: torch.Tensor) -> torch.Tensor:
     """Final norm + unembedding applied to residual vectors [..., d_model] -> logits [..., vocab]."""
     check_lens(lm)
-    norm, head = lm.module(lm.family.final_norm), lm.module(lm.family.unembed)
-    return head(norm(resid))
+    return lm.unembed(lm.final_norm(resid))
 
 
 def residual_stack(lm, run_or_resid, index: int = 0) -> torch.Tensor:

@@ -14,7 +14,6 @@ cannot change anything before it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,74 +21,14 @@ import torch
 
 from ..capture.session import hooks
 from ..errors import LmscopeError
+from .replay import base_forward, check_layers, record_block_outputs, replay_blocks, unembed
 from .targets import single_token_id
 
+# the replay helpers used to live here; kept importable under their old names
+_check_layers = check_layers
+__all__ = ["PatchingResult", "patch", "base_forward", "record_block_outputs", "replay_blocks", "unembed"]
+
 RESID_SITE = "resid_pre"
-
-
-# -- shared machinery (also used by heads.py) ---------------------------------------------------
-def record_block_outputs(lm, inputs: dict[str, torch.Tensor], names=(), interventions=None):
-    """One no-grad forward of the base model; returns (last hidden state, raw block outputs, captured)."""
-    outputs: list = [None] * lm.n_layers
-    handles = []
-    for i, block in enumerate(lm.blocks):
-
-        def keep(mod, args, out, i=i):
-            outputs[i] = out
-
-        handles.append(block.register_forward_hook(keep))
-    try:
-        with torch.no_grad(), hooks(lm, names, interventions) as session:
-            hidden = base_forward(lm, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return hidden, outputs, session.tensors
-
-
-def _take_rows(output, rows: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return output[rows]
-    if isinstance(output, tuple):
-        return tuple(_take_rows(o, rows) if isinstance(o, torch.Tensor) else o for o in output)
-    return output
-
-
-@contextmanager
-def replay_blocks(lm, upto: int, outputs: list, rows: torch.Tensor):
-    """Blocks ``0..upto-1`` return their recorded ``outputs`` (rows ``rows`` of the recording) uncomputed.
-
-    Correct only when the forward that follows feeds the same tokens as the recording and changes
-    nothing before block ``upto``.
-    """
-    patched = []
-    # only block upto-1's output is read downstream; earlier blocks just need to return quickly
-    taken = _take_rows(outputs[upto - 1], rows) if upto > 0 else None
-    try:
-        for i in range(upto):
-            block = lm.blocks[i]
-
-            def replay(*args, _out=taken, **kwargs):
-                return _out
-
-            block.forward = replay
-            patched.append(block)
-        yield
-    finally:
-        for block in patched:
-            del block.forward
-
-
-def base_forward(lm, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final hidden state (after the final norm, before the unembedding): [batch, pos, d_model]."""
-    kwargs = {"use_cache": False} if lm.is_causal else {}
-    return lm.model.base_model(**inputs, **kwargs).last_hidden_state
-
-
-def unembed(lm, hidden: torch.Tensor) -> torch.Tensor:
-    if not lm.family.unembed:
-        raise LmscopeError(f"{lm.name} has no language-model head", "use a causal model such as smollm2")
-    return lm.module(lm.family.unembed)(hidden)
 
 
 def single_token(lm, text: str, role: str = "target") -> int:
@@ -117,6 +56,10 @@ class PatchingResult:
     layers: list[int]
     resid_site: str = RESID_SITE
     meta: dict = field(default_factory=dict)
+    #: attribution-patching estimates (APPROXIMATE): raw metric grids "resid", "heads", "heads_pos"
+    #: [layers, heads, pos] and "mlp", plus "correlation" with the exact grids when both were computed
+    approx: dict | None = None
+    exact: bool = True  # False: only the approximation was computed (the exact grids are NaN)
 
     @property
     def metric_name(self) -> str:
@@ -142,12 +85,31 @@ class PatchingResult:
     def mlp(self) -> np.ndarray | None:
         return self._normalize(self.mlp_raw)
 
+    def approx_normalized(self, site: str) -> np.ndarray | None:
+        """An APPROXIMATE grid ("resid", "heads", "heads_pos", "mlp") normalized like the exact ones."""
+        return None if self.approx is None else self._normalize(self.approx[site])
+
     def to_json(self) -> dict:
         def grid(a):
             if a is None:
                 return None
+            if a.ndim == 3:
+                return [grid(x) for x in a]
             return [[_num(v) for v in row] for row in a] if a.ndim == 2 else [_num(v) for v in a]
 
+        approx = None
+        if self.approx is not None:
+            sites = ("resid", "resid_linear", "heads", "heads_pos", "mlp")
+            approx = {
+                "approximate": True,
+                "method": self.approx["method"],
+                "label": self.approx["label"],
+                "resid_qk_fix": self.approx.get("qk_fix", False),
+                **{site: grid(self.approx_normalized(site)) for site in sites},
+                "raw": {site: grid(self.approx[site]) for site in sites},
+                "correlation_with_exact": self.approx.get("correlation"),
+            }
+        exact = {} if self.exact else {"exact_computed": False}
         return {
             "model": self.model,
             "tokens": self.tokens,
@@ -166,6 +128,8 @@ class PatchingResult:
             "heads": grid(self.heads),
             "mlp": grid(self.mlp),
             "raw": {"resid": grid(self.resid_raw), "heads": grid(self.heads_raw), "mlp": grid(self.mlp_raw)},
+            **exact,
+            "approx": approx,
             **self.meta,
         }
 
@@ -173,18 +137,6 @@ class PatchingResult:
 def _num(v) -> float | None:
     v = float(v)
     return None if np.isnan(v) else round(v, 6)
-
-
-def _check_layers(lm, layers: Sequence[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(lm.n_layers))
-    bad = [i for i in layers if not 0 <= int(i) < lm.n_layers]
-    if bad:
-        raise LmscopeError(
-            f"layer {bad[0]} is out of range: {lm.name} has {lm.n_layers} layers",
-            f"use layers 0..{lm.n_layers - 1}",
-        )
-    return sorted({int(i) for i in layers})
 
 
 def patch(
@@ -196,6 +148,9 @@ def patch(
     layers: Sequence[int] | None = None,
     normalize: bool = True,
     skip_identical: bool = True,
+    approx: str | None = None,
+    exact: bool = True,
+    progress=None,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run, one site at a time; see the module docstring.
 
@@ -203,14 +158,23 @@ def patch(
     ``normalize=False`` allows it (the raw grids are still right, the normalized ones are None).
     ``skip_identical``: a residual position whose clean and corrupted activations are equal (e.g. the
     tokens before the first changed one) is not run; patching it cannot change anything, so its
-    metric is the corrupted one.
+    metric is the corrupted one. ``approx="atp"`` adds attribution-patching estimates of every site
+    and of each head at each position (APPROXIMATE; ``explain.atp``) in ``result.approx``, with their
+    correlation to the exact grids; ``exact=False`` (only with ``approx``) skips the exact runs.
+    ``progress(done, total)`` is called after each layer of exact runs.
     """
+    if approx not in (None, "atp"):
+        raise LmscopeError(f"unknown approximation '{approx}'", "use --approx atp (or leave it out: exact)")
+    if not exact and not approx:
+        raise LmscopeError(
+            "nothing to compute: exact patching is off and no approximation is asked for", "add --approx atp"
+        )
     if not lm.is_causal:
         raise LmscopeError(
             f"activation patching needs a causal language model; {lm.name} is an encoder",
             "use a causal model such as smollm2",
         )
-    layers = _check_layers(lm, layers)
+    layers = check_layers(lm, layers)
     target_id = single_token(lm, target, "target")
     contrast_id = single_token(lm, contrast, "contrast") if contrast is not None else None
     clean_in, corrupt_in = lm.encode(clean), lm.encode(corrupt)
@@ -245,7 +209,7 @@ def patch(
     heads_raw = np.full((lm.n_layers, n_heads), np.nan)
     mlp_raw = np.full(lm.n_layers, np.nan)
     n_runs = 0
-    for layer in layers:
+    for done, layer in enumerate(layers if exact else []):
         h_here = lm.n_heads_at(layer)
         clean_resid = clean_acts[f"blocks.{layer}.{RESID_SITE}"][0]
         clean_heads = clean_acts[f"blocks.{layer}.attn.head_out"][0]
@@ -288,6 +252,25 @@ def patch(
         resid_raw[layer, pos.numpy()] = values[:n_pos]
         heads_raw[layer, :h_here] = values[n_pos : n_pos + h_here]
         mlp_raw[layer] = values[n_pos + h_here]
+        if progress is not None:
+            progress(done + 1, len(layers))
+
+    approx_grids = None
+    if approx == "atp":
+        from .atp import LABEL, patch_atp, rank_correlation
+
+        approx_grids = patch_atp(lm, clean_in, corrupt_in, layers, metric)
+        approx_grids.update(method="atp", label=LABEL)
+        if exact:
+            approx_grids["correlation"] = {
+                site: rank_correlation(approx_grids[site], grid)
+                for site, grid in (
+                    ("resid", resid_raw),
+                    ("resid_linear", resid_raw),
+                    ("heads", heads_raw),
+                    ("mlp", mlp_raw),
+                )
+            }
 
     return PatchingResult(
         model=lm.name,
@@ -304,4 +287,6 @@ def patch(
         mlp_raw=mlp_raw,
         layers=layers,
         meta={"kv_heads": [lm.kv_group(h) for h in range(n_heads)], "patched_runs": n_runs},
+        approx=approx_grids,
+        exact=exact,
     )

@@ -64,6 +64,21 @@ def single_token_id(lm, text: str, flag: str = "--target") -> int:
     )
 
 
+def leading_space_hint(lm, text: str, value: str | None, flag: str = "--target") -> str | None:
+    """A note when ``value`` lacks the leading space a next word usually has: "Paris" after "is" is a
+    different token from " Paris". None when there is nothing to say."""
+    if not value or value[0].isspace() or not text or text[-1].isspace():
+        return None
+    ids = lm.tokenizer(value, add_special_tokens=False)["input_ids"]
+    spaced = lm.tokenizer(" " + value, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or len(spaced) != 1:
+        return None
+    return (
+        f"{flag} {value!r} is token {ids[0]} ({value!r}, no leading space); after {text.split()[-1]!r} the next "
+        f"word is usually {' ' + value!r} (token {spaced[0]}) — did you mean {' ' + value!r}?"
+    )
+
+
 def make_target(
     lm, target: str | None = None, contrast: str | None = None, pair: str | None = None
 ) -> Target:
@@ -152,6 +167,9 @@ class Objective:
     position: int = -1  # the position whose output is explained (causal: always the last)
     special: list[bool] = field(default_factory=list)
     n_forwards: int = 0
+    #: share work between methods: f of a mask row and the gradient at the input are computed once
+    #: per objective (values are row-wise, so sharing changes no number beyond float rounding)
+    cache: bool = True
 
     def __post_init__(self):
         lm = self.lm
@@ -172,6 +190,8 @@ class Objective:
                 base = self.embedding(torch.tensor([[self.baseline_token]]))[0, 0].expand_as(self.x)
             self.b = torch.where(self.free[:, None], base, self.x).contiguous()
         self._pair = None
+        self._f_cache: dict[bytes, float] = {}
+        self._grad_x = None
         if self.target.kind == "cosine":
             pair_ids = self.lm.encode(self.target.pair)
             with torch.no_grad():
@@ -230,10 +250,31 @@ class Objective:
         m = masks.to(self.x.dtype)[..., None]
         return m * self.x[None] + (1 - m) * self.b[None]
 
+    def grad_at_input(self) -> torch.Tensor:
+        """∂f/∂embeddings at the input [n, d] (computed once per objective when ``cache``)."""
+        if self._grad_x is None or not self.cache:
+            _, g = self.grad(self.x[None])
+            self._grad_x = g[0]
+        return self._grad_x
+
     def f_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """``f`` with absent tokens (mask 0) replaced by the baseline token (length kept)."""
+        """``f`` with absent tokens (mask 0) replaced by the baseline token (length kept), float64.
+
+        With ``cache`` each distinct mask row is run once per objective, however many methods,
+        curves or random orders ask for it; the rows still missing run together in batches."""
         masks = masks.clone().bool() | ~self.free[None]
-        return self.f_many(self.masked(masks))
+        if not self.cache:
+            return self.f_many(self.masked(masks)).double()
+        keys = [row.numpy().tobytes() for row in masks]
+        missing = {}
+        for i, key in enumerate(keys):
+            if key not in self._f_cache and key not in missing:
+                missing[key] = i
+        if missing:
+            rows = masks[list(missing.values())]
+            values = self.f_many(self.masked(rows)).double().tolist()
+            self._f_cache.update(zip(missing, values))
+        return torch.tensor([self._f_cache[k] for k in keys], dtype=torch.float64)
 
     @torch.no_grad()
     def f_deleted(self, drop: list[int]) -> float:

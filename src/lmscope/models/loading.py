@@ -20,22 +20,79 @@ from .sources import Source, resolve
 COMPRESSED_MARKER = "lmscope_recipe.json"
 
 
-def _quiet_transformers():
+def quiet_transformers():
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
-def _model_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM
+def model_class(config):
+    """The Auto class for this config: the head its ``architectures`` name (classifier, token classifier,
+    causal LM), else a causal LM for decoders and the bare model for encoders."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
-    from .families import family_for
+    from .families import ENCODER_TYPES, check_supported
 
-    archs = config.architectures or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return AutoModelForCausalLM
-    return AutoModelForCausalLM if family_for(config.model_type).causal else AutoModel
+    check_supported(config)
+    for arch in config.architectures or []:
+        if arch.endswith("ForSequenceClassification"):
+            return AutoModelForSequenceClassification
+        if arch.endswith("ForTokenClassification"):
+            return AutoModelForTokenClassification
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    decoder = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in ENCODER_TYPES
+    )
+    return AutoModelForCausalLM if decoder else AutoModel
+
+
+def concrete_class(auto_cls, config):
+    """The transformers class an Auto class builds for ``config`` (None when it has no such head)."""
+    try:
+        return auto_cls._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def _read_config(d: Path):
+    from transformers import AutoConfig
+
+    raw = {}
+    try:
+        raw = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    if isinstance(raw, dict) and raw.get("auto_map"):
+        raise LmscopeError(
+            f"'{d}' needs custom code from the model's authors (config.json has auto_map), which lmscope never runs",
+            "use a model whose architecture ships with transformers (no trust_remote_code)",
+        )
+    try:
+        return AutoConfig.from_pretrained(d, trust_remote_code=False, local_files_only=True)
+    except ValueError as e:
+        mt = raw.get("model_type") if isinstance(raw, dict) else None
+        if mt and "does not recognize" in str(e) or "trust_remote_code" in str(e):
+            raise LmscopeError(
+                f"model type '{mt}' is not known to the installed transformers (it may need remote code, "
+                "which lmscope never runs)",
+                "upgrade transformers, or use a model whose architecture ships with it",
+            ) from None
+        raise LmscopeError(
+            f"cannot read config.json in '{d}': {_short(e)}", "fix or replace config.json"
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmscopeError(
+            f"cannot read config.json in '{d}': {_short(e)}", "fix or replace config.json"
+        ) from None
 
 
 def _check_weights(directory: Path) -> None:
@@ -51,22 +108,44 @@ def _check_weights(directory: Path) -> None:
     )
 
 
-def load_directory(directory: str | os.PathLike, dtype=torch.float32):
-    from transformers import AutoConfig, AutoTokenizer
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "mps")
 
-    from ..capture.session import ATTN_IMPL, register_attention
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LmscopeError(f"unknown dtype '{dtype}'", f"use one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    name = str(device)
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise LmscopeError(f"unknown device '{name}'", f"use one of: {', '.join(DEVICES)} (e.g. cuda:0)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LmscopeError("--device cuda: no CUDA GPU is visible to PyTorch", "use --device cpu")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LmscopeError("--device mps: Apple's Metal backend is not available here", "use --device cpu")
+    return torch.device(name)
+
+
+def load_directory(directory: str | os.PathLike, dtype=None, device=None):
+    from transformers import AutoTokenizer
 
     d = Path(directory)
     _check_weights(d)
-    register_attention()
-    try:
-        config = AutoConfig.from_pretrained(d, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise LmscopeError(
-            f"cannot read config.json in '{d}': {_short(e)}", "fix or replace config.json"
-        ) from None
-    cls = _model_class(config)
-    _quiet_transformers()
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    config = _read_config(d)
+    cls = model_class(config)
+    impl = attn_implementation_for(concrete_class(cls, config))
+    quiet_transformers()
     try:
         model = cls.from_pretrained(
             d,
@@ -74,23 +153,32 @@ def load_directory(directory: str | os.PathLike, dtype=torch.float32):
             use_safetensors=True,
             trust_remote_code=False,
             local_files_only=True,
-            attn_implementation=ATTN_IMPL,
+            attn_implementation=impl,
         )
     except LmscopeError:
         raise
     except Exception as e:  # safetensors raises several types for truncated/corrupt files
-        raise LmscopeError(
-            f"cannot load weights from '{d}': {_short(e)}",
-            "the safetensors file is corrupt or truncated; re-download or re-convert it",
-        ) from None
+        raise LmscopeError(f"cannot load weights from '{d}': {_short(e)}", _load_fix(e)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(d, trust_remote_code=False, local_files_only=True)
     except Exception as e:
         raise LmscopeError(
             f"cannot load the tokenizer in '{d}': {_short(e)}", "add tokenizer files to the directory"
         ) from None
+    if device.type != "cpu":
+        model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _load_fix(e: BaseException) -> str:
+    """Name the likely fix for a load failure by what failed, not by guessing corruption."""
+    text = f"{type(e).__name__}: {e}".lower()
+    if any(w in text for w in ("safetensor", "header", "deserializ", "truncat", "incomplete", "invalid")):
+        return "the safetensors file is corrupt or truncated; re-download or re-convert it"
+    if "size mismatch" in text or "mismatched_sizes" in text or "shape" in text:
+        return "the weights do not match config.json; use the config the weights were saved with"
+    return "check that config.json and the weights belong together and that transformers supports this model"
 
 
 def convert_gguf(path: str | os.PathLike, progress: bool = True) -> Path:
@@ -150,7 +238,7 @@ def _validate_gguf(path) -> None:
         ) from None
 
 
-def load_hub(repo_id: str, dtype=torch.float32):
+def load_hub(repo_id: str, dtype=None, device=None):
     from huggingface_hub import snapshot_download
 
     try:
@@ -162,28 +250,48 @@ def load_hub(repo_id: str, dtype=torch.float32):
             f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}; offline?)",
             "download the model where there is network and pass its directory, or use a built-in: smollm2, minilm",
         ) from None
-    return load_directory(local, dtype)
+    return load_directory(local, dtype, device)
 
 
-def load_model(spec: str | os.PathLike, progress: bool = True):
-    """Return (model, tokenizer, source, directory)."""
+def load_model(
+    spec: str | os.PathLike, progress: bool = True, dtype=None, device=None, compressed_loader=None
+):
+    """Return (model, tokenizer, source, directory).
+
+    ``compressed_loader(directory, dtype, device)`` opens a folder written by ``lmscope compress`` (it carries
+    ``lmscope_recipe.json``); the layer above passes it in, so loading never imports compression.
+    """
     source: Source = resolve(spec)
     if source.kind == "gguf":
         directory = convert_gguf(source.location, progress=progress)
     elif source.kind == "hub":
-        model, tok = load_hub(source.location)
+        model, tok = load_hub(source.location, dtype, device)
         return model, tok, source, None
     else:
         directory = Path(source.location)
         if (directory / COMPRESSED_MARKER).exists():
-            from ..compress.storage import load_compressed
-
-            model, tok = load_compressed(directory)
+            if compressed_loader is None:
+                raise LmscopeError(
+                    f"'{directory}' holds a model compressed by lmscope", "open it with lmscope.load(path)"
+                )
+            model, tok = compressed_loader(directory)
             return model, tok, source, directory
-    model, tok = load_directory(directory)
+    model, tok = load_directory(directory, dtype, device)
     return model, tok, source, directory
 
 
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text[:200]
+
+
+def attn_implementation_for(model_cls) -> str:
+    """lmscope's registered attention function where the class calls transformers' attention interface;
+    ``eager`` where the family computes attention in its own code (its patterns then come from
+    ``output_attentions``, which lmscope does not control)."""
+    from ..capture.session import ATTN_IMPL, register_attention
+
+    if getattr(model_cls, "_supports_attention_backend", False):
+        register_attention()
+        return ATTN_IMPL
+    return "eager"

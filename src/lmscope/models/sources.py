@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -66,6 +67,17 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def _dir_label(path: Path) -> str:
+    """A directory's report name; a GGUF conversion cache entry is named after its GGUF file, not the
+    ``<stem>-<hash>`` folder."""
+    from .cache import MARKER
+
+    try:
+        return Path(json.loads((path / MARKER).read_text(encoding="utf-8"))["source"]).name
+    except (OSError, ValueError, KeyError, TypeError):
+        return path.resolve().name
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -89,7 +101,7 @@ def resolve(spec: str | os.PathLike) -> Source:
                 f"directory '{text}' has no config.json",
                 "pass a Hugging Face model directory (config.json + *.safetensors)",
             )
-        return Source("dir", str(path.resolve()), path.name)
+        return Source("dir", str(path.resolve()), _dir_label(path))
     if _HUB_ID.match(text) and not Path(text.split("/")[0]).exists():
         return Source("hub", text, text)
     raise LmscopeError(

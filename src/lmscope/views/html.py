@@ -32,7 +32,8 @@ def _plain(x):
         return [_plain(v) for v in x]
     if isinstance(x, (np.floating, float)):
         x = float(x)
-        return None if math.isnan(x) or math.isinf(x) else round(x, 6)
+        # 6 significant digits, not 6 decimals: rollout products and tiny divergences (1e-9) must survive
+        return None if math.isnan(x) or math.isinf(x) else float(f"{x:.6g}")
     if isinstance(x, np.integer):
         return int(x)
     return x
@@ -74,7 +75,12 @@ class Section:
         value_range=None,
         log=False,
         cell=None,
+        controls=(),
+        exclude_first=False,
     ) -> Section:
+        """A canvas heatmap. The color scale spans the data unless ``value_range`` is given; ``controls``
+        adds toggles on the page: "log" (log color scale), "first" (leave the first column, e.g. an
+        attention sink, out of the scale); ``log`` / ``exclude_first`` set their initial state."""
         spec = {
             "type": "heatmap",
             "z": _plain(z),
@@ -95,8 +101,10 @@ class Section:
             spec["log"] = True
         if cell:
             spec["cell"] = cell
-        if log:
-            spec["log"] = True
+        if controls:
+            spec["controls"] = list(controls)
+        if exclude_first:
+            spec["exclude_first"] = True
         return self.add(spec)
 
     def table(self, columns, rows, highlight=None, title="") -> Section:
@@ -121,10 +129,13 @@ class Section:
             }
         )
 
-    def bars(self, labels, values, title="") -> Section:
-        return self.add(
-            {"type": "bars", "labels": [str(x) for x in labels], "values": _plain(values), "title": title}
-        )
+    def bars(self, labels, values, title="", baseline=None) -> Section:
+        """Horizontal bars, full labels; ``baseline``: where bars start (default 0), for values that
+        differ little relative to their size (SQNR in dB)."""
+        spec = {"type": "bars", "labels": [str(x) for x in labels], "values": _plain(values), "title": title}
+        if baseline is not None:
+            spec["baseline"] = float(baseline)
+        return self.add(spec)
 
     def choice(self, options: list[tuple[str, dict]], label: str = "show") -> Section:
         """A dropdown that switches between widgets: ``options`` = [(label, widget_spec), ...]."""

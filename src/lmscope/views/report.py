@@ -23,11 +23,23 @@ def _lens(run, k: int = 5):
     return logit_lens(run.lm, run, k=k)
 
 
+#: next-token predictions listed, in the report and in run.json alike
+N_PREDICTIONS = 10
+
+
+def _show(token: str) -> str:
+    """A token as every widget shows it: · for a space, ↵ for a newline (a " " token is not a blank row)."""
+    return token.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
+
+
 def inspect_report(run, index: int = 0, embedded: bool = False, lens_k: int = 5) -> str:
     return build_inspect_report(run, index, lens_k).render(embedded=embedded)
 
 
-def build_inspect_report(run, index: int = 0, lens_k: int = 5) -> Report:
+def build_inspect_report(
+    run, index: int = 0, lens_k: int = 5, layer: int | None = None, head: int | str | None = None
+) -> Report:
+    """The inspect report; ``layer`` / ``head`` (a number or "mean"): where the attention explorer opens."""
     lm = run.lm
     tokens = run.tokens(index)
     n = len(tokens)
@@ -41,17 +53,20 @@ def build_inspect_report(run, index: int = 0, lens_k: int = 5) -> Report:
     if lm.is_causal:
         last = int(run.attention_mask[index].sum()) - 1
         probs = torch.softmax(run.output[index, last].float(), -1)
-        top = probs.topk(10)
+        top = probs.topk(N_PREDICTIONS)
         sec.table(
             ["next token", "probability"],
-            [[lm.tokenizer.decode([int(i)]), float(p)] for p, i in zip(top.values, top.indices)],
+            [[_show(lm.tokenizer.decode([int(i)])), float(p)] for p, i in zip(top.values, top.indices)],
             title="prediction at the last position",
         )
     if all(f"blocks.{i}.attn.pattern" in run.tensors for i in range(lm.n_layers)):
         note = "pick a view, a layer and a head; hover shows the attention weight (query → key)"
         if lm.n_kv_heads != lm.n_heads:
             note += f"; grouped-query attention: {lm.n_heads // lm.n_kv_heads} query heads share each KV head"
-        rep.section("Attention", note).add(A.attention_widget(run, index))
+        where = {"layer": layer} if layer is not None else {}
+        if head is not None:
+            where["head"] = head
+        rep.section("Attention", note).add(A.attention_widget(run, index, **where))
     if all(f"blocks.{i}.resid_post" in run.tensors for i in range(lm.n_layers)):
         sec = rep.section(
             "Activations",
@@ -166,3 +181,32 @@ def save_pngs(
             plots.logit_lens(probs, cell, tokens, np.asarray(lens.final_token_prob)[:, -1]), "logit_lens.png"
         )
     return written
+
+
+def inspect_summary(run) -> dict:
+    """run.json of ``lmscope inspect``: tokens, shapes, per-layer entropy and norms, the prediction."""
+    lm = run.lm
+    s = run.summary()
+    s["n_tokens"] = len(s["tokens"][0])
+    s["n_params"] = lm.n_params()
+    layers = []
+    for i in range(lm.n_layers):
+        row = {"layer": i}
+        p = run.tensors.get(f"blocks.{i}.attn.pattern")
+        if p is not None:
+            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # [b, h, q]
+            row["attention_entropy_mean"] = round(float(ent[0].mean()), 4)
+            row["attention_entropy_per_head"] = [round(float(x), 4) for x in ent[0].mean(-1)]
+        r = run.tensors.get(f"blocks.{i}.resid_post")
+        if r is not None:
+            row["resid_norm_mean"] = round(float(r[0].norm(dim=-1).mean()), 4)
+        layers.append(row)
+    s["layers"] = layers
+    if lm.is_causal:
+        last = int(run.attention_mask[0].sum()) - 1
+        probs = torch.softmax(run.output[0, last].float(), -1).topk(N_PREDICTIONS)
+        s["prediction"] = [
+            {"token": lm.tokenizer.decode([int(i)]), "prob": round(float(p), 5)}
+            for p, i in zip(probs.values, probs.indices)
+        ]
+    return s

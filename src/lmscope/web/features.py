@@ -54,15 +54,14 @@ def explain_methods() -> list[str]:
 # -- Inspect ---------------------------------------------------------------------------------------
 def inspect(ctx: JobContext, lm, text: str) -> Result:
     """The inspect report (attention, activations, logit lens) and run.json, as ``lmscope inspect`` writes."""
-    from ..cli.inspect import run_summary
-    from ..views.report import build_inspect_report
+    from ..views.report import build_inspect_report, inspect_summary
 
     ctx.progress(0.05, "running the model")
     run = lm.run(text, capture=INSPECT_CAPTURE + (["logits"] if lm.is_causal else []))
     ctx.progress(0.6, "building the views")
     report = build_inspect_report(run)
     ctx.progress(0.9, "summarising")
-    data = run_summary(run)
+    data = inspect_summary(run)
     return Result(
         view={"report": report.data(), "tokens": run.tokens(0)}, report=report, data=data, name="inspect"
     )
@@ -139,8 +138,8 @@ def explain(
 
 def heads(ctx: JobContext, lm, text: str | None) -> Result:
     """Importance and characterization of every head (``lmscope heads``), on ``text`` or the built-in text."""
-    from ..cli.heads import heads_report
     from ..explain.heads import analyze_heads
+    from ..views.heads import heads_report
 
     def progress(done: int, total: int) -> None:
         message = f"ablating heads: layer {done} of {total}"
@@ -159,6 +158,16 @@ def heads(ctx: JobContext, lm, text: str | None) -> Result:
         data=scores.to_json(),
         name="heads",
     )
+
+
+def dla(ctx: JobContext, lm, text: str, target=None, contrast=None) -> Result:
+    """Direct logit attribution of the target on ``text`` (``lmscope dla``)."""
+    from ..explain.dla import dla as run_dla
+
+    ctx.progress(0.05, "decomposing the logit")
+    result = run_dla(lm, text, target=target, contrast=contrast)
+    report = result.build_report()
+    return Result(view={"report": report.data()}, report=report, data=result.to_json(), name="dla")
 
 
 def compare(ctx: JobContext, original, compressed, text: str) -> Result:

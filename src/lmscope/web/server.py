@@ -26,7 +26,7 @@ from . import features
 from .features import Result
 from .jobs import DONE, JobManager
 
-KINDS = ("inspect", "explain", "heads", "pattern", "compare")
+KINDS = ("inspect", "explain", "heads", "dla", "pattern", "compare")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class ModelEntry:
             "d_model": lm.d_model,
             "n_params": lm.n_params(),
             "max_positions": lm.max_positions,
+            "vocab_size": lm.vocab_size,
         }
 
     def count_tokens(self, text: str) -> int:
@@ -70,6 +71,15 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 422):
         super().__init__(message)
         self.message, self.status = message, status
+
+
+def compare_mismatch(a, b) -> str | None:
+    """Why ``b`` cannot be compared as a compressed copy of ``a`` (None when it can)."""
+    if not a.is_causal or not b.is_causal:
+        return "compare needs two causal language models (an encoder has no next-token prediction)"
+    if a.vocab_size != b.vocab_size or a.d_model != b.d_model:
+        return "they differ in vocabulary or width — pick a model and its compressed copy"
+    return None
 
 
 def _err(message: str, status: int) -> JSONResponse:
@@ -231,6 +241,14 @@ class App:
             layer = _int_field(data, "layer", 0, lm.n_layers - 1, 0)
             head = _int_field(data, "head", 0, lm.n_heads - 1, 0)
             return self.jobs.submit(kind, entry.id, lambda ctx: features.pattern(ctx, lm, text, layer, head))
+        if kind == "dla":
+            if not lm.is_causal:
+                raise BadRequest(f"{entry.id} is an encoder: direct logit attribution needs a causal model")
+            target = self.single_token(entry, _str_field(data, "target"), "target")
+            contrast = self.single_token(entry, _str_field(data, "contrast"), "contrast")
+            if contrast and not target:
+                raise BadRequest("a contrast needs a target")
+            return self.jobs.submit(kind, entry.id, lambda ctx: features.dla(ctx, lm, text, target, contrast))
         if kind == "explain":
             target = self.single_token(entry, _str_field(data, "target"), "target")
             contrast = self.single_token(entry, _str_field(data, "contrast"), "contrast")
@@ -273,11 +291,29 @@ class App:
         compressed = self.model(data, "compressed")
         if original.id == compressed.id:
             raise BadRequest("pick two different models to compare (start the server with two --model)")
+        why = compare_mismatch(original.lm, compressed.lm)
+        if why:
+            raise BadRequest(f"cannot compare {original.id} with {compressed.id}: {why}")
         text = self.text(data, original)
         a, b = original.lm, compressed.lm
         return self.jobs.submit(
             "compare", [original.id, compressed.id], lambda ctx: features.compare(ctx, a, b, text)
         )
+
+    def notes(self, data: dict) -> list[str]:
+        """Hints about an accepted request the page shows (a target without its leading space)."""
+        if data.get("kind") != "explain":
+            return []
+        from ..explain.targets import leading_space_hint
+
+        entry = self.model(data)
+        out = []
+        for field_name in ("target", "contrast"):
+            with entry.tokenizer_lock:
+                hint = leading_space_hint(entry.lm, data.get("text") or "", data.get(field_name), field_name)
+            if hint:
+                out.append(hint)
+        return out
 
     def info(self) -> dict:
         return {
@@ -330,6 +366,10 @@ class App:
         def index():
             return HTMLResponse(self.static["index.html"][0])
 
+        @app.get("/favicon.ico", include_in_schema=False)
+        def favicon():  # browsers ask on every load; an empty answer keeps the console clean
+            return Response(status_code=204)
+
         @app.get("/static/{name:path}", include_in_schema=False)
         def static(name: str):
             found = self.static.get(name)
@@ -345,7 +385,7 @@ class App:
         async def api_create(request: Request):
             data = await read_json(request, self.limits.max_body_bytes)
             job = self.create_job(data)
-            return JSONResponse(job.to_dict(), status_code=202)
+            return JSONResponse({**job.to_dict(), "notes": self.notes(data)}, status_code=202)
 
         @app.get("/api/jobs/{job_id}")
         def api_job(job_id: str, wait: float = 0.0):

@@ -34,6 +34,73 @@ def layer_layout(lm, layer: int) -> tuple[int, int]:
     return n_q, per_kv
 
 
+def check_head_surgery(lm) -> None:
+    """Refuse, in one line, families whose head layout lmscope cannot slice exactly."""
+    fam = lm.family
+    why = None
+    if fam.fused_qkv and fam.qkv_layout not in ("concat", "per_head"):
+        why = f"its fused qkv projection ({fam.q}) interleaves heads in a layout lmscope does not slice"
+    elif fam.name in ("bloom", "mpt") or getattr(lm.config, "alibi", False):
+        why = "its ALiBi position biases are built once for the model's full head count"
+    elif fam.name == "phi3":
+        why = "its attention splits the fused qkv projection by the config's head count, shared by all layers"
+    else:
+        attn = lm.blocks[0].get_submodule(fam.attn)
+        width = lm.n_heads * lm.head_dim
+        for norm in ("q_norm", "k_norm"):
+            w = getattr(getattr(attn, norm, None), "weight", None)
+            if (
+                w is not None
+                and w.numel() in (width, lm.n_kv_heads * lm.head_dim)
+                and w.numel() != lm.head_dim
+            ):
+                why = f"its {norm} normalizes all heads together, so removing one changes the others"
+    if why:
+        raise LmscopeError(
+            f"head pruning is not supported for {fam.name}: {why}",
+            "prune neurons or layers instead (--prune-neurons / --prune-layers), or quantize",
+        )
+
+
+def _fused_rows(lm, layer: int, which: str, q_heads=None, kv_heads=None) -> list[int]:
+    """Rows of the fused qkv projection holding ``which`` (q, k, v or qkv) for the given heads."""
+    fam, hd = lm.family, lm.head_dim
+    n_q = lm.n_heads_at(layer)
+    n_kv = lm.n_kv_heads_at(layer)
+    q_heads = range(n_q) if q_heads is None else q_heads
+    kv_heads = range(n_kv) if kv_heads is None else kv_heads
+    if fam.qkv_layout == "per_head":  # [h0: q k v | h1: q k v | ...], one KV head per query head
+        part = {"q": [0], "k": [1], "v": [2], "qkv": [0, 1, 2]}[which]
+        return [h * 3 * hd + p * hd + d for h in q_heads for p in part for d in range(hd)]
+    q_width, kv_width = n_q * hd, n_kv * hd
+    rows = []
+    if which in ("q", "qkv"):
+        rows += [h * hd + d for h in q_heads for d in range(hd)]
+    if which in ("k", "qkv"):
+        rows += [q_width + g * hd + d for g in kv_heads for d in range(hd)]
+    if which in ("v", "qkv"):
+        rows += [q_width + kv_width + g * hd + d for g in kv_heads for d in range(hd)]
+    return rows
+
+
+_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "head_count")
+_KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_WIDTH_ATTRS = ("embed_dim", "all_head_size", "split_size", "hidden_size", "inner_dim")
+
+
+def _update_counts(attn, n_q: int, new_q: int, n_kv: int, new_kv: int, hd: int) -> None:
+    """Head counts and widths a family's attention keeps as attributes follow the slicing."""
+    for name in _HEAD_COUNT_ATTRS:
+        if getattr(attn, name, None) == n_q:
+            setattr(attn, name, new_q)
+    for name in _KV_COUNT_ATTRS:
+        if getattr(attn, name, None) == n_kv and n_kv != n_q:
+            setattr(attn, name, new_kv)
+    for name in _WIDTH_ATTRS:
+        if getattr(attn, name, None) == n_q * hd:
+            setattr(attn, name, new_q * hd)
+
+
 # -- scores ---------------------------------------------------------------------------------------------
 def magnitude_scores(lm) -> list[torch.Tensor]:
     """‖W_O columns of head h‖_F · ‖W_V rows of its KV head‖_F per layer (higher = keep)."""
@@ -45,8 +112,7 @@ def magnitude_scores(lm) -> list[torch.Tensor]:
         o_norm = wo.reshape(wo.shape[0], n_q, hd).pow(2).sum((0, 2)).sqrt()
         wv = weight_out_in(block.get_submodule(fam.v)).detach().float()
         if fam.fused_qkv:
-            width = n_q * hd
-            wv = wv[2 * width : 3 * width]
+            wv = wv[_fused_rows(lm, i, "v")]
         v_norm = wv.reshape(-1, hd, wv.shape[1]).pow(2).sum((1, 2)).sqrt()
         out.append(o_norm * v_norm.repeat_interleave(per_kv))
     return out
@@ -164,15 +230,12 @@ def remove_heads(lm, keep: dict[int, list[int]], track_origin: bool = True) -> d
         kv_kept = sorted(groups)
         block = lm.blocks[i]
         attn = block.get_submodule(fam.attn)
+        n_kv = lm.n_kv_heads_at(i)
         q_rows = [h * hd + d for h in kept for d in range(hd)]
         kv_rows = [g * hd + d for g in kv_kept for d in range(hd)]
-        if fam.fused_qkv:  # GPT-2: one Conv1D producing [q | k | v]
-            width = n_q * hd
-            rows = q_rows + [width + r for r in q_rows] + [2 * width + r for r in q_rows]
+        if fam.fused_qkv:  # one projection producing q, k and v
+            rows = _fused_rows(lm, i, "qkv", kept, kv_kept)
             set_module(block, fam.q, keep_outputs(block.get_submodule(fam.q), rows))
-            attn.split_size = len(kept) * hd
-            attn.num_heads = len(kept)
-            attn.embed_dim = len(kept) * hd
         else:
             set_module(block, fam.q, keep_outputs(block.get_submodule(fam.q), q_rows))
             set_module(block, fam.k, keep_outputs(block.get_submodule(fam.k), kv_rows))
@@ -180,9 +243,7 @@ def remove_heads(lm, keep: dict[int, list[int]], track_origin: bool = True) -> d
         set_module(block, fam.o, keep_inputs(block.get_submodule(fam.o), q_rows))
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = new_per_kv
-        if hasattr(attn, "num_attention_heads"):  # BERT
-            attn.num_attention_heads = len(kept)
-            attn.all_head_size = len(kept) * hd
+        _update_counts(attn, n_q, len(kept), n_kv, len(kv_kept), hd)
         if track_origin:
             before = origin["heads"][str(i)]
             origin["heads"][str(i)] = [before[h] for h in kept]
@@ -211,11 +272,14 @@ def prune_heads(
     target = int(round(eligible * fraction))
     if target == 0:
         return {"order": order, "heads_before": total, "heads_removed": 0, "layers": {}}
+    check_head_surgery(lm)
     scores = head_scores(lm, order, calib, seed)
     keep = plan_heads(lm, scores, target, layers)
     before = {i: lm.n_heads_at(i) for i in keep}
     changed = {i: k for i, k in keep.items() if len(k) < before[i]}
+    probe, masked = _masked_reference(lm, changed)
     layers = remove_heads(lm, changed)
+    _check_exact(lm, probe, masked)
     removed = sum(before[i] - len(k) for i, k in keep.items())
     return {
         "order": order,
@@ -230,6 +294,46 @@ def prune_heads(
         if removed == target
         else f"nearest count the KV grouping allows: {removed} (asked {target})",
     }
+
+
+@torch.no_grad()
+def _masked_reference(lm, keep: dict[int, list[int]]):
+    """Output of the model with the heads about to be removed zeroed at the output projection's input:
+    what physical removal must reproduce."""
+    from ...capture.session import hooks
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(lm.vocab_size, 1000), (1, 12), generator=g)
+    probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def zero(kept):
+        def fn(t, name):
+            t = t.clone()
+            drop = [h for h in range(t.shape[2]) if h not in set(kept)]
+            t[:, :, drop] = 0
+            return t
+
+        return fn
+
+    interventions = {f"blocks.{i}.attn.head_out": zero(k) for i, k in keep.items()}
+    with hooks(lm, [], interventions):
+        return probe, lm.output_of(lm.forward(probe)).float()
+
+
+@torch.no_grad()
+def _check_exact(lm, probe, masked) -> None:
+    try:
+        got = lm.output_of(lm.forward(probe)).float()
+        err = float((got - masked).abs().max() / masked.abs().max().clamp_min(1e-6))
+        how = f"differs from masking them by {err:.1e}"
+    except RuntimeError as e:  # the family's attention assumes the original head count somewhere
+        got, err, how = None, float("inf"), f"breaks its forward: {str(e).splitlines()[0][:80]}"
+    if got is None or got.shape != masked.shape or not err <= 1e-4:
+        raise LmscopeError(
+            f"head pruning is not exact for {lm.family.name} (removing heads {how}); "
+            "the model you passed in is unchanged",
+            "prune neurons or layers instead (--prune-neurons / --prune-layers), or quantize",
+        )
 
 
 def rebuild_heads(model, info: dict) -> None:

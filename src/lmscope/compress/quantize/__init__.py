@@ -19,7 +19,7 @@ from ...progress import track
 from ..calibration import capture_inputs
 from ..registry import register_step
 from ..steps import Quantize
-from ..targets import block_linears, set_module
+from ..targets import block_linears, is_conv1d, set_module
 from . import _common as C
 
 SCHEMES: dict[str, Callable] = {}
@@ -64,8 +64,16 @@ def scheme(name: str):
 
 
 def quantize_targets(lm, step: Quantize) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear layers inside the blocks (model-relative names), minus the ``skip`` globs."""
-    out = [(n, m) for n, m in block_linears(lm, conv1d=False) if not any(fnmatch(n, p) for p in step.skip)]
+    """The nn.Linear layers inside the blocks (model-relative names), minus the ``skip`` globs. GPT-2-style
+    Conv1D layers are swapped for the equivalent nn.Linear first, so every scheme applies to them."""
+    out = []
+    for n, m in block_linears(lm, conv1d=True):
+        if any(fnmatch(n, p) for p in step.skip):
+            continue
+        if is_conv1d(m):
+            m = C.as_linear(m)
+            set_module(lm.model, n, m)
+        out.append((n, m))
     if not out:
         raise LmscopeError(
             f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
@@ -79,7 +87,7 @@ class QuantizeHandler:
     def apply(self, lm, step: Quantize, calib) -> dict:
         load_schemes()
         targets = quantize_targets(lm, step)
-        embedding = True
+        embedding, selected = True, set()
         if step.modules:  # the module filter: only the selected layers (and the embedding if selected)
             selected = set(step.selected_modules(lm))
             targets = [(n, m) for n, m in targets if n in selected]
@@ -103,12 +111,23 @@ class QuantizeHandler:
             rows.append(C.error_row(q.name, q.ref_weight, q.bias, q.module, x, q.how))
             set_module(lm.model, q.name, q.module)
             modules[q.name] = {"kind": q.kind, **q.meta}
+        experts = {}
+        for name, mod in C.experts_of(lm):  # MoE experts: int8 per (expert, output row) under every scheme
+            if step.modules and name not in selected:
+                continue
+            new, expert_rows = quantize_experts(mod)
+            set_module(lm.model, name, new)
+            experts[name] = {"kind": "int8-experts", "params": list(new._lmscope_qparams)}
+            rows.extend(
+                C._row(f"{name}.{p}", w, w_hat, 8, "int8 per expert row") for p, w, w_hat in expert_rows
+            )
         emb = C.quantize_embeddings(lm) if embedding else None
         if emb is not None:
             rows.extend(emb.pop("rows"))
         return {
             "scheme": step.scheme,
             "modules": modules,
+            "experts": experts,
             "embedding": emb,
             "layers": C.rank_rows(rows),
             "calibration_tokens": int(sum(w.shape[1] for w in windows)),
@@ -117,10 +136,59 @@ class QuantizeHandler:
     def rebuild(self, model: nn.Module, step: Quantize, info: dict) -> None:
         for name, meta in info["modules"].items():
             lin = model.get_submodule(name)
-            set_module(
-                model,
-                name,
-                C.empty_module(meta["kind"], lin.in_features, lin.out_features, lin.bias is not None, meta),
-            )
+            n_in, n_out = C.io_features(lin)
+            set_module(model, name, C.empty_module(meta["kind"], n_in, n_out, lin.bias is not None, meta))
+        for name, meta in (info.get("experts") or {}).items():
+            set_module(model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0])
         if info.get("embedding"):
             C.rebuild_embeddings(model, info["embedding"])
+
+
+# -- mixture-of-experts weights ------------------------------------------------------------------------------
+_EXPERT_CLASSES: dict[type, type] = {}
+
+
+def _expert_class(cls: type) -> type:
+    """A subclass of the family's experts module whose 3-D weights are int8 buffers + per-row scales,
+    de-quantized when the family's own forward reads them (its routing code runs unchanged)."""
+    if cls in _EXPERT_CLASSES:
+        return _EXPERT_CLASSES[cls]
+
+    def weight(param):
+        def get(self):
+            scale = getattr(self, f"{param}_scale")
+            return getattr(self, f"{param}_q").to(scale.dtype) * scale
+
+        return property(get)
+
+    def logical_numel(self) -> int:
+        return sum(getattr(self, f"{p}_q").numel() for p in self._lmscope_qparams)
+
+    attrs = {p: weight(p) for p in ("gate_up_proj", "down_proj", "up_proj", "gate_proj")}
+    attrs["logical_numel"] = logical_numel
+    sub = type(f"Int8{cls.__name__}", (cls,), attrs)
+    _EXPERT_CLASSES[cls] = sub
+    return sub
+
+
+def quantize_experts(mod: nn.Module, params=None, empty: bool = False):
+    """(int8 experts module, [(param, float weight, de-quantized weight)]) for a MoE experts module."""
+    params = params or [n for n, p in mod.named_parameters(recurse=False) if p.dim() == 3]
+    new = mod
+    new.__class__ = _expert_class(type(mod))
+    new._lmscope_qparams = tuple(params)
+    rows = []
+    for name in params:
+        original = mod._parameters.pop(name).detach()
+        w = original.float()
+        scale = (w.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-12).to(original.dtype)
+        q = (
+            torch.zeros_like(w, dtype=torch.int8)
+            if empty
+            else torch.round(w / scale.float()).clamp(-127, 127).to(torch.int8)
+        )
+        new.register_buffer(f"{name}_q", q)
+        new.register_buffer(f"{name}_scale", scale)
+        if not empty:
+            rows.append((name, w, q.float() * scale.float()))
+    return new, rows

@@ -65,6 +65,34 @@ def make_int4(linear: nn.Linear, group_size: int, codes=None, scale=None, zero=N
     return q
 
 
+def as_linear(conv: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D (``x @ W + b``, W stored [in, out]) as the nn.Linear computing the same map."""
+    w = conv.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias.detach())
+    return lin
+
+
+def io_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear or a GPT-2 Conv1D (weight stored [in, out])."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def experts_of(lm) -> list[tuple[str, nn.Module]]:
+    """Mixture-of-experts modules (3-D ``gate_up_proj`` / ``down_proj`` parameters), model-relative names."""
+    fam = lm.family
+    if not fam.moe:
+        return []
+    return [
+        (f"{fam.blocks}.{i}.{fam.experts}", b.get_submodule(fam.experts)) for i, b in enumerate(lm.blocks)
+    ]
+
+
 def empty_module(kind: str, in_features: int, out_features: int, bias: bool, meta: dict) -> nn.Module:
     """An uninitialised quantized module of the saved kind/shape (filled by load_state_dict)."""
     if kind == "int8":

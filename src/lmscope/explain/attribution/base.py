@@ -33,9 +33,11 @@ class Attribution:
     faithfulness: dict | None = None
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    flags: list[dict] = field(default_factory=list)  # checks it fails (faithfulness.flags_for)
 
     def to_dict(self) -> dict:
         d = {"scores": [float(s) for s in self.scores], "unit": self.unit, "faithfulness": self.faithfulness}
+        d["flags"] = self.flags
         d.update({k: v for k, v in self.info.items() if not k.startswith("_")})
         d["seconds"] = round(self.seconds, 4)
         d["config"] = self.config

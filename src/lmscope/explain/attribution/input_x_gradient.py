@@ -16,5 +16,4 @@ class InputXGradient(AttributionMethod):
     summary = "Σ_d x·∂f/∂x per token (with baseline='zero' this is IG's one-step limit)"
 
     def compute(self, obj: Objective):
-        _, g = obj.grad(obj.x[None])
-        return (g[0] * obj.x).sum(-1), {}
+        return (obj.grad_at_input() * obj.x).sum(-1), {}

@@ -17,5 +17,4 @@ class Saliency(AttributionMethod):
     signed = False
 
     def compute(self, obj: Objective):
-        _, g = obj.grad(obj.x[None])
-        return g[0].norm(dim=-1), {}
+        return obj.grad_at_input().norm(dim=-1), {}

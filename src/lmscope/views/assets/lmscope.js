@@ -58,61 +58,115 @@
   }
 
   // ---------- heatmap (canvas) ----------
+  // The color scale spans the data (or spec.range), with a color bar that states it. spec.controls lists
+  // optional toggles: "log" (log color scale), "first" (leave the first column, e.g. an attention sink,
+  // out of the scale; its cells saturate).
   function heatmap(spec, host) {
     var z = spec.z, rows = z.length, cols = rows ? z[0].length : 0;
     var xl = spec.x_labels || [], yl = spec.y_labels || [];
-    var mm = spec.range || range(z);
-    var lo = mm[0], hi = mm[1];
-    if (spec.diverging) { var a = Math.max(Math.abs(lo), Math.abs(hi)) || 1; lo = -a; hi = a; }
-    var maxLabels = 64;
-    // log color scale for heavy-tailed values (e.g. residual norms with an attention-sink token)
-    var useLog = spec.log && lo > 0;
-    function norm(v) {
-      if (useLog) return (Math.log(v) - Math.log(lo)) / ((Math.log(hi) - Math.log(lo)) || 1);
-      return (v - lo) / ((hi - lo) || 1);
+    var opts = { log: !!spec.log, first: !!spec.exclude_first };
+    var wrap = el("div", { "class": "ls-heatmap" });
+    if (spec.title) wrap.appendChild(el("div", { "class": "ls-title", text: spec.title }));
+    var controls = spec.controls || [];
+    if (controls.length) {
+      var ctl = el("div", { "class": "ls-ctl" });
+      controls.forEach(function (c) {
+        var label = c === "log" ? "log color scale" : "exclude first token from the color scale";
+        var box = el("input", { type: "checkbox", "class": "ls-opt-" + c });
+        box.checked = !!opts[c];
+        box.addEventListener("change", function () { opts[c] = box.checked; paint(); });
+        ctl.appendChild(el("label", { style: "margin-right:14px" }, [box, " " + label]));
+      });
+      wrap.appendChild(ctl);
     }
-    // long axes shrink to at least 1 px per cell so the map fits the page; hover still resolves each cell
-    var cell = Math.max(1, Math.min(spec.cell || 28, Math.floor((spec.cell ? 1000 : 900) / Math.max(cols, 1))));
-    var cellH = Math.max(2, Math.min(spec.cell || 22, Math.floor(640 / Math.max(rows, 1))));
-    var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
-    var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
-    var top = showX ? Math.min(120, 8 + 6 * Math.max.apply(null, xl.map(function (s) { return showTok(s).length; }).concat([1]))) : 20;
-    var W = left + cols * cell + 10, H = top + rows * cellH + 10;
-    var canvas = el("canvas", { width: W, height: H, "class": "ls-canvas" });
-    var ctx = canvas.getContext("2d");
-    ctx.font = "11px ui-monospace, monospace"; ctx.fillStyle = "#222";
-    for (var r = 0; r < rows; r++) for (var c = 0; c < cols; c++) {
-      var v = z[r][c];
-      if (v === null || isNaN(v)) { ctx.fillStyle = "#eee"; }
-      else ctx.fillStyle = spec.diverging ? divColor(v / hi) : seqColor(norm(v));
-      ctx.fillRect(left + c * cell, top + r * cellH, cell - (cell > 6 ? 1 : 0), cellH - (cellH > 6 ? 1 : 0));
-      if (spec.cell_text && cell >= 24) {
-        var t = String(spec.cell_text[r][c]);
-        var tt = showTok(t).slice(0, Math.floor(cell / 6.5));
-        ctx.fillStyle = norm(v) > 0.6 ? "#fff" : "#111";
-        ctx.fillText(tt, left + c * cell + 2, top + r * cellH + cellH / 2 + 4);
-      }
-    }
-    ctx.fillStyle = "#222";
-    if (showY) for (r = 0; r < rows; r++) { ctx.textAlign = "right"; ctx.fillText(showTok(yl[r]).slice(0, 22), left - 4, top + r * cellH + cellH / 2 + 4); }
-    else if (yl.length) { var stepY = Math.ceil(rows / 16); ctx.textAlign = "right"; for (r = 0; r < rows; r += stepY) ctx.fillText(String(r), left - 4, top + r * cellH + cellH / 2 + 4); }
-    if (showX) for (c = 0; c < cols; c++) { ctx.save(); ctx.translate(left + c * cell + cell / 2 + 4, top - 4); ctx.rotate(-Math.PI / 2.6); ctx.textAlign = "left"; ctx.fillText(showTok(xl[c]).slice(0, 16), 0, 0); ctx.restore(); }
-    else if (xl.length) { var stepX = Math.ceil(cols / 16); ctx.textAlign = "center"; for (c = 0; c < cols; c += stepX) ctx.fillText(String(c), left + c * cell + cell / 2, top - 6); }
-    canvas.addEventListener("mousemove", function (ev) {
-      var b = canvas.getBoundingClientRect();
-      var c2 = Math.floor((ev.clientX - b.left - left) / cell), r2 = Math.floor((ev.clientY - b.top - top) / cellH);
-      if (c2 < 0 || r2 < 0 || c2 >= cols || r2 >= rows) { tooltip(ev, null); return; }
-      var h = "<b>" + esc(spec.y_title || "row") + "</b> " + esc(showTok(yl[r2] !== undefined ? yl[r2] : r2)) +
-        "<br><b>" + esc(spec.x_title || "col") + "</b> " + esc(showTok(xl[c2] !== undefined ? xl[c2] : c2)) +
-        "<br><b>value</b> <span class='ls-val'>" + fmt(z[r2][c2]) + "</span>";
-      if (spec.hover) h += "<br>" + esc(spec.hover[r2][c2]).replace(/\n/g, "<br>");
-      canvas.setAttribute("data-hover", fmt(z[r2][c2]));
-      tooltip(ev, h);
-    });
-    canvas.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
-    var wrap = el("div", { "class": "ls-heatmap" }, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, canvas,
-      el("div", { "class": "ls-legend", text: (spec.diverging ? "blue > 0 > red; " : "") + (useLog ? "log color scale; " : "") + "range " + fmt(lo) + " … " + fmt(hi) })]);
+    var body = el("div");
+    wrap.appendChild(body);
     host.appendChild(wrap);
+    var canvas = null;
+    function paint() {
+      body.innerHTML = "";
+      var scaled = opts.first && cols > 1 ? z.map(function (row) { return row.slice(1); }) : z;
+      var mm = spec.range || range(scaled);
+      var lo = mm[0], hi = mm[1];
+      if (!isFinite(lo)) { lo = 0; hi = 1; }
+      if (spec.diverging) { var a = Math.max(Math.abs(lo), Math.abs(hi)) || 1; lo = -a; hi = a; }
+      var useLog = opts.log && !spec.diverging && hi > 0;
+      if (useLog && lo <= 0) { // smallest positive value
+        var pos = Infinity;
+        scaled.forEach(function (row) { row.forEach(function (v) { if (v !== null && v > 0 && v < pos) pos = v; }); });
+        lo = isFinite(pos) ? pos : hi / 1e3;
+      }
+      if (hi === lo) { hi = lo + (Math.abs(lo) || 1) * 1e-6; }
+      function norm(v) {
+        if (useLog) return v <= 0 ? 0 : (Math.log(v) - Math.log(lo)) / ((Math.log(hi) - Math.log(lo)) || 1);
+        return (v - lo) / ((hi - lo) || 1);
+      }
+      function color(v) { return spec.diverging ? divColor(v / hi) : seqColor(norm(v)); }
+      var maxLabels = 64;
+      // long axes shrink to at least 1 px per cell so the map fits the page; hover still resolves each cell
+      var cell = Math.max(1, Math.min(spec.cell || 28, Math.floor((spec.cell ? 1000 : 900) / Math.max(cols, 1))));
+      var cellH = Math.max(2, Math.min(spec.cell || 22, Math.floor(640 / Math.max(rows, 1))));
+      var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
+      var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
+      var top = showX ? Math.min(120, 8 + 6 * Math.max.apply(null, xl.map(function (s) { return showTok(s).length; }).concat([1]))) : 20;
+      var W = left + cols * cell + 10, H = top + rows * cellH + 10;
+      // geometry on the element, for tests and tools that read cells back
+      canvas = el("canvas", { width: W, height: H, "class": "ls-canvas", "data-left": left, "data-top": top, "data-cell": cell, "data-cell-h": cellH });
+      var ctx = canvas.getContext("2d");
+      ctx.font = "11px ui-monospace, monospace"; ctx.fillStyle = "#222";
+      for (var r = 0; r < rows; r++) for (var c = 0; c < cols; c++) {
+        var v = z[r][c];
+        ctx.fillStyle = v === null || isNaN(v) ? "#eee" : color(v);
+        ctx.fillRect(left + c * cell, top + r * cellH, cell - (cell > 6 ? 1 : 0), cellH - (cellH > 6 ? 1 : 0));
+        if (spec.cell_text && cell >= 24 && spec.cell_text[r][c] !== "") {
+          var t = String(spec.cell_text[r][c]);
+          var tt = showTok(t).slice(0, Math.floor(cell / 6.5));
+          ctx.fillStyle = v !== null && (spec.diverging ? Math.abs(v / hi) : norm(v)) > 0.6 ? "#fff" : "#111";
+          ctx.fillText(tt, left + c * cell + 2, top + r * cellH + cellH / 2 + 4);
+        }
+      }
+      ctx.fillStyle = "#222";
+      if (showY) for (r = 0; r < rows; r++) { ctx.textAlign = "right"; ctx.fillText(showTok(yl[r]).slice(0, 22), left - 4, top + r * cellH + cellH / 2 + 4); }
+      else if (yl.length) { var stepY = Math.ceil(rows / 16); ctx.textAlign = "right"; for (r = 0; r < rows; r += stepY) ctx.fillText(String(r), left - 4, top + r * cellH + cellH / 2 + 4); }
+      if (showX) for (c = 0; c < cols; c++) { ctx.save(); ctx.translate(left + c * cell + cell / 2 + 4, top - 4); ctx.rotate(-Math.PI / 2.6); ctx.textAlign = "left"; ctx.fillText(showTok(xl[c]).slice(0, 16), 0, 0); ctx.restore(); }
+      else if (xl.length) { var stepX = Math.ceil(cols / 16); ctx.textAlign = "center"; for (c = 0; c < cols; c += stepX) ctx.fillText(String(c), left + c * cell + cell / 2, top - 6); }
+      // color bar (its own canvas beside the map): top = hi, bottom = lo, values at both ends and the middle
+      var barW = 14, bh = Math.max(60, Math.min(rows * cellH, 240)), steps = 60;
+      var bar = el("canvas", { width: barW + 76, height: top + bh + 8, "class": "ls-colorbar" });
+      var bctx = bar.getContext("2d");
+      bctx.font = "11px ui-monospace, monospace";
+      for (var k = 0; k < steps; k++) {
+        var f = 1 - k / (steps - 1), val;
+        if (spec.diverging) val = -hi + 2 * hi * f;
+        else if (useLog) val = Math.exp(Math.log(lo) + f * (Math.log(hi) - Math.log(lo)));
+        else val = lo + f * (hi - lo);
+        bctx.fillStyle = color(val);
+        bctx.fillRect(0, top + k * bh / steps, barW, bh / steps + 1);
+      }
+      bctx.strokeStyle = "#999"; bctx.strokeRect(0.5, top + 0.5, barW - 1, bh - 1);
+      bctx.fillStyle = "#222"; bctx.textAlign = "left";
+      var mid = spec.diverging ? 0 : useLog ? Math.sqrt(lo * hi) : (lo + hi) / 2;
+      bctx.fillText(fmt(hi), barW + 4, top + 9);
+      bctx.fillText(fmt(mid), barW + 4, top + bh / 2 + 4);
+      bctx.fillText(fmt(spec.diverging ? -hi : lo), barW + 4, top + bh);
+      bar.setAttribute("data-range", fmt(spec.diverging ? -hi : lo) + " " + fmt(hi));
+      canvas.addEventListener("mousemove", function (ev) {
+        var b = canvas.getBoundingClientRect();
+        var c2 = Math.floor((ev.clientX - b.left - left) / cell), r2 = Math.floor((ev.clientY - b.top - top) / cellH);
+        if (c2 < 0 || r2 < 0 || c2 >= cols || r2 >= rows) { tooltip(ev, null); return; }
+        var h = "<b>" + esc(spec.y_title || "row") + "</b> " + esc(showTok(yl[r2] !== undefined ? yl[r2] : r2)) +
+          "<br><b>" + esc(spec.x_title || "col") + "</b> " + esc(showTok(xl[c2] !== undefined ? xl[c2] : c2)) +
+          "<br><b>value</b> <span class='ls-val'>" + fmt(z[r2][c2]) + "</span>";
+        if (spec.hover) h += "<br>" + esc(spec.hover[r2][c2]).replace(/\n/g, "<br>");
+        canvas.setAttribute("data-hover", fmt(z[r2][c2]));
+        tooltip(ev, h);
+      });
+      canvas.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
+      body.appendChild(el("div", { "class": "ls-heatmap-row" }, [canvas, bar]));
+      body.appendChild(el("div", { "class": "ls-legend", text: (spec.diverging ? "blue > 0 > red; " : "") + (useLog ? "log color scale; " : "") +
+        (opts.first && cols > 1 ? "scale without the first column (its cells saturate); " : "") + "color range " + fmt(spec.diverging ? -hi : lo) + " … " + fmt(hi) }));
+    }
+    paint();
     return canvas;
   }
 
@@ -121,7 +175,8 @@
     var s = spec.scores, a = 0;
     s.forEach(function (v) { if (v !== null && Math.abs(v) > a) a = Math.abs(v); });
     a = a || 1;
-    var box = el("div", { "class": "ls-tokens" }, [spec.label ? el("span", { "class": "ls-tok-label", text: spec.label }) : null]);
+    // the label sits on its own line: strips of different methods/models start at the same x and line up
+    var box = el("div", { "class": "ls-tokens" }, [spec.label ? el("div", { "class": "ls-tok-label", text: spec.label }) : null]);
     spec.tokens.forEach(function (t, i) {
       var v = s[i];
       var span = el("span", { "class": "ls-tok" + (spec.excluded && spec.excluded[i] ? " ls-excl" : ""), "data-score": fmt(v), text: showTok(t) });
@@ -143,12 +198,14 @@
       tbody.innerHTML = "";
       rows.forEach(function (o) {
         var row = el("tr", hl[o.i] ? { "class": "ls-hl" } : null);
-        o.r.forEach(function (v) { row.appendChild(el("td", { text: typeof v === "number" ? fmt(v) : (v === null ? "–" : String(v)) })); });
+        // numbers right-aligned and never wrapped; text left-aligned (wraps at spaces only)
+        o.r.forEach(function (v) { row.appendChild(el("td", { "class": typeof v === "number" || v === null ? "ls-num" : "ls-txt", text: typeof v === "number" ? fmt(v) : (v === null ? "–" : String(v)) })); });
         tbody.appendChild(row);
       });
     }
     spec.columns.forEach(function (c, j) {
-      tr.appendChild(el("th", { text: c, title: "sort", onclick: function () {
+      var first = spec.rows.length ? spec.rows[0][j] : null;
+      tr.appendChild(el("th", { text: c, title: "sort", style: j && typeof first !== "number" ? "text-align:left" : "", onclick: function () {
         dir = last === j ? -dir : 1; last = j;
         rows.sort(function (a, b) { var x = a.r[j], y = b.r[j]; return (x > y ? 1 : x < y ? -1 : 0) * dir; }); draw();
       } }));
@@ -162,20 +219,25 @@
   function svg(tag, attrs) { var e = document.createElementNS(NS, tag); for (var k in attrs) e.setAttribute(k, attrs[k]); return e; }
   var PALETTE = ["#2166ac", "#d6604d", "#1b7837", "#762a83", "#e08214", "#35978f", "#8c510a", "#c51b7d"];
   function lines(spec, host) {
-    var W = 640, H = 260, L = 50, R = 130, T = 16, B = 36;
     var xs = [], ys = [];
     spec.series.forEach(function (s) { xs = xs.concat(s.x); ys = ys.concat(s.y.filter(function (v) { return v !== null; })); });
     var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys.concat([spec.y_min !== undefined ? spec.y_min : Infinity])), y1 = Math.max.apply(null, ys);
     if (y1 === y0) { y1 += 1; y0 -= 1; } if (x1 === x0) x1 += 1;
+    var yTicks = [y0, (y0 + y1) / 2, y1];
+    // room for the longest tick label plus the rotated y title; legend as wide as its longest name
+    var tickW = 7 * Math.max.apply(null, yTicks.map(function (v) { return fmt(v).length; }));
+    var nameW = 7 * Math.max.apply(null, spec.series.map(function (s) { return String(s.name).length; }).concat([4]));
+    var L = 26 + tickW, R = 36 + nameW, T = 16, B = 36, W = 520 + L + R, H = Math.max(260, T + B + 18 * spec.series.length);
     function px(x) { return L + (x - x0) / (x1 - x0) * (W - L - R); }
     function py(y) { return H - B - (y - y0) / (y1 - y0) * (H - T - B); }
     var g = svg("svg", { width: W, height: H, "class": "ls-svg" });
     g.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
     g.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
-    [y0, (y0 + y1) / 2, y1].forEach(function (v) { var t = svg("text", { x: L - 4, y: py(v) + 4, "text-anchor": "end", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
+    yTicks.forEach(function (v) { var t = svg("text", { x: L - 4, y: py(v) + 4, "text-anchor": "end", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
     [x0, Math.round((x0 + x1) / 2), x1].forEach(function (v) { var t = svg("text", { x: px(v), y: H - B + 14, "text-anchor": "middle", "class": "ls-axis" }); t.textContent = fmt(v); g.appendChild(t); });
     var xt = svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", "class": "ls-axis" }); xt.textContent = spec.x_title || ""; g.appendChild(xt);
-    var yt = svg("text", { x: 12, y: T + (H - T - B) / 2, "text-anchor": "middle", "class": "ls-axis", transform: "rotate(-90 12 " + (T + (H - T - B) / 2) + ")" }); yt.textContent = spec.y_title || ""; g.appendChild(yt);
+    var yc = T + (H - T - B) / 2;
+    var yt = svg("text", { x: 12, y: yc, "text-anchor": "middle", "class": "ls-axis ls-ytitle", transform: "rotate(-90 12 " + yc + ")" }); yt.textContent = spec.y_title || ""; g.appendChild(yt);
     spec.series.forEach(function (s, k) {
       var col = PALETTE[k % PALETTE.length], d = "";
       s.x.forEach(function (x, i) { if (s.y[i] !== null) d += (d ? "L" : "M") + px(x).toFixed(1) + "," + py(s.y[i]).toFixed(1); });
@@ -187,23 +249,36 @@
         c.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
         g.appendChild(c);
       });
-      var lt = svg("text", { x: W - R + 8, y: T + 14 + k * 16, fill: col, "class": "ls-axis" }); lt.textContent = s.name; g.appendChild(lt);
+      // legend: a swatch of the line and the name in the same color (inline style: the .ls-axis rule would override a fill attribute)
+      var ly = T + 10 + k * 18;
+      g.appendChild(svg("line", { x1: W - R + 8, y1: ly, x2: W - R + 26, y2: ly, stroke: col, "stroke-width": 3 }));
+      var lt = svg("text", { x: W - R + 30, y: ly + 4, "class": "ls-axis ls-legend-name", style: "fill:" + col + ";font-weight:600" }); lt.textContent = s.name; g.appendChild(lt);
     });
     host.appendChild(el("div", null, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, g]));
   }
   function bars(spec, host) {
-    var n = spec.values.length, W = 640, rowH = 18, L = 200, H = n * rowH + 10;
-    var M = Math.max.apply(null, spec.values.map(Math.abs).concat([1e-12]));
+    // labels in full (the left margin fits the longest, up to 420 px); bars start at spec.baseline (default 0)
+    var n = spec.values.length, rowH = 18;
+    var L = Math.min(420, 12 + 7 * Math.max.apply(null, spec.labels.map(function (s) { return String(s).length; }).concat([4])));
+    var W = L + 520, H = n * rowH + 10 + (spec.baseline !== undefined ? 16 : 0);
+    var base = spec.baseline !== undefined ? spec.baseline : 0;
+    var M = Math.max.apply(null, spec.values.map(function (v) { return Math.abs(v - base); }).concat([1e-12]));
     var g = svg("svg", { width: W, height: H, "class": "ls-svg" });
     spec.values.forEach(function (v, i) {
-      var w = Math.abs(v) / M * (W - L - 70);
-      var r = svg("rect", { x: L, y: i * rowH + 4, width: Math.max(1, w), height: rowH - 4, fill: v >= 0 ? "#2166ac" : "#d6604d" });
+      var w = Math.abs(v - base) / M * (W - L - 70);
+      var r = svg("rect", { x: L, y: i * rowH + 4, width: Math.max(1, w), height: rowH - 4, fill: v >= base ? "#2166ac" : "#d6604d" });
       r.addEventListener("mousemove", function (ev) { tooltip(ev, esc(spec.labels[i]) + ": <span class='ls-val'>" + fmt(v) + "</span>"); });
       r.addEventListener("mouseleave", function (ev) { tooltip(ev, null); });
       g.appendChild(r);
-      var t = svg("text", { x: L - 6, y: i * rowH + 16, "text-anchor": "end", "class": "ls-axis" }); t.textContent = String(spec.labels[i]).slice(0, 30); g.appendChild(t);
+      var t = svg("text", { x: L - 6, y: i * rowH + 16, "text-anchor": "end", "class": "ls-axis" }); t.textContent = String(spec.labels[i]); g.appendChild(t);
       var tv = svg("text", { x: L + w + 4, y: i * rowH + 16, "class": "ls-axis" }); tv.textContent = fmt(v); g.appendChild(tv);
     });
+    if (spec.baseline !== undefined) { // the axis: where the bars start and the largest value
+      var y = n * rowH + 8;
+      g.appendChild(svg("line", { x1: L, y1: y, x2: W - 70, y2: y, stroke: "#999" }));
+      var a = svg("text", { x: L, y: y + 12, "text-anchor": "middle", "class": "ls-axis" }); a.textContent = fmt(base); g.appendChild(a);
+      var b = svg("text", { x: W - 70, y: y + 12, "text-anchor": "middle", "class": "ls-axis" }); b.textContent = fmt(base + M); g.appendChild(b);
+    }
     host.appendChild(el("div", null, [spec.title ? el("div", { "class": "ls-title", text: spec.title }) : null, g]));
   }
 
@@ -246,7 +321,7 @@
     function draw() {
       body.innerHTML = "";
       var l = +layerSel.value, h = headSel.value === "mean" ? "mean" : +headSel.value, mode = modeSel.value;
-      if (mode === "heatmap") heatmap({ z: matrix(l, h), x_labels: labels, y_labels: labels, x_title: "key", y_title: "query", range: [0, 1], title: "layer " + l + ", " + (h === "mean" ? "mean of heads" : "head " + h) }, body);
+      if (mode === "heatmap") heatmap({ z: matrix(l, h), x_labels: labels, y_labels: labels, x_title: "key", y_title: "query", controls: ["first", "log"], title: "layer " + l + ", " + (h === "mean" ? "mean of heads" : "head " + h) }, body);
       else if (mode === "head") headView(matrix(l, h), body);
       else modelView(body);
     }

@@ -46,6 +46,7 @@
     setJob({ kind: body.kind, message: "sending", progress: 0, status: "queued" });
     return api("POST", "/api/jobs", body).then(function (job) {
       mine.id = job.id;
+      if (job.notes && job.notes.length) showMsg(job.notes.join(" "), "note");  // e.g. a target without its leading space
       return poll(mine, job);
     }).then(function (job) {
       if (current === mine) current = null;
@@ -118,6 +119,12 @@
       var p = panel("heads");
       return runJob({ kind: "heads", model: model(), text: text(), scored_on: $("heads-on").value }).then(function (job) {
         renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job); clickableHeads(p);
+      });
+    },
+    dla: function () {
+      var p = panel("dla");
+      return runJob({ kind: "dla", model: model(), text: text(), target: opt("target"), contrast: opt("contrast") }).then(function (job) {
+        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
       });
     },
     compare: function () {
@@ -200,8 +207,14 @@
     ["model", "cmp-a", "cmp-b"].forEach(function (id) {
       data.models.forEach(function (m) { var o = el("option", null, m.id); o.value = m.id; $(id).appendChild(o); });
     });
-    if (data.models.length > 1) $("cmp-b").value = data.models[1].id;
-    else data.features.compare = { available: false, reason: "compare needs two models: start the server with the original and its compressed copy, e.g. lmscope serve --model smollm2 --model small/" };
+    // compare: default to the first pair that can be compared (two causal models of one vocabulary and
+    // width: a model and its compressed copy), never e.g. smollm2 vs minilm
+    var pair = null;
+    data.models.forEach(function (a) { data.models.forEach(function (b) {
+      if (!pair && a.id !== b.id && a.causal && b.causal && a.vocab_size === b.vocab_size && a.d_model === b.d_model) pair = [a.id, b.id];
+    }); });
+    if (pair) { $("cmp-a").value = pair[0]; $("cmp-b").value = pair[1]; }
+    else data.features.compare = { available: false, reason: "compare needs two models, one the compressed copy of the other: start the server with both, e.g. lmscope serve --model smollm2 --model small/" + (data.models.length > 1 ? " (the models loaded now differ in kind, vocabulary or width)" : "") };
     $("limits").textContent = "limits: " + data.limits.max_chars + " characters, " + data.limits.max_tokens + " tokens";
     ["explain", "heads", "compare"].forEach(function (name) {
       var why = unavailable(name), box = panel(name).querySelector(".app-unavailable");

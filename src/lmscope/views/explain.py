@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from ..explain.faithfulness import FLAG_RULES
+from .html import Report
+
 
 def _fmt(x, digits=3):
     return None if x is None else round(float(x), digits)
 
 
 def explain_report(result):
-    from ...views.html import Report
-
     first = result.first
     t = first.target
     rep = Report(
@@ -32,7 +33,10 @@ def _step_sections(rep, step, prefix: str) -> None:
         "tokens destroys the target faster and keeping them alone rebuilds it faster); tokens are 'removed' "
         f"by replacing them with the {t['baseline']} baseline, length kept. Comprehensiveness: higher is "
         "better; sufficiency: lower is better; randomization ρ: rank correlation with the same method on a "
-        "model whose top layers are re-initialized (near 1 = the method ignores the model).",
+        "model whose top layers are re-initialized (near 1 = the method ignores the model). "
+        "Flagged methods rank after every unflagged one, whatever their AOPC: "
+        + "; ".join(FLAG_RULES.values())
+        + ".",
     )
     rows = []
     for name in step.ranking:
@@ -48,6 +52,7 @@ def _step_sections(rep, step, prefix: str) -> None:
                 _fmt(fa["sufficiency"]),
                 _fmt(fa.get("randomization_spearman")),
                 _fmt(step.methods[name].seconds, 2),
+                "; ".join(f["why"] for f in step.methods[name].flags) or "—",
             ]
         )
     if step.random_baseline:
@@ -63,6 +68,7 @@ def _step_sections(rep, step, prefix: str) -> None:
                 _fmt(rb["sufficiency"]),
                 None,
                 None,
+                "",
             ]
         )
     sec.table(
@@ -76,10 +82,16 @@ def _step_sections(rep, step, prefix: str) -> None:
             "sufficiency",
             "randomization ρ",
             "seconds",
+            "flags",
         ],
         rows,
-        highlight=[0] if rows else None,
+        highlight=[0] if step.ranking and not step.methods[step.ranking[0]].flags else None,
     )
+    flagged = [n for n in step.ranking if step.methods[n].flags]
+    if flagged and len(flagged) == len(step.ranking):
+        sec.text(
+            "Every method is flagged on this input: read the ranking as a comparison, not a recommendation."
+        )
     for name, why in step.skipped.items():
         sec.text(f"{name}: skipped — {why}")
 
@@ -144,8 +156,18 @@ def _step_sections(rep, step, prefix: str) -> None:
     roll = step.methods.get("attention_rollout")
     if roll is not None and "_matrix" in roll.info:
         sec = rep.section(
-            f"{prefix}Attention rollout matrix", "row = position at the top layer, column = input token"
+            f"{prefix}Attention rollout matrix",
+            "row = position at the top layer, column = input token; the first token (an attention sink) is "
+            "left out of the color scale and the scale is logarithmic (a product over every layer spans orders of "
+            "magnitude) — untick either to change it",
         )
         sec.heatmap(
-            roll.info["_matrix"], x_labels=tokens, y_labels=tokens, x_title="input token", y_title="position"
+            roll.info["_matrix"],
+            x_labels=tokens,
+            y_labels=tokens,
+            x_title="input token",
+            y_title="position",
+            controls=["first", "log"],
+            exclude_first=True,
+            log=True,
         )

@@ -1,0 +1,229 @@
+"""Attribution patching (AtP; Nanda 2023, Kramár et al. 2024): every patching or ablation effect
+estimated to first order from one forward and one backward pass. APPROXIMATE by construction.
+
+For an activation ``a`` replaced by ``a'`` the effect on a scalar ``m`` is estimated as
+``m(a') − m(a) ≈ Σ ∂m/∂a · (a' − a)`` (the sum runs over the activation's positions and features).
+It is exact when ``m`` is linear in ``a`` and degrades where the model is far from linear between
+``a`` and ``a'`` — attention softmaxes that saturate and flip, or large effects that cancel.
+
+What is done about AtP*'s two failure modes, precisely:
+- saturation (AtP*'s QK fix: recompute the softmax for the patched node's query/key contributions):
+  a residual-stream patch at (layer L, position p) changes layer L's queries at p and keys at p.
+  ``patch_atp`` recomputes layer L's attention exactly for the patched input (the real softmax over
+  the new scores, its values and output projection: one attention layer per patched position), and
+  linearises only from the residual stream after that attention (``resid_mid``) on:
+  ``m_corrupt + ∂m/∂resid_mid · (resid_mid_patched − resid_mid_corrupt)``. The plain first-order
+  estimate is kept as ``resid_linear``. Head outputs and MLP outputs are nodes *after* their own
+  softmax, so the fix does not apply to them; softmaxes downstream of any node are linearised, as in
+  AtP*. How much that matters is measured, not assumed: with the exact scores computed beside the
+  estimates their rank correlation is reported.
+- cancellation across positions: a head's estimate is a sum of per-position terms that can cancel
+  (and then the first-order sum is unreliable even when each term is fine). Every head gets
+  ``cancellation`` = 1 − |Σ_p e_p| / Σ_p |e_p| (0: all positions agree, 1: they cancel completely);
+  AtP* adds GradDrop (one extra backward pass per layer) for cancellation across *paths*, which is
+  not done here.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from ..capture.session import hooks
+from .replay import base_forward, record_block_outputs, replay_blocks
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once what it needs is recorded."""
+
+
+LABEL = "APPROXIMATE: attribution patching (first-order gradient estimate, one forward + one backward)"
+
+
+@contextmanager
+def activation_grads_only(lm):
+    """Parameters stop requiring gradients inside the block (only activations need them), then are restored."""
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _grad_root(x, name):
+    """Parameters are frozen: the embedding output becomes the leaf the graph grows from."""
+    return x.detach().requires_grad_(True)
+
+
+def _through(x, name):
+    """A copy that the forward continues from, so the captured tensor is on the path to the loss."""
+    return x.clone()
+
+
+def _taps(names) -> dict:
+    return {"embed": _grad_root, **{n: _through for n in names}}
+
+
+def head_ablation_atp(lm, ids: torch.Tensor, layers: list[int], loss_fn, modes=("zero", "mean")) -> dict:
+    """AtP estimates of Δloss when each head's output is zeroed / set to its mean over all positions.
+
+    ``loss_fn(hidden, ids) -> [windows]`` (the per-window mean loss the exact ablation measures).
+    Returns {mode: [layers, heads] estimates, "cancellation_<mode>": [layers, heads]} (NaN off ``layers``).
+    """
+    n_heads = max(lm.n_heads_at(i) for i in range(lm.n_layers))
+    names = [f"blocks.{i}.attn.head_out" for i in layers]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with activation_grads_only(lm), hooks(lm, names, _taps(names), keep_grad=True) as session:
+        hidden = base_forward(lm, inputs)
+        loss = loss_fn(hidden, ids).mean()  # mean over windows of the per-window mean loss
+        acts = [session.tensors[n] for n in names]
+        grads = torch.autograd.grad(loss, acts)
+    out = {}
+    for mode in modes:
+        est = np.full((lm.n_layers, n_heads), np.nan)
+        cancel = np.full((lm.n_layers, n_heads), np.nan)
+        for layer, a, g in zip(layers, acts, grads):
+            a, g = a.detach().double(), g.double()  # [win, pos, heads, hd]
+            target = torch.zeros_like(a) if mode == "zero" else a.mean(dim=(0, 1), keepdim=True).expand_as(a)
+            per_pos = (g * (target - a)).sum(-1)  # [win, pos, heads]
+            total = per_pos.sum(dim=(0, 1))
+            spread = per_pos.abs().sum(dim=(0, 1))
+            n_h = lm.n_heads_at(layer)
+            est[layer, :n_h] = total.numpy()
+            cancel[layer, :n_h] = np.where(
+                spread > 0, 1.0 - (total.abs() / spread.clamp(min=1e-30)).numpy(), 0.0
+            )
+        out[mode] = est
+        out[f"cancellation_{mode}"] = cancel
+    return out
+
+
+def patch_atp(lm, clean_in, corrupt_in, layers: list[int], metric, resid_site: str = "resid_pre") -> dict:
+    """AtP estimates of the patched metric for every site ``patch`` measures, plus per head per position.
+
+    ``metric(hidden_last [B, d]) -> [B]``. One no-grad forward on the clean prompt, one forward +
+    backward on the corrupted one, and (QK fix, pre-norm families) one attention layer per patched
+    residual position. Returns raw metric estimates (``m_corrupt + Σ g·Δ``): resid [layers, pos]
+    (QK-fixed where possible), resid_linear (plain AtP), heads [layers, heads], heads_pos
+    [layers, heads, pos], mlp [layers].
+    """
+    fam = lm.family
+    names = [f"blocks.{i}.{s}" for i in layers for s in (resid_site, "attn.head_out", "mlp.out")]
+    with torch.no_grad(), hooks(lm, names) as clean_session:
+        base_forward(lm, clean_in)
+    mids: dict[int, torch.Tensor] = {}
+    handles = []
+    qk_fix = not fam.post_ln and resid_site == "resid_pre"
+    if qk_fix:  # the residual stream after attention = the input of the pre-MLP norm
+        for i in layers:
+
+            def keep(mod, args, i=i):
+                mids[i] = args[0]
+
+            handles.append(lm.blocks[i].get_submodule(fam.ln_mlp).register_forward_pre_hook(keep))
+    try:
+        with activation_grads_only(lm), hooks(lm, names, _taps(names), keep_grad=True) as session:
+            hidden = base_forward(lm, corrupt_in)
+            m = metric(hidden[:, -1])[0]
+            acts = [session.tensors[n] for n in names]
+            mid_list = [mids[i] for i in layers] if qk_fix else []
+            grads = torch.autograd.grad(m, acts + mid_list, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    mid_grads = dict(zip(layers, grads[len(acts) :]))
+    grads = grads[: len(acts)]
+    m_corrupt = float(m.detach())
+    seq = corrupt_in["input_ids"].shape[1]
+    n_heads = max(lm.n_heads_at(i) for i in range(lm.n_layers))
+    resid = np.full((lm.n_layers, seq), np.nan)
+    heads = np.full((lm.n_layers, n_heads), np.nan)
+    heads_pos = np.full((lm.n_layers, n_heads, seq), np.nan)
+    mlp = np.full(lm.n_layers, np.nan)
+    for name, a, g in zip(names, acts, grads):
+        layer = int(name.split(".")[1])
+        delta = clean_session.tensors[name][0].double() - a.detach()[0].double()
+        g = torch.zeros_like(delta) if g is None else g[0].double()
+        terms = g * delta
+        if name.endswith(resid_site):  # [pos, d]
+            resid[layer] = m_corrupt + terms.sum(-1).numpy()
+        elif name.endswith("attn.head_out"):  # [pos, heads, hd]
+            n_h = lm.n_heads_at(layer)
+            per = terms.sum(-1)  # [pos, heads]
+            heads_pos[layer, :n_h] = m_corrupt + per.T.numpy()
+            heads[layer, :n_h] = m_corrupt + per.sum(0).numpy()
+        else:
+            mlp[layer] = m_corrupt + float(terms.sum())
+    out = {"metric_corrupt": m_corrupt, "resid_linear": resid.copy(), "heads": heads, "heads_pos": heads_pos}
+    out["mlp"] = mlp
+    if qk_fix:
+        clean_resid = {i: clean_session.tensors[f"blocks.{i}.{resid_site}"][0] for i in layers}
+        resid = _resid_qk_fixed(lm, corrupt_in, layers, clean_resid, mids, mid_grads, m_corrupt, resid)
+    out["resid"] = resid
+    out["qk_fix"] = qk_fix
+    return out
+
+
+def _resid_qk_fixed(lm, corrupt_in, layers, clean_resid, mids, mid_grads, m_corrupt, resid):
+    """Residual-stream estimates with layer L's attention recomputed exactly for each patched position."""
+    fam = lm.family
+    _, blocks, corrupt_acts = record_block_outputs(lm, corrupt_in, [f"blocks.{i}.resid_pre" for i in layers])
+    out = resid.copy()
+    for layer in layers:
+        corrupt_resid = corrupt_acts[f"blocks.{layer}.resid_pre"][0]
+        pos = torch.nonzero(~(clean_resid[layer] == corrupt_resid).all(-1)).flatten()
+        if len(pos) == 0 or mid_grads[layer] is None:
+            continue
+        rows = torch.arange(len(pos))
+
+        def put(x, name, pos=pos, rows=rows, clean=clean_resid[layer]):
+            x = x.clone()
+            x[rows, pos] = clean[pos]
+            return x
+
+        got = {}
+
+        def stop(mod, args, got=got):
+            got["mid"] = args[0]
+            raise _Stop
+
+        batch = {k: v.expand(len(pos), -1) for k, v in corrupt_in.items()}
+        handle = lm.blocks[layer].get_submodule(fam.ln_mlp).register_forward_pre_hook(stop)
+        try:
+            with (
+                torch.no_grad(),
+                replay_blocks(lm, layer, blocks, torch.zeros(len(pos), dtype=torch.long)),
+                hooks(lm, (), {f"blocks.{layer}.resid_pre": put}),
+            ):
+                try:
+                    base_forward(lm, batch)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        delta = got["mid"].double() - mids[layer].detach().double()  # [rows, pos, d]
+        est = (delta * mid_grads[layer].double()).sum(dim=(1, 2))
+        out[layer, pos.numpy()] = m_corrupt + est.numpy()
+    return out
+
+
+def rank_correlation(approx: np.ndarray, exact: np.ndarray) -> dict:
+    """Spearman and Pearson correlation over the entries both define (NaN-free)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    a, b = np.asarray(approx, dtype=np.float64).ravel(), np.asarray(exact, dtype=np.float64).ravel()
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[ok], b[ok]
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"spearman": None, "pearson": None, "n": int(len(a))}
+    return {
+        "spearman": round(float(spearmanr(a, b).statistic), 6),
+        "pearson": round(float(pearsonr(a, b).statistic), 6),
+        "n": int(len(a)),
+    }

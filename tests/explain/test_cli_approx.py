@@ -1,0 +1,64 @@
+"""CLI: ``heads --approx atp``, ``patch --approx atp`` and ``dla`` on a tiny model; approximate numbers
+are labelled; bad combinations are one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmscope.cli.main import main
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, causal_tokenizer, build_tiny):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny("llama").save_pretrained(path)
+    causal_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_heads_approx(tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The cat sat on the mat. The dog sat on the log. " * 4, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["heads", "--model", tiny_dir, "--text-file", str(text), "--max-tokens", "24", "--window", "24"]
+    assert main([*args, "--approx", "atp", "--compare-exact", "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "heads.json").read_text())
+    assert "APPROXIMATE" in data["metrics"]["atp_mean"]
+    assert set(data["atp_vs_exact"]) == {"atp_zero", "atp_mean"}
+    assert data["heads"][0]["ablation_mean"] is not None and data["heads"][0]["atp_mean"] is not None
+    assert "APPROXIMATE" in (out / "report.html").read_text()
+
+
+def test_patch_approx_and_dla(tiny_dir, tmp_path):
+    out = tmp_path / "p"
+    args = ["patch", "--model", tiny_dir, "--clean", CLEAN, "--corrupt", CORRUPT, "--target", " Mary"]
+    assert main([*args, "--contrast", " John", "--approx", "atp", "--out", str(out)]) == 0
+    data = json.loads((out / "patching.json").read_text())
+    corr = data["approx"]["correlation_with_exact"]
+    assert data["approx"]["approximate"] is True and set(corr) == {"resid", "resid_linear", "heads", "mlp"}
+    assert "approximate, attribution patching" in (out / "report.html").read_text()
+    out = tmp_path / "d"
+    assert main(["dla", "--model", tiny_dir, "--text", CLEAN, "--target", " Mary", "--out", str(out)]) == 0
+    data = json.loads((out / "dla.json").read_text())
+    assert abs(sum(p["value"] for p in data["parts"]) + data["residual_error"] - data["logit"]) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--target", " Mary", "--no-exact"], "--no-exact"),
+        (["heads", "--compare-exact"], "--compare-exact"),
+        (["heads", "--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_bad_combinations(tiny_dir, tmp_path, capsys, args, needle):
+    out = tmp_path / "out"
+    assert main([args[0], "--model", tiny_dir, *args[1:], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
