@@ -73,8 +73,20 @@ def test_cli_device_error_is_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     r = subprocess.run(
-        [sys.executable, "-m", "lmscope.cli.main", "inspect", "--model", "minilm", "--device", "cuda",
-         "--text", "hi", "--out", str(tmp_path / "o")],
+        [
+            sys.executable,
+            "-m",
+            "lmscope.cli.main",
+            "inspect",
+            "--model",
+            "minilm",
+            "--device",
+            "cuda",
+            "--text",
+            "hi",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -131,7 +143,9 @@ def test_load_errors_name_the_real_cause(tmp_path, causal_tokenizer):
 def test_encoder_decoder_directory_refused(tmp_path, causal_tokenizer):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=100))
+    model = T5ForConditionalGeneration(
+        T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=100)
+    )
     d = _save(model, causal_tokenizer, tmp_path / "t5")
     with pytest.raises(LmscopeError, match="encoder-decoder"):
         lmscope.load(str(d), progress=False)
