@@ -87,7 +87,7 @@ def token_windows(
     window = min(window, max_tokens, lm.max_positions)
     tok = lm.tokenizer
     start, end = [], []
-    if not lm.is_causal:  # [CLS] ... [SEP] (or <s> ... </s>) around each window
+    if not lm.causal_attention:  # [CLS] ... [SEP] (or <s> ... </s>) around each window
         start = [
             i
             for i in (tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id,)

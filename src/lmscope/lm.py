@@ -29,7 +29,7 @@ class LM:
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         for i, block in enumerate(self.blocks):  # lets the attention function know its layer
-            block.get_submodule(self.family.attn)._lmscope_layer = i
+            block.get_submodule(self.family.attn)._lmscope_layer = i  # (a shared block: counted per call)
 
     # -- what the model outputs --------------------------------------------------------------------
     @property
@@ -73,8 +73,14 @@ class LM:
         return self.model.get_submodule(path)
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.get_submodule(self.family.blocks)
+    def blocks(self):
+        """The transformer blocks in depth order (a shared block appears once per depth it runs at)."""
+        blocks = self.model.get_submodule(self.family.blocks)
+        if self.family.shared:
+            from .models.families import num_layers
+
+            return [blocks[0]] * num_layers(self.config)
+        return blocks
 
     @property
     def n_layers(self) -> int:

@@ -165,12 +165,11 @@ def tiny_model(model_type: str, head: str | None = None, seed: int = 0, scale: f
             for p in mod.parameters(recurse=False):
                 if p.dim() >= 2:
                     p.mul_(scale)
-        if model_type != "albert":
-            from .models.families import family_of
+        from .models.families import family_of
 
-            fam = family_of(model)
-            blocks = model.get_submodule(fam.blocks)
-            for block in blocks:  # queries and keys 3x larger: scores 9x, patterns far from uniform
-                for path in {fam.q, fam.k}:
-                    block.get_submodule(path).weight.mul_(3.0)
+        fam = family_of(model)
+        blocks = model.get_submodule(fam.blocks)
+        for block in blocks:  # queries and keys 3x larger: scores 9x, patterns far from uniform
+            for path in {fam.q, fam.k}:
+                block.get_submodule(path).weight.mul_(3.0)
     return model.eval()

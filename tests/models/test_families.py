@@ -14,7 +14,7 @@ from lmscope.capture.session import hooks
 from lmscope.errors import LmscopeError
 from lmscope.testing import DECODERS, ENCODERS, tiny_model
 
-OPEN = [f for f in DECODERS + ENCODERS if f != "albert"]
+OPEN = list(DECODERS + ENCODERS)
 SEQ = 10
 
 
@@ -222,9 +222,26 @@ def test_encoder_decoders_refused_in_one_line(mt, tmp_path):
         check_supported(AutoConfig.for_model(mt))
 
 
-def test_albert_refused_with_reason():
-    with pytest.raises(LmscopeError, match="shared layer"):
-        LM(tiny_model("albert"), None)
+def test_albert_shared_layer_is_captured_once_per_depth():
+    """ALBERT runs one layer module at every depth: each depth's capture is its own call's tensor."""
+    lm = LM(tiny_model("albert", num_hidden_layers=3), None, name="albert")
+    assert lm.family.shared and lm.n_layers == 3 and len({id(b) for b in lm.blocks}) == 1
+    ids = torch.randint(5, 900, (1, 7), generator=torch.Generator().manual_seed(5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    names = [f"blocks.{i}.{w}" for i in range(3) for w in ("attn.pattern", "resid_pre", "resid_post")]
+    with torch.no_grad(), hooks(lm, names) as s:
+        out = lm.forward(inputs, output_hidden_states=True)
+    for i in range(3):
+        torch.testing.assert_close(s.tensors[f"blocks.{i}.resid_post"], out.hidden_states[i + 1])
+        if i:
+            torch.testing.assert_close(
+                s.tensors[f"blocks.{i}.resid_pre"], s.tensors[f"blocks.{i - 1}.resid_post"]
+            )
+    assert not torch.allclose(s.tensors["blocks.0.attn.pattern"], s.tensors["blocks.2.attn.pattern"])
+    with pytest.raises(LmscopeError, match="every depth"):
+        from lmscope.compress.prune.heads import check_head_surgery
+
+        check_head_surgery(lm)
 
 
 def test_sequence_and_token_classifiers_keep_their_heads():

@@ -41,6 +41,8 @@ def lmscope_attention(
 ):
     session = _ACTIVE.get()
     layer = getattr(module, "_lmscope_layer", None)
+    if session is not None and session.lm.family.shared:  # one module at every depth: counted per call
+        layer = session._layer_now
     softcap = kwargs.get("softcap")
     wanted = session is not None and layer is not None and session.wants_attention(layer)
     if (
@@ -237,8 +239,14 @@ class HookSession:
             return x
         return new.flatten(0, 1) if flat else new
 
+    def _here(self, layer: int | None) -> bool:
+        """Whether a hook registered for ``layer`` acts on this call (a shared block runs at every depth)."""
+        return layer is None or not self._shared or self._layer_now == layer
+
     def _output_hook(self, module: nn.Module, layer: int | None, what: str) -> None:
         def hook(mod, args, output):
+            if not self._here(layer):
+                return None
             new = self._emit_shaped(layer, what, _first(output))
             return _replace_first(output, new)
 
@@ -246,6 +254,8 @@ class HookSession:
 
     def _input_hook(self, module: nn.Module, layer: int | None, what: str, heads: int | None = None) -> None:
         def hook(mod, args, kwargs):
+            if not self._here(layer):
+                return None
             if args:
                 x = args[0]
             else:
@@ -268,6 +278,8 @@ class HookSession:
         """MoE router: emits (logits, top-k weights, top-k experts); capture probabilities and choices."""
 
         def hook(mod, args, output):
+            if not self._here(layer):
+                return
             logits, _, chosen = output
             shape = self._token_shape
             if self._wants(layer, "mlp.router"):
@@ -313,15 +325,25 @@ class HookSession:
         lm = self.lm
         fam = lm.family
         self._token_shape = None
+        self._shared = fam.shared
+        self._layer_now, self._calls = None, 0
 
         def start(mod, args, kwargs):  # masks are cached by tensor identity, unique only within one forward
             self._mask_cache.clear()
+            self._calls = 0
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
             self._token_shape = tuple(ids.shape[:2]) if ids is not None else None
 
         self._handles.append(lm.model.register_forward_pre_hook(start, with_kwargs=True))
+        if fam.shared:  # registered before any other hook on the block: every call is the next depth
+
+            def count(mod, args):
+                self._layer_now = self._calls
+                self._calls += 1
+
+            self._handles.append(lm.blocks[0].register_forward_pre_hook(count))
         if fam.native_attention and self._attn_layers:
             self._native_patterns()
         if self._wants(None, "embed"):

@@ -47,6 +47,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--contrast", default=None, help='explain logit(target) − logit(contrast), e.g. " John"')
     p.add_argument(
+        "--target-label",
+        default=None,
+        help="sequence classifiers: the class to explain, by name or index (default: the predicted class)",
+    )
+    p.add_argument(
+        "--contrast-label", default=None, help="classifiers: explain logit(class) − logit(this class)"
+    )
+    p.add_argument(
         "--pair", default=None, help="encoders: explain the cosine similarity of --text and this text"
     )
     p.add_argument(
@@ -119,6 +127,8 @@ def run(args) -> int:
         text,
         target=args.target,
         contrast=args.contrast,
+        target_label=args.target_label,
+        contrast_label=args.contrast_label,
         pair=args.pair,
         methods=args.methods,
         baseline=args.baseline,

@@ -69,7 +69,8 @@ def inspect(
             raise LmscopeError(f"--head must be a number or 'mean', got '{head}'", "e.g. --head 3") from None
         if not 0 <= head < lm.n_heads:
             raise LmscopeError(f"--head {head} is out of range", f"this model has heads 0..{lm.n_heads - 1}")
-    names = ["blocks.*.attn.pattern", "blocks.*.resid_post", "blocks.*.mlp.hidden"]
+    names = ["blocks.*.attn.pattern", "blocks.*.resid_post"]
+    names.append("blocks.*.mlp.router" if lm.family.moe else "blocks.*.mlp.hidden")
     if lm.is_causal:
         names.append("logits")
     names += capture or []

@@ -248,11 +248,14 @@ def explain(
     truncate: bool = False,
     progress=None,
     share: bool = True,
+    target_label=None,
+    contrast_label=None,
 ) -> ExplainResult:
     """Explain ``lm``'s output on ``text``.
 
     target/contrast: one token each (``None``: the model's top prediction); pair: encoders only, the
-    second text of a cosine similarity. methods: names or a comma-separated string (None: the fast
+    second text of a cosine similarity; target_label/contrast_label: sequence classifiers only, a class
+    name or index (``None``: the predicted class). methods: names or a comma-separated string (None: the fast
     ``DEFAULT_METHODS``; "all": every registered method). share: see ``explain_objective``.
     baseline: pad | eos | zero | mask (the "absent token" for IG, occlusion, SHAP and faithfulness).
     steps: uniform IG steps (None: adaptive until the completeness error ≤ 1%). generate: explain
@@ -273,7 +276,7 @@ def explain(
         if steps < 1:
             raise LmscopeError(f"--steps must be positive, got {steps}", "e.g. --steps 64")
         config.setdefault("integrated_gradients", {})["steps"] = steps
-    tgt = make_target(lm, target, contrast, pair)
+    tgt = make_target(lm, target, contrast, pair, target_label, contrast_label)
     ids = encode_prompt(lm, text, chat=chat, truncate=truncate)
     out = []
     for step in range(max(1, generate)):

@@ -20,8 +20,9 @@ BASELINES = ("pad", "eos", "zero", "mask")
 @dataclass(frozen=True)
 class Target:
     """A scalar of the model output. ``kind``: ``token`` (logit of ``token_id``), ``contrast``
-    (logit of ``token_id`` minus logit of ``contrast_id``) or ``cosine`` (encoders: cosine similarity
-    of the mean-pooled last hidden states of the text and ``pair``)."""
+    (logit of ``token_id`` minus logit of ``contrast_id``), ``cosine`` (encoders: cosine similarity
+    of the mean-pooled last hidden states of the text and ``pair``), or for sequence classifiers ``label``
+    (the logit of class ``token_id``, named ``token``) and ``label_contrast`` (minus class ``contrast_id``)."""
 
     kind: str
     token_id: int | None = None
@@ -36,11 +37,19 @@ class Target:
             d.update(token=self.token, token_id=self.token_id)
         if self.kind == "contrast":
             d.update(contrast=self.contrast, contrast_id=self.contrast_id)
+        if self.kind in ("label", "label_contrast"):
+            d.update(label=self.token, label_index=self.token_id)
+        if self.kind == "label_contrast":
+            d.update(contrast_label=self.contrast, contrast_index=self.contrast_id)
         if self.kind == "cosine":
             d.update(pair=self.pair)
         return d
 
     def describe(self) -> str:
+        if self.kind == "label":
+            return f"logit of class {self.token!r}"
+        if self.kind == "label_contrast":
+            return f"logit of class {self.token!r} − logit of class {self.contrast!r}"
         if self.kind == "token":
             return f"logit of {self.token!r}"
         if self.kind == "contrast":
@@ -79,11 +88,70 @@ def leading_space_hint(lm, text: str, value: str | None, flag: str = "--target")
     )
 
 
+def label_index(lm, label, flag: str = "--target-label") -> int:
+    """A class of a sequence classifier by name (``config.id2label``) or index."""
+    labels = lm.labels
+    if str(label) in labels:
+        return labels.index(str(label))
+    try:
+        i = int(label)
+    except (TypeError, ValueError):
+        i = None
+    if i is not None and 0 <= i < len(labels):
+        return i
+    raise LmscopeError(
+        f"{flag} {label!r} is not a class of this classifier",
+        "use one of: " + ", ".join(f"{j}={n}" for j, n in enumerate(labels)),
+    )
+
+
+def classifier_target(lm, target_label=None, contrast_label=None) -> Target:
+    """The class logit to explain (default: the predicted class, resolved by ``Objective``)."""
+    if contrast_label is not None:
+        if target_label is None:
+            raise LmscopeError("--contrast-label needs --target-label", "pass both, e.g. --target-label 1")
+        a, b = label_index(lm, target_label), label_index(lm, contrast_label, "--contrast-label")
+        if a == b:
+            raise LmscopeError("--target-label and --contrast-label are the same class", "pass two classes")
+        return Target(
+            kind="label_contrast", token_id=a, token=lm.labels[a], contrast_id=b, contrast=lm.labels[b]
+        )
+    if target_label is None:
+        return Target(kind="label")
+    a = label_index(lm, target_label)
+    return Target(kind="label", token_id=a, token=lm.labels[a])
+
+
 def make_target(
-    lm, target: str | None = None, contrast: str | None = None, pair: str | None = None
+    lm,
+    target: str | None = None,
+    contrast: str | None = None,
+    pair: str | None = None,
+    target_label=None,
+    contrast_label=None,
 ) -> Target:
     """Build a ``Target`` from user strings. ``target=None`` on a causal model means the top prediction
-    (resolved later by ``Objective``)."""
+    (resolved later by ``Objective``); for a sequence classifier ``target_label=None`` means the predicted
+    class."""
+    task = getattr(lm, "task", "lm")
+    if task == "token-classifier":
+        raise LmscopeError(
+            "explain works on one output per text; this is a token classifier (one label per token)",
+            "use lmscope inspect to see each token's label, or a sequence classifier / causal LM",
+        )
+    if task == "classifier":
+        if target is not None or contrast is not None or pair is not None:
+            raise LmscopeError(
+                "--target/--contrast/--pair are for language models and encoders; this is a classifier "
+                f"({', '.join(lm.labels)})",
+                "pass --target-label NAME (default: the predicted class) and optionally --contrast-label",
+            )
+        return classifier_target(lm, target_label, contrast_label)
+    if target_label is not None or contrast_label is not None:
+        raise LmscopeError(
+            "--target-label/--contrast-label need a sequence classifier (a model with id2label)",
+            "use --target/--contrast with a causal LM, or --pair with an encoder",
+        )
     if not lm.is_causal:
         if target is not None or contrast is not None:
             raise LmscopeError(
@@ -203,6 +271,10 @@ class Objective:
                 logits = self._forward(self.x[None])
             top = int(logits[0].argmax())
             self.target = Target(kind="token", token_id=top, token=lm.tokenizer.decode([top]))
+        if self.target.kind == "label" and self.target.token_id is None:  # the predicted class
+            with torch.no_grad():
+                top = int(self._forward(self.x[None])[0].argmax())
+            self.target = Target(kind="label", token_id=top, token=lm.labels[top])
         with torch.no_grad():
             self.f_x = float(self.f_embeds(self.x[None])[0])
             self.f_baseline = float(self.f_embeds(self.b[None])[0])
@@ -220,9 +292,9 @@ class Objective:
 
     def metric(self, out: torch.Tensor) -> torch.Tensor:
         t = self.target
-        if t.kind == "token":
+        if t.kind in ("token", "label"):
             return out[:, t.token_id]
-        if t.kind == "contrast":
+        if t.kind in ("contrast", "label_contrast"):
             return out[:, t.token_id] - out[:, t.contrast_id]
         pooled = out.mean(1)
         return torch.nn.functional.cosine_similarity(pooled, self._pair[None].to(pooled.dtype), dim=-1)

@@ -45,6 +45,7 @@ class Family:
     experts: str | None = None  # MoE experts (3-D gate_up_proj / down_proj parameters)
     gated_mlp: bool = False  # act(gate) * up -> down: up's rows may absorb down's input scales
     mid: str | None = None  # the module whose input is resid_mid (None: attention and MLP run in parallel)
+    shared: bool = False  # one block module runs at every depth (ALBERT): LM.blocks repeats it
 
     @property
     def moe(self) -> bool:
@@ -98,7 +99,6 @@ _REFUSED = {
     "pegasus": "an encoder-decoder (Pegasus)",
     "marian": "an encoder-decoder (Marian)",
     "whisper": "a speech encoder-decoder (Whisper)",
-    "albert": "ALBERT, which runs one shared layer at every depth",
 }
 
 
@@ -131,6 +131,23 @@ def _child(module: nn.Module, names) -> str | None:
 
 def _linear_like(m: nn.Module) -> bool:
     return hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2
+
+
+def _find_shared_blocks(model: nn.Module, config) -> str | None:
+    """ALBERT: one group of layers re-run at every depth. Supported when there is one group of one layer
+    (every released ALBERT); the path of that one-layer list."""
+    if getattr(config, "num_hidden_groups", None) is None:
+        return None
+    if config.num_hidden_groups != 1 or getattr(config, "inner_group_num", 1) != 1:
+        raise LmscopeError(
+            f"this ALBERT shares {config.num_hidden_groups} groups of {config.inner_group_num} layers; lmscope "
+            "supports one shared layer (num_hidden_groups = inner_group_num = 1, as in every released ALBERT)",
+            "use an ALBERT with one shared layer",
+        )
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == 1 and name.endswith("albert_layers"):
+            return name
+    return None
 
 
 def _find_blocks(model: nn.Module, n: int) -> str:
@@ -182,6 +199,8 @@ def _find_o(block: nn.Module, attn: str) -> str:
 def _find_mlp(block: nn.Module, attn: str):
     """(mlp module path, mlp_in, mlp_out, router, experts)."""
     attn_root = attn.split(".")[0]
+    if _child(block, ("ffn",)) and _child(block, ("ffn_output",)):  # ALBERT: two Linears in the layer
+        return None, ("ffn",), "ffn_output", None, None
     mlp_name = _child(block, _MLP)
     if mlp_name:
         mlp = block.get_submodule(mlp_name)
@@ -230,7 +249,8 @@ def family_of(model: nn.Module) -> Family:
     mt = config.model_type
     check_supported(config)
     n = num_layers(config)
-    blocks = _find_blocks(model, n)
+    shared_path = _find_shared_blocks(model, config)
+    blocks = shared_path or _find_blocks(model, n)
     block = model.get_submodule(blocks)[0]
     attn, q, k, v, fused = _find_attn(block)
     o = _find_o(block, attn)
@@ -282,6 +302,7 @@ def family_of(model: nn.Module) -> Family:
         router=router,
         experts=experts,
         mid=mid,
+        shared=shared_path is not None,
         gated_mlp=len(mlp_in) == 2 or (len(mlp_in) == 1 and mlp_in[0].endswith("gate_up_proj")),
     )
 

@@ -59,6 +59,19 @@ def build_inspect_report(
             [[_show(lm.tokenizer.decode([int(i)])), float(p)] for p, i in zip(top.values, top.indices)],
             title="prediction at the last position",
         )
+    if lm.task == "classifier":
+        sec.table(
+            ["class", "probability"],
+            [[c["label"], c["prob"]] for c in class_distribution(run, index)],
+            title="predicted class distribution (softmax of the classifier's logits)",
+        )
+    if lm.task == "token-classifier":
+        labels = token_labels(run, index)
+        sec.table(
+            ["token", "label", "probability"],
+            [[_show(t), c["label"], c["prob"]] for t, c in zip(tokens, labels)],
+            title="label of each token",
+        )
     if all(f"blocks.{i}.attn.pattern" in run.tensors for i in range(lm.n_layers)):
         note = "pick a view, a layer and a head; hover shows the attention weight (query → key)"
         if lm.n_kv_heads != lm.n_heads:
@@ -183,6 +196,25 @@ def save_pngs(
     return written
 
 
+def class_distribution(run, index: int = 0) -> list[dict]:
+    """A sequence classifier's class probabilities, most likely first."""
+    probs = torch.softmax(run.output[index].float(), -1)
+    order = torch.argsort(probs, descending=True)
+    return [
+        {"label": run.lm.labels[int(i)], "index": int(i), "prob": round(float(probs[i]), 5)} for i in order
+    ]
+
+
+def token_labels(run, index: int = 0) -> list[dict]:
+    """A token classifier's most likely label per (unpadded) token."""
+    keep = run.attention_mask[index].bool()
+    probs = torch.softmax(run.output[index][keep].float(), -1)
+    top = probs.max(-1)
+    return [
+        {"label": run.lm.labels[int(i)], "prob": round(float(p), 5)} for p, i in zip(top.values, top.indices)
+    ]
+
+
 def inspect_summary(run) -> dict:
     """run.json of ``lmscope inspect``: tokens, shapes, per-layer entropy and norms, the prediction."""
     lm = run.lm
@@ -202,6 +234,11 @@ def inspect_summary(run) -> dict:
             row["resid_norm_mean"] = round(float(r[0].norm(dim=-1).mean()), 4)
         layers.append(row)
     s["layers"] = layers
+    if lm.task == "classifier":
+        s["classes"] = class_distribution(run)
+        s["predicted_label"] = s["classes"][0]["label"]
+    if lm.task == "token-classifier":
+        s["token_labels"] = token_labels(run)
     if lm.is_causal:
         last = int(run.attention_mask[0].sum()) - 1
         probs = torch.softmax(run.output[0, last].float(), -1).topk(N_PREDICTIONS)

@@ -12,7 +12,13 @@ from typing import Any
 
 from .jobs import JobContext
 
-INSPECT_CAPTURE = ["blocks.*.attn.pattern", "blocks.*.resid_post", "blocks.*.mlp.hidden"]
+
+def inspect_capture(lm) -> list[str]:
+    """What the Inspect tab records: patterns, residuals, MLP neurons (router choices for a mixture of
+    experts) and the logits of a causal LM."""
+    names = ["blocks.*.attn.pattern", "blocks.*.resid_post"]
+    names.append("blocks.*.mlp.router" if lm.family.moe else "blocks.*.mlp.hidden")
+    return names + (["logits"] if lm.is_causal else [])
 
 
 @dataclass
@@ -57,7 +63,7 @@ def inspect(ctx: JobContext, lm, text: str) -> Result:
     from ..views.report import build_inspect_report, inspect_summary
 
     ctx.progress(0.05, "running the model")
-    run = lm.run(text, capture=INSPECT_CAPTURE + (["logits"] if lm.is_causal else []))
+    run = lm.run(text, capture=inspect_capture(lm))
     ctx.progress(0.6, "building the views")
     report = build_inspect_report(run)
     ctx.progress(0.9, "summarising")

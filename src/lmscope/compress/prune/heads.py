@@ -38,7 +38,9 @@ def check_head_surgery(lm) -> None:
     """Refuse, in one line, families whose head layout lmscope cannot slice exactly."""
     fam = lm.family
     why = None
-    if fam.fused_qkv and fam.qkv_layout not in ("concat", "per_head"):
+    if fam.shared:
+        why = "one attention module serves every depth, so a head cannot go at one layer only"
+    elif fam.fused_qkv and fam.qkv_layout not in ("concat", "per_head"):
         why = f"its fused qkv projection ({fam.q}) interleaves heads in a layout lmscope does not slice"
     elif fam.name in ("bloom", "mpt") or getattr(lm.config, "alibi", False):
         why = "its ALiBi position biases are built once for the model's full head count"

@@ -33,10 +33,14 @@ def rollout(patterns: list[torch.Tensor]) -> torch.Tensor:
 
 
 def sink_weights(obj: Objective) -> torch.Tensor:
-    """Which top-layer positions the target reads: the last one (causal) or all equally (mean pooling)."""
+    """Which top-layer positions the target reads: the last one (causal LMs and decoder classifiers), the
+    first one (an encoder classifier's [CLS] pooler), or all equally (mean-pooled encoder embeddings)."""
     w = torch.zeros(obj.n, dtype=torch.float64)
-    if obj.lm.is_causal:
+    lm = obj.lm
+    if lm.causal_attention:
         w[-1] = 1.0
+    elif getattr(lm, "task", "") == "classifier":
+        w[0] = 1.0
     else:
         w[:] = 1.0 / obj.n
     return w

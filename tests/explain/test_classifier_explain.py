@@ -1,0 +1,59 @@
+"""Explaining a sequence classifier's decision: the class logit is the objective, faithfulness and IG
+completeness are measured on it, and bad labels are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmscope import LM
+from lmscope.errors import LmscopeError
+from lmscope.explain import explain
+from lmscope.testing import tiny_model
+
+TEXT = "the applicant has a stable income and no debt"
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta", "distilbert", "deberta-v2", "llama"])
+def clf(request, causal_tokenizer, encoder_tokenizer):
+    tok = causal_tokenizer if request.param == "llama" else encoder_tokenizer
+    model = tiny_model(request.param, head="seq", pad_token_id=tok.pad_token_id or 0)
+    return LM(model, tok, name=f"clf-{request.param}")
+
+
+def test_default_target_is_the_predicted_class_and_ig_is_complete(clf):
+    res = explain(clf, TEXT, methods="saliency,integrated_gradients", sanity=False)
+    step = res.first
+    with torch.no_grad():
+        logits = clf.output_of(clf.forward(clf.encode(TEXT)))[0]
+    predicted = int(logits.argmax())
+    assert step.target["kind"] == "label" and step.target["label_index"] == predicted
+    assert step.target["label"] == clf.labels[predicted]
+    assert step.target["value"] == pytest.approx(float(logits[predicted]), rel=1e-4, abs=1e-5)
+    ig = step.methods["integrated_gradients"]
+    assert sum(ig.scores) == pytest.approx(
+        step.target["value"] - step.target["baseline_value"], abs=0.02 * max(1.0, abs(step.target["value"]))
+    )
+    assert "aopc_sum" in ig.faithfulness
+
+
+def test_named_label_and_contrast(clf):
+    res = explain(clf, TEXT, methods="saliency", target_label="positive", contrast_label="0", sanity=False)
+    t = res.first.target
+    with torch.no_grad():
+        logits = clf.output_of(clf.forward(clf.encode(TEXT)))[0]
+    assert t["kind"] == "label_contrast" and t["label"] == "positive" and t["contrast_label"] == "negative"
+    assert t["value"] == pytest.approx(float(logits[2] - logits[0]), rel=1e-4, abs=1e-5)
+
+
+def test_bad_labels_and_flags_are_refused(clf):
+    with pytest.raises(LmscopeError, match="not a class"):
+        explain(clf, TEXT, methods="saliency", target_label="approve", sanity=False)
+    with pytest.raises(LmscopeError, match="--target-label"):
+        explain(clf, TEXT, methods="saliency", target=" Mary", sanity=False)
+
+
+def test_target_label_on_a_language_model_is_refused(make_tiny):
+    lm = make_tiny("llama")
+    with pytest.raises(LmscopeError, match="sequence classifier"):
+        explain(lm, TEXT, methods="saliency", target_label="positive", sanity=False)
