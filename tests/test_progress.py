@@ -55,3 +55,19 @@ def test_compress_and_evaluate_show_bars(make_tiny, monkeypatch):
         before = len(tty.getvalue())
         compress(lm, Quantize("int8"))
         assert len(tty.getvalue()) == before
+
+
+def test_callback_bar_used_by_the_explain_verbs(monkeypatch):
+    from lmscope.cli.speed import progress_bar
+
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    bar = progress_bar("patching", "layer", total=10)
+    bar.update_to(5, 10, "layer 5")
+    bar.close()
+    assert re.search(r"patching: .*5/10 \[\d\d:\d\d<.*layer 5", tty.getvalue()), tty.getvalue()
+    before = tty.getvalue()
+    quiet = progress_bar("patching", "layer", quiet=True, total=10)
+    quiet.update_to(5, 10, "layer 5")
+    quiet.close()
+    assert tty.getvalue() == before

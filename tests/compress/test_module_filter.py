@@ -165,3 +165,26 @@ def test_quantization_schemes_are_found_and_match_what_configs_accept():
     from lmscope.compress.steps import QUANT_SCHEMES
 
     assert set(load_schemes()) == set(QUANT_SCHEMES)
+
+
+def test_gpt2_filter_swaps_and_quantizes_only_the_selected_conv1d(make_tiny, tmp_path):
+    lm = make_tiny("gpt2")
+    res = compress(lm, Quantize("int8", modules=("transformer.h.0.attn.c_attn",)), CALIB)
+    quantized = {n for n, m in res.lm.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert quantized == {"transformer.h.0.attn.c_attn"}
+    assert type(res.lm.model.get_submodule("transformer.h.1.attn.c_attn")).__name__ == "Conv1D"  # untouched
+    loaded = lmscope.load(str(res.save(tmp_path / "g")), progress=False)
+    ids = res.lm.encode("a short text to compare")
+    with torch.no_grad():
+        assert torch.equal(loaded.forward(ids).logits, res.lm.forward(ids).logits)
+
+
+def test_moe_filter_selects_experts_alone(causal_tokenizer):
+    from lmscope import LM
+    from lmscope.testing import tiny_model
+
+    lm = LM(tiny_model("mixtral"), causal_tokenizer, name="mixtral")
+    experts = [n for n, _ in __import__("lmscope.compress.quantize._common", fromlist=["x"]).experts_of(lm)]
+    res = compress(lm, Quantize("int8", modules=(experts[0],)), None)
+    info = res.infos[0]
+    assert set(info["experts"]) == {experts[0]} and not info["modules"] and info["embedding"] is None

@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import LmscopeError
-from .names import ATTENTION_INTERNALS, expand, split
+from .names import ATTENTION_INTERNALS, all_names, expand, split
 
 ATTN_IMPL = "lmscope"
 
@@ -129,9 +129,17 @@ def _replace_first(output, new):
 
 
 def _resolve(lm, patterns, what: str) -> list[str]:
-    """Concrete hook names for ``patterns`` (globs as for capture); a pattern matching nothing is an error."""
+    """Concrete hook names for ``patterns`` (globs as for capture); a pattern matching nothing is an error.
+
+    Exact names are checked against the name table directly (sessions are opened per head in ablation loops).
+    """
+    patterns = list(patterns)
+    moe = lm.family.moe
+    universe = set(all_names(lm.n_layers, has_logits=lm.is_causal, moe=moe))
+    if all(p in universe for p in patterns):
+        return patterns
     try:
-        return expand(list(patterns), lm.n_layers, has_logits=lm.is_causal, moe=lm.family.moe)
+        return expand(patterns, lm.n_layers, has_logits=lm.is_causal, moe=moe)
     except LmscopeError as e:
         if what == "capture":
             raise

@@ -9,7 +9,6 @@ at load 4). lmscope uses the cores it may run on (``os.sched_getaffinity``) minu
 from __future__ import annotations
 
 import os
-import sys
 
 THREADS_HELP = (
     "torch intra-op threads (default: the CPUs this process may use minus the 1-minute load average, "
@@ -54,32 +53,8 @@ def apply_threads(args) -> int:
     return n
 
 
-class _Bar:
-    """tqdm on stderr with ETA, silent when stderr is not a terminal or with --quiet."""
+def progress_bar(desc: str, unit: str, quiet: bool = False, total: int | None = None):
+    """tqdm on stderr with ETA, silent when stderr is not a terminal or with --quiet (``lmscope.progress.Bar``)."""
+    from ..progress import Bar
 
-    def __init__(self, desc: str, unit: str, quiet: bool = False, total: int | None = None):
-        self._bar = None
-        if quiet or not sys.stderr.isatty():
-            return
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-    def update_to(self, done, total, message: str | None = None) -> None:
-        """Progress callback: ``done`` of ``total`` finished (numbers or fractions)."""
-        if self._bar is None:
-            return
-        if self._bar.total != total:
-            self._bar.total = total
-        if message:
-            self._bar.set_postfix_str(message, refresh=False)
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def progress_bar(desc: str, unit: str, quiet: bool = False, total: int | None = None) -> _Bar:
-    return _Bar(desc, unit, quiet, total)
+    return Bar(desc, unit, total, quiet)

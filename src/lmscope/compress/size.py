@@ -33,3 +33,14 @@ def state_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor_bytes(t)
     return total
+
+
+def human_bytes(n: int | float | None) -> str:
+    """``512 B``, ``3.2 KB``, ``513.2 MB``, ``1.4 GB`` (binary units); ``-`` for None."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

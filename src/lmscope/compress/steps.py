@@ -191,10 +191,12 @@ class Quantize(StepConfig):
         object.__setattr__(self, "skip", tuple(self.skip))
 
     def module_candidates(self, lm) -> list[str]:
+        from .quantize._common import experts_of
         from .targets import block_linears
 
         fam = lm.family
-        names = [n for n, _ in block_linears(lm, conv1d=False) if not _matches_any(n, self.skip)]
+        names = [n for n, _ in block_linears(lm) if not _matches_any(n, self.skip)]
+        names += [n for n, _ in experts_of(lm)]  # MoE experts, int8 per row
         # causal LMs: the token embedding too (an LM head, tied or not, goes with it)
         return names + ([fam.embed] if fam.embed and fam.causal else [])
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .size import tensor_bytes, tensor_key
+from .size import human_bytes, tensor_bytes, tensor_key
 
 
 @dataclass
@@ -188,7 +188,7 @@ class StructureDiff:
             both("shape"),
             both("dtype"),
             both("params", _count),
-            both("bytes", _size),
+            both("bytes", human_bytes),
         ]
 
     def table_rows(self, changed_only: bool = False) -> list[list[str]]:
@@ -229,10 +229,6 @@ class StructureDiff:
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB" if n >= 2**10 else f"{n} B"
 
 
 def _model_of(x):

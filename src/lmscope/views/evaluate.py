@@ -5,6 +5,8 @@ Speed and memory columns and charts appear only when they were measured (not wit
 
 from __future__ import annotations
 
+from ..compress.size import human_bytes
+
 QUALITY_COLUMNS = ("model", "params", "bytes", "ppl", "Δppl", "top-1 agree", "KL")
 LATENCY_COLUMNS = ("peak mem", "prefill tok/s", "decode tok/s")
 
@@ -15,16 +17,6 @@ def _fmt(v, spec):
 
 def _ratio(v, ref):
     return f" ({v / ref:.2f}x)" if v and ref else ""
-
-
-def human_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def measured_latency(ev) -> bool:

@@ -63,18 +63,19 @@ def scheme(name: str):
     return deco
 
 
-def quantize_targets(lm, step: Quantize) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear layers inside the blocks (model-relative names), minus the ``skip`` globs. GPT-2-style
-    Conv1D layers are swapped for the equivalent nn.Linear first, so every scheme applies to them."""
+def quantize_targets(lm, step: Quantize, selected: set[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers inside the blocks (model-relative names), minus the ``skip`` globs and, with a
+    module filter, those it does not select. GPT-2-style Conv1D layers are swapped for the equivalent
+    nn.Linear first (only the ones quantized), so every scheme applies to them."""
     out = []
     for n, m in block_linears(lm, conv1d=True):
-        if any(fnmatch(n, p) for p in step.skip):
+        if any(fnmatch(n, p) for p in step.skip) or (selected is not None and n not in selected):
             continue
         if is_conv1d(m):
             m = C.as_linear(m)
             set_module(lm.model, n, m)
         out.append((n, m))
-    if not out:
+    if not out and selected is None:
         raise LmscopeError(
             f"'{lm.name}' has no nn.Linear layers in its blocks to quantize (family {lm.family.name})",
             "quantization supports Linear-based families such as llama/qwen2/mistral and bert",
@@ -86,22 +87,17 @@ def quantize_targets(lm, step: Quantize) -> list[tuple[str, nn.Linear]]:
 class QuantizeHandler:
     def apply(self, lm, step: Quantize, calib) -> dict:
         load_schemes()
-        targets = quantize_targets(lm, step)
-        embedding, selected = True, set()
-        if step.modules:  # the module filter: only the selected layers (and the embedding if selected)
-            selected = set(step.selected_modules(lm))
-            targets = [(n, m) for n, m in targets if n in selected]
-            embedding = lm.family.embed in selected
-            if not targets:
-                raise LmscopeError(
-                    f"the module filter {list(step.modules)} selects no linear layer to quantize",
-                    "add a glob that matches block linears, e.g. model.layers.*.mlp.*",
-                )
+        # the module filter: only the selected layers, experts and (if selected) the embedding
+        selected = set(step.selected_modules(lm)) if step.modules else None
+        targets = quantize_targets(lm, step, selected)
+        embedding = selected is None or lm.family.embed in selected
         names = [n for n, _ in targets]
         windows = calib.windows() if calib is not None else []
         inputs = capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
-        done: list[Quantized] = SCHEMES[step.scheme](
-            lm, step, calib, track(targets, f"quantize {step.scheme}", unit="layer")
+        done: list[Quantized] = (
+            SCHEMES[step.scheme](lm, step, calib, track(targets, f"quantize {step.scheme}", unit="layer"))
+            if targets
+            else []
         )
         rows, modules = [], {}
         for q in done:
@@ -113,7 +109,7 @@ class QuantizeHandler:
             modules[q.name] = {"kind": q.kind, **q.meta}
         experts = {}
         for name, mod in C.experts_of(lm):  # MoE experts: int8 per (expert, output row) under every scheme
-            if step.modules and name not in selected:
+            if selected is not None and name not in selected:
                 continue
             new, expert_rows = quantize_experts(mod)
             set_module(lm.model, name, new)
@@ -139,7 +135,9 @@ class QuantizeHandler:
             n_in, n_out = C.io_features(lin)
             set_module(model, name, C.empty_module(meta["kind"], n_in, n_out, lin.bias is not None, meta))
         for name, meta in (info.get("experts") or {}).items():
-            set_module(model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0])
+            set_module(
+                model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0]
+            )
         if info.get("embedding"):
             C.rebuild_embeddings(model, info["embedding"])
 
