@@ -28,7 +28,8 @@ class ModelStats:
     perplexity: float | None = None
     nll: float | None = None
     top1_agreement: float | None = None  # with the reference model's argmax, over evaluation tokens
-    kl: float | None = None  # mean KL(reference || model) per token, nats
+    kl: float | None = None  # mean KL(reference || model) per token (classifiers: per text), nats
+    accuracy: float | None = None  # classifiers with labelled cases: fraction predicted right
     peak_memory_bytes: int | None = None
     weights_memory_bytes: int | None = None
     prefill_tokens_per_s: float | None = None
@@ -112,8 +113,13 @@ def evaluate(
     prefill_tokens: int = 128,
     decode_tokens: int = 32,
     repeats: int = 3,
+    labels: list[tuple[str, object]] | None = None,
 ) -> Evaluation:
-    """Evaluate ``models`` (LM objects; the first is the reference) on the same token windows."""
+    """Evaluate ``models`` (LM objects; the first is the reference) on the same token windows.
+
+    Sequence classifiers are compared by their decisions instead of perplexity: label agreement with the
+    reference and KL of the class distributions on the windows, and with ``labels`` (``[(text, label)]``,
+    a label being a class name or index) the accuracy and agreement on those texts."""
     from .calibration import encoded_windows
 
     models = list(models)
@@ -142,8 +148,14 @@ def evaluate(
     work = (len(wins) * len(models) if all_causal else 0) + (
         len(models) * (2 + repeats) + (len(causal) * (1 + repeats) if decode_tokens else 0) if latency else 0
     )
+    classifiers = all(lm.task == "classifier" for lm in models)
+    if classifiers:
+        work += len(models) * (len(labels) if labels else len(wins))
     with progress.bar(work, "evaluate", unit="pass") as bar:
-        count = _quality(models, stats, wins, same_vocab, all_causal, bar)
+        if classifiers:
+            count = _decisions(models, stats, wins, labels, bar)
+        else:
+            count = _quality(models, stats, wins, same_vocab, all_causal, bar)
         if latency:
             _latency(models, stats, wins, ref, prefill_tokens, decode_tokens, repeats, bar)
     settings = {
@@ -158,8 +170,48 @@ def evaluate(
         "threads": torch.get_num_threads(),
         "memory_method": MEMORY_METHOD,
         "reference": ref.name,
+        "task": "classifier" if classifiers else ref.task,
+        "labelled_cases": len(labels) if classifiers and labels else 0,
     }
     return Evaluation(stats, settings)
+
+
+def _decisions(models, stats, wins, labels, bar) -> int:
+    """Classifiers: label agreement and class-distribution KL vs ``models[0]`` (and accuracy on ``labels``).
+    Returns the number of texts compared."""
+    from ..explain.targets import label_index
+
+    ref = models[0]
+    names = [tuple(lm.labels) for lm in models]
+    if any(n != names[0] for n in names):
+        raise LmscopeError(
+            "the classifiers have different classes: "
+            + " vs ".join(", ".join(n) for n in dict.fromkeys(names)),
+            "compare classifiers with the same id2label",
+        )
+    if labels:
+        inputs = [ref.encode(text, truncate=True) for text, _ in labels]
+        gold = [label_index(ref, y, "label") for _, y in labels]
+    else:
+        inputs, gold = wins, None
+    logp = []
+    for lm in models:
+        rows = []
+        for x in inputs:
+            rows.append(torch.log_softmax(lm.output_of(lm.forward(x)).float()[0], -1))
+            bar.update(1)
+        logp.append(torch.stack(rows))
+    for k, s in enumerate(stats):
+        s.top1_agreement = float((logp[k].argmax(-1) == logp[0].argmax(-1)).float().mean())
+        s.kl = float((logp[0].exp() * (logp[0] - logp[k])).sum(-1).mean())
+        if gold is not None:
+            s.accuracy = float((logp[k].argmax(-1) == torch.tensor(gold)).float().mean())
+        s.notes.append(
+            f"a classifier: label agreement and class KL vs {ref.name} on "
+            + (f"{len(inputs)} labelled texts" if gold else f"{len(inputs)} windows of the evaluation text")
+            + (", accuracy against the labels" if gold else " (pass labelled texts for accuracy)")
+        )
+    return len(inputs)
 
 
 def _quality(models, stats, wins, same_vocab: bool, all_causal: bool, bar) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..compress.size import human_bytes
 
 QUALITY_COLUMNS = ("model", "params", "bytes", "ppl", "Δppl", "top-1 agree", "KL")
+CLASSIFIER_COLUMNS = ("model", "params", "bytes", "accuracy", "label agree", "class KL")
 LATENCY_COLUMNS = ("peak mem", "prefill tok/s", "decode tok/s")
 
 
@@ -23,8 +24,13 @@ def measured_latency(ev) -> bool:
     return bool(ev.settings.get("latency"))
 
 
+def is_classifier(ev) -> bool:
+    return ev.settings.get("task") == "classifier"
+
+
 def columns(ev) -> list[str]:
-    return list(QUALITY_COLUMNS) + (list(LATENCY_COLUMNS) if measured_latency(ev) else [])
+    quality = CLASSIFIER_COLUMNS if is_classifier(ev) else QUALITY_COLUMNS
+    return list(quality) + (list(LATENCY_COLUMNS) if measured_latency(ev) else [])
 
 
 def rows(ev) -> list[list[str]]:
@@ -40,11 +46,16 @@ def rows(ev) -> list[list[str]]:
             m.name,
             f"{m.params / 1e6:.2f}M",
             human_bytes(m.bytes) + ("" if m.bytes_source == "disk" else "*"),
-            _fmt(m.perplexity, "{:.3f}"),
-            dppl,
-            _fmt(m.top1_agreement, "{:.2%}"),
-            _fmt(m.kl, "{:.4f}"),
         ]
+        if is_classifier(ev):
+            row += [_fmt(m.accuracy, "{:.2%}"), _fmt(m.top1_agreement, "{:.2%}"), _fmt(m.kl, "{:.4f}")]
+        else:
+            row += [
+                _fmt(m.perplexity, "{:.3f}"),
+                dppl,
+                _fmt(m.top1_agreement, "{:.2%}"),
+                _fmt(m.kl, "{:.4f}"),
+            ]
         if measured_latency(ev):
             row += [
                 human_bytes(m.peak_memory_bytes),
@@ -59,10 +70,18 @@ def rows(ev) -> list[list[str]]:
 
 def notes(ev) -> list[str]:
     s = ev.settings
-    lines = [
-        f"perplexity on {s['eval_tokens']} tokens ({s['windows']} windows x {s['window_tokens']}) of "
-        f"{s['text_source']}; KL and agreement vs {ev.models[0].name}"
-    ]
+    if is_classifier(ev):
+        what = (
+            f"{s['labelled_cases']} labelled texts"
+            if s.get("labelled_cases")
+            else f"{s['windows']} windows of {s['text_source']}"
+        )
+        lines = [f"decisions on {what}; label agreement and class KL vs {ev.models[0].name}"]
+    else:
+        lines = [
+            f"perplexity on {s['eval_tokens']} tokens ({s['windows']} windows x {s['window_tokens']}) of "
+            f"{s['text_source']}; KL and agreement vs {ev.models[0].name}"
+        ]
     if any(m.bytes_source != "disk" for m in ev.models):
         lines.append("* bytes of the in-memory state dict (not saved on disk)")
     if measured_latency(ev):
@@ -98,7 +117,8 @@ def figure(ev):
     import matplotlib.pyplot as plt
 
     ref = ev.models[0]
-    metrics = [("perplexity", "perplexity"), ("bytes", "bytes")]
+    first = ("label agreement", "top1_agreement") if is_classifier(ev) else ("perplexity", "perplexity")
+    metrics = [first, ("bytes", "bytes")]
     if measured_latency(ev):
         metrics += [("prefill tok/s", "prefill_tokens_per_s"), ("decode tok/s", "decode_tokens_per_s")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0))
@@ -124,6 +144,11 @@ def report(ev):
     for line in notes(ev):
         sec.text(line)
     plot = rep.section("Relative to the reference")
-    plot.bars([m.name for m in ev.models], [m.perplexity or 0 for m in ev.models], title="perplexity")
+    if is_classifier(ev):
+        plot.bars(
+            [m.name for m in ev.models], [m.top1_agreement or 0 for m in ev.models], title="label agreement"
+        )
+    else:
+        plot.bars([m.name for m in ev.models], [m.perplexity or 0 for m in ev.models], title="perplexity")
     plot.image(figure(ev), alt="ratios vs reference")
     return rep

@@ -1,0 +1,43 @@
+"""evaluate on classifiers: decisions (accuracy, label agreement, class KL), not perplexity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmscope import LM
+from lmscope.compress import Quantize, compress
+from lmscope.compress.evaluate import evaluate
+from lmscope.errors import LmscopeError
+from lmscope.testing import tiny_model
+
+CASES = [
+    ("the applicant repaid every loan", "positive"),
+    ("missed three payments", 0),
+    ("no history", "neutral"),
+] * 3
+
+
+def test_classifier_evaluation_matches_a_brute_force_count(encoder_tokenizer):
+    lm = LM(tiny_model("bert", head="seq"), encoder_tokenizer, name="clf")
+    small = compress(lm, Quantize("int8")).lm
+    small.name = "clf-int8"
+    ev = evaluate([lm, small], labels=CASES, latency=False)
+    assert ev.settings["task"] == "classifier" and ev.settings["labelled_cases"] == len(CASES)
+    with torch.no_grad():
+        p_ref = [int(lm.output_of(lm.forward(lm.encode(t)))[0].argmax()) for t, _ in CASES]
+        p_small = [int(small.output_of(small.forward(small.encode(t)))[0].argmax()) for t, _ in CASES]
+    gold = [lm.labels.index(y) if isinstance(y, str) else y for _, y in CASES]
+    ref, cmp = ev.models
+    assert ref.accuracy == pytest.approx(sum(a == b for a, b in zip(p_ref, gold)) / len(CASES))
+    assert cmp.accuracy == pytest.approx(sum(a == b for a, b in zip(p_small, gold)) / len(CASES))
+    assert cmp.top1_agreement == pytest.approx(sum(a == b for a, b in zip(p_ref, p_small)) / len(CASES))
+    assert ref.top1_agreement == 1.0 and ref.kl == pytest.approx(0.0, abs=1e-7) and cmp.kl >= 0
+    assert ref.perplexity is None
+    assert "accuracy" in ev.to_text() and "label agree" in ev.to_text()
+
+
+def test_unknown_label_is_refused(encoder_tokenizer):
+    lm = LM(tiny_model("bert", head="seq"), encoder_tokenizer, name="clf")
+    with pytest.raises(LmscopeError, match="not a class"):
+        evaluate([lm], labels=[("text", "approve")], latency=False)
