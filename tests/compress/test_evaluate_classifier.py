@@ -41,3 +41,18 @@ def test_unknown_label_is_refused(encoder_tokenizer):
     lm = LM(tiny_model("bert", head="seq"), encoder_tokenizer, name="clf")
     with pytest.raises(LmscopeError, match="not a class"):
         evaluate([lm], labels=[("text", "approve")], latency=False)
+
+
+def test_compare_classifier_before_and_after(encoder_tokenizer):
+    from lmscope.compress import PruneHeads
+    from lmscope.compress.compare import compare
+
+    lm = LM(tiny_model("distilbert", head="seq"), encoder_tokenizer, name="clf")
+    small = compress(lm, [PruneHeads(0.25, method="magnitude"), Quantize("int8")]).lm
+    cmp = compare(lm, small, "the applicant repaid every loan on time", methods=["saliency"], k=2)
+    with torch.no_grad():
+        a = lm.output_of(lm.forward(lm.encode("the applicant repaid every loan on time")))[0]
+    assert cmp.attribution["saliency"]["target"] == lm.labels[int(a.argmax())]
+    assert any(h["status"] == "removed" for h in cmp.heads) and any(h["js"] for h in cmp.heads)
+    assert cmp.top1_agreement in (0.0, 1.0) and cmp.output_kl >= 0
+    assert all(layer["lens_kl"] is None for layer in cmp.layers)

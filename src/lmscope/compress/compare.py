@@ -167,12 +167,12 @@ class Comparison:
 def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
     from ..explain.attribution.base import get_method
     from ..explain.faithfulness import spearman
-    from ..explain.targets import Objective, Target, encode_prompt, make_target
+    from ..explain.targets import Objective, encode_prompt, make_target
 
     out = {}
     ids = encode_prompt(lm_a, text)
     obj_a = Objective(lm_a, ids, make_target(lm_a))
-    target = Target(kind="token", token_id=obj_a.target.token_id, token=obj_a.target.token)
+    target = obj_a.target  # A's top prediction (or predicted class), explained in both models
     obj_b = Objective(lm_b, ids, target)
     for name in methods:
         try:
@@ -198,8 +198,16 @@ def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:
 @torch.no_grad()
 def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate: bool = False) -> Comparison:
     """Compare the internals of ``lm_a`` (the original) and ``lm_b`` (a compressed version) on ``text``."""
-    if not lm_a.is_causal or not lm_b.is_causal:
-        raise LmscopeError("compare needs causal language models", "use e.g. --model smollm2")
+    classifiers = lm_a.task == lm_b.task == "classifier"
+    if not (lm_a.is_causal and lm_b.is_causal) and not classifiers:
+        raise LmscopeError(
+            "compare needs two causal language models or two sequence classifiers",
+            "use e.g. --model smollm2 --against small/",
+        )
+    if classifiers and lm_a.labels != lm_b.labels:
+        raise LmscopeError(
+            "the two classifiers have different classes", "compare a classifier with its compressed copy"
+        )
     if lm_a.vocab_size != lm_b.vocab_size or lm_a.d_model != lm_b.d_model:
         raise LmscopeError(
             f"{lm_b.name} is not a compressed version of {lm_a.name} (vocabulary or width differ)",
@@ -240,7 +248,7 @@ def compare(lm_a, lm_b, text: str, methods=DEFAULT_METHODS, k: int = 5, truncate
                 layer_js.append(js)
             heads.append(row)
         lens_kl = None
-        if j is not None:
+        if j is not None and not classifiers:
             la = torch.log_softmax(lens_logits(lm_a, run_a.tensors[f"blocks.{i}.resid_post"][0].float()), -1)
             lb = torch.log_softmax(lens_logits(lm_b, run_b.tensors[f"blocks.{j}.resid_post"][0].float()), -1)
             lens_kl = float(kl_divergence(la, lb).mean())
