@@ -173,11 +173,7 @@ def heads(ctx: JobContext, lm, text: str | None, approx: str | None = None) -> R
         ctx.progress(0.05 + 0.85 * done / total, message)
 
     ctx.progress(0.02, "scoring heads")
-    scores = (
-        analyze_heads(lm, text, progress=progress, approx=approx)
-        if approx
-        else analyze_heads(lm, text, progress=progress)
-    )
+    scores = analyze_heads(lm, text, progress=progress, approx=approx)
     ctx.progress(0.95, "building the views")
     report = heads_report(scores, f"Heads: {lm.name}")
     source = "the text above" if text is not None else "the built-in text"
