@@ -215,3 +215,14 @@ def test_scores_on_head_pruned_model(make_tiny):
     zeroed = token_losses(lm, ids, ablation_interventions(lm, [(layer, 1)])).mean(1)
     assert scores["ablation_zero"][layer, 1] == pytest.approx(float((zeroed - clean).mean()), abs=1e-5)
     assert len(scores.to_json()["heads"]) == sum(per_layer)
+
+
+def test_fast_cross_entropy_equals_the_class_dim_1_layout():
+    """The contiguous-vocabulary cross-entropy (a speed-up) gives the numbers the old layout gave."""
+    from lmscope.explain.heads import next_token_ce
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 5000, generator=gen) * 4
+    target = torch.randint(0, 5000, (3, 7), generator=gen)
+    old = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    assert torch.allclose(next_token_ce(logits, target), old, atol=1e-6, rtol=1e-6)

@@ -22,3 +22,14 @@ def test_dla_job_is_what_lmscope_dla_computes(client, tiny_models, wait_job):
     assert r.status_code == 422 and "encoder" in r.json()["error"]
     r = client.post("/api/jobs", json={**body, "target": " Maryland is"})
     assert r.status_code == 422 and "exactly one token" in r.json()["error"]
+
+
+def test_heads_job_can_estimate_by_attribution_patching(client, wait_job):
+    text = "the cat sat on the mat and the cat sat on the mat again"
+    body = {"kind": "heads", "model": "tiny-llama", "text": text, "scored_on": "text", "approx": "atp"}
+    job = wait_job(client, client.post("/api/jobs", json=body).json()["id"])
+    assert job["status"] == "done", job
+    data = client.get(job["downloads"]["result.json"]).json()
+    assert "APPROXIMATE" in data["metrics"]["atp_mean"] and data["heads"][0]["ablation_mean"] is None
+    r = client.post("/api/jobs", json={**body, "approx": "taylor"})
+    assert r.status_code == 422 and "'approx' must be" in r.json()["error"]

@@ -182,10 +182,19 @@ def _row_losses(lm, hidden: torch.Tensor, ids: torch.Tensor, reference: torch.Te
     chunk = max(1, 4096 // hidden.shape[1])  # keeps the [rows, pos, vocab] logits small
     for start in range(0, hidden.shape[0], chunk):
         logits = _wide(unembed(lm, hidden[start : start + chunk, :-1]))
-        target = ids[start : start + chunk, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        losses.append(ce.mean(dim=1))
+        losses.append(next_token_ce(logits, ids[start : start + chunk, 1:]).mean(dim=1))
     return torch.cat(losses)
+
+
+def next_token_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position: logits [B, T, V], target [B, T] -> [B, T].
+
+    Rows of vocabulary stay contiguous ([B·T, V]); the class-dim-1 layout ([B, V, T]) that
+    ``cross_entropy`` otherwise needs runs ~30× slower on CPU (it was a third of head ablation's time)."""
+    b, t, v = logits.shape
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(b * t, v), target.reshape(b * t), reduction="none"
+    ).view(b, t)
 
 
 def token_losses(lm, input_ids: torch.Tensor, interventions=None) -> torch.Tensor:
@@ -194,7 +203,7 @@ def token_losses(lm, input_ids: torch.Tensor, interventions=None) -> torch.Tenso
     with torch.no_grad(), hooks(lm, (), interventions):
         hidden = base_forward(lm, inputs)
         logits = _wide(unembed(lm, hidden[:, :-1]))
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return next_token_ce(logits, input_ids[:, 1:])
 
 
 def ablation_interventions(lm, heads: Sequence[tuple[int, int]], mean_values: dict | None = None) -> dict:

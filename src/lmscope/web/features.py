@@ -142,7 +142,7 @@ def explain(
     return Result(view=view, report=report, data=result.to_json(), name="explain")
 
 
-def heads(ctx: JobContext, lm, text: str | None) -> Result:
+def heads(ctx: JobContext, lm, text: str | None, approx: str | None = None) -> Result:
     """Importance and characterization of every head (``lmscope heads``), on ``text`` or the built-in text."""
     from ..explain.heads import analyze_heads
     from ..views.heads import heads_report
@@ -154,7 +154,7 @@ def heads(ctx: JobContext, lm, text: str | None) -> Result:
         ctx.progress(0.05 + 0.85 * done / total, message)
 
     ctx.progress(0.02, "scoring heads")
-    scores = analyze_heads(lm, text, progress=progress)
+    scores = analyze_heads(lm, text, progress=progress, approx=approx)
     ctx.progress(0.95, "building the views")
     report = heads_report(scores, f"Heads: {lm.name}")
     source = "the text above" if text is not None else "the built-in text"

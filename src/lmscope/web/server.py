@@ -233,7 +233,11 @@ class App:
                     "'scored_on' must be 'builtin' (the built-in text) or 'text' (the text sent)"
                 )
             text = self.text(data, entry) if scored_on == "text" else None
-            return self.jobs.submit(kind, entry.id, lambda ctx: features.heads(ctx, lm, text))
+            approx = _str_field(data, "approx")
+            if approx not in (None, "", "atp"):
+                raise BadRequest("'approx' must be 'atp' (attribution patching) or left out (exact)")
+            approx = approx or None
+            return self.jobs.submit(kind, entry.id, lambda ctx: features.heads(ctx, lm, text, approx))
         text = self.text(data, entry)
         if kind == "inspect":
             return self.jobs.submit(kind, entry.id, lambda ctx: features.inspect(ctx, lm, text))

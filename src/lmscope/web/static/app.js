@@ -117,7 +117,7 @@
     },
     heads: function () {
       var p = panel("heads");
-      return runJob({ kind: "heads", model: model(), text: text(), scored_on: $("heads-on").value }).then(function (job) {
+      return runJob({ kind: "heads", model: model(), text: text(), scored_on: $("heads-on").value, approx: $("heads-approx").checked ? "atp" : null }).then(function (job) {
         renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job); clickableHeads(p);
       });
     },
