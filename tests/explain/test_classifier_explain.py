@@ -57,3 +57,29 @@ def test_target_label_on_a_language_model_is_refused(make_tiny):
     lm = make_tiny("llama")
     with pytest.raises(LmscopeError, match="sequence classifier"):
         explain(lm, TEXT, methods="saliency", target_label="positive", sanity=False)
+
+
+def test_head_importance_on_the_class_decision(encoder_tokenizer):
+    """Zero-ablation Δloss of each head equals a brute-force run with that head zeroed."""
+    from lmscope.capture.session import hooks
+    from lmscope.explain.heads import head_importance
+
+    lm = LM(tiny_model("bert", head="seq"), encoder_tokenizer, name="clf")
+    ids = lm.encode(["the applicant repaid every loan", "three missed payments"])["input_ids"]
+    scores = head_importance(lm, methods=("zero", "grad"), input_ids=ids)
+    assert scores.meta["objective"].startswith("cross-entropy of the predicted class")
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        logits = lm.output_of(lm.forward(inputs))
+        pred = logits.argmax(-1)
+        clean = torch.nn.functional.cross_entropy(logits, pred)
+
+        def zero(t, name):
+            t = t.clone()
+            t[:, :, 2] = 0
+            return t
+
+        with hooks(lm, [], {"blocks.1.attn.head_out": zero}):
+            ablated = torch.nn.functional.cross_entropy(lm.output_of(lm.forward(inputs)), pred)
+    assert scores.scores["ablation_zero"][1, 2] == pytest.approx(float(ablated - clean), abs=1e-5)
+    assert (scores.scores["grad_importance"] >= 0).all() and scores.scores["grad_importance"].max() > 0

@@ -271,6 +271,12 @@ def head_importance(
         [METHODS[m] for m in methods],
         {"tokens_used": int(ids.numel()), "windows": n_win, "window": seq, "layers_scored": layers},
     )
+    if getattr(lm, "task", "lm") == "classifier":
+        if approx:
+            raise LmscopeError(
+                "--approx atp is for causal LMs", "drop --approx for classifiers (exact ablation)"
+            )
+        return _classifier_importance(lm, result, inputs, layers, methods, progress)
 
     head_names = [f"blocks.{i}.attn.head_out" for i in layers]
     hidden, blocks, acts = record_block_outputs(lm, inputs, head_names if "mean" in methods else ())
@@ -305,6 +311,50 @@ def head_importance(
         }
     if "grad" in methods:
         result.scores["grad_importance"][:] = _grad_importance(lm, ids, layers)
+    return result
+
+
+def _class_loss(lm, inputs, predicted: torch.Tensor, interventions=None, keep_grad=False) -> torch.Tensor:
+    """Cross-entropy of the classifier's logits against the class it predicts on the clean input, per row."""
+    with hooks(lm, (), interventions, keep_grad=keep_grad):
+        logits = _wide(lm.output_of(lm.forward(inputs)))
+    return torch.nn.functional.cross_entropy(logits, predicted, reduction="none")
+
+
+def _classifier_importance(lm, result, inputs, layers, methods, progress) -> HeadScores:
+    """Head importance on a sequence classifier's decision: Δ cross-entropy of the clean predicted class when a
+    head is zeroed or set to its mean, and |∂loss/∂mask| of a mask on each head (Michel et al.)."""
+    with torch.no_grad():
+        predicted = lm.output_of(lm.forward(inputs)).argmax(-1)
+        clean = _class_loss(lm, inputs, predicted)
+    result.meta["clean_loss"] = round(float(clean.mean()), 6)
+    result.meta["objective"] = "cross-entropy of the predicted class (classifier)"
+    acts = {}
+    if "mean" in methods:
+        names = [f"blocks.{i}.attn.head_out" for i in layers]
+        with torch.no_grad(), hooks(lm, names) as s:
+            lm.forward(inputs)
+        acts = {i: s.tensors[f"blocks.{i}.attn.head_out"].float().mean(dim=(0, 1)) for i in layers}
+    for done, layer in enumerate(layers):
+        for mode in [m for m in ("zero", "mean") if m in methods]:
+            for h in range(lm.n_heads_at(layer)):
+                iv = ablation_interventions(lm, [(layer, h)], acts if mode == "mean" else None)
+                with torch.no_grad():
+                    loss = _class_loss(lm, inputs, predicted, iv)
+                result.scores[METHODS[mode]][layer, h] = float((loss - clean).mean())
+        if progress is not None:
+            progress(done + 1, len(layers))
+    if "grad" in methods:
+        gates = {i: torch.ones(lm.n_heads_at(i), requires_grad=True) for i in layers}
+
+        def gate(i):
+            return lambda x, name: x * gates[i].to(x.dtype)[None, None, :, None]
+
+        with torch.enable_grad():
+            loss = _class_loss(lm, inputs, predicted, {f"blocks.{i}.attn.head_out": gate(i) for i in layers})
+            grads = torch.autograd.grad(loss.sum(), [gates[i] for i in layers])
+        for i, g in zip(layers, grads):
+            result.scores["grad_importance"][i, : len(g)] = (g.abs() / len(loss)).numpy()
     return result
 
 
