@@ -171,8 +171,9 @@ def patch(
         )
     if not lm.is_causal:
         raise LmscopeError(
-            f"activation patching needs a causal language model; {lm.name} is an encoder",
-            "use a causal model such as smollm2",
+            f"activation patching needs a causal language model; {lm.name} is a{'n' if lm.task == 'encoder' else ''} "
+            f"{lm.task}",
+            "use a causal model such as smollm2 (for a classifier: lmscope heads and explain --target-label)",
         )
     layers = check_layers(lm, layers)
     target_id = single_token(lm, target, "target")
