@@ -11,7 +11,19 @@ import os
 import sys
 
 # verb modules, in the order --help lists them; a new verb is one module + one name here
-VERBS = ["inspect", "models", "demo", "explain", "patch", "heads", "scan", "compress", "evaluate", "compare", "serve"]
+VERBS = [
+    "inspect",
+    "models",
+    "demo",
+    "explain",
+    "patch",
+    "heads",
+    "scan",
+    "compress",
+    "evaluate",
+    "compare",
+    "serve",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
