@@ -385,3 +385,24 @@ def test_resume_after_a_kill_before_the_first_checkpoint(tiny_llama, tmp_path):
     (other / "notes.txt").write_text("not a scan")
     with pytest.raises(LmscopeError, match="is not empty"):
         scan(tiny_llama, "builtin", other, resume=True, **kwargs)
+
+
+def test_topk_ties_go_to_the_earliest_token_in_any_batching():
+    """Heavy ties (repeated values, zeros, -0.0): top-k equals a lexsort oracle, for any batch split."""
+    from lmscope.scan.stats import TopK, decode
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (300, 16), generator=gen).float() / 2  # few distinct values: ties everywhere
+    x[50:60, 3] = -0.0
+    slots = torch.arange(300) * 7  # any increasing token slots
+    k = 10
+    for split in (300, 64, 13, 1):
+        top = TopK(16, k)
+        for a in range(0, 300, split):
+            top.update_values(x[a : a + split], slots[a : a + split])
+        act, slot = decode(top.keys)
+        for u in range(16):
+            v = x[:, u].numpy() + 0.0
+            order = np.lexsort((slots.numpy(), -v))[:k]
+            assert slot[:, u].tolist() == slots[order].tolist(), (split, u)
+            assert act[:, u].tolist() == v[order].tolist()
