@@ -8,7 +8,7 @@ One run, same windows for every row (the built-in corpus, --seq-len 128, batches
 - in-process vs --ray auto --workers 2 on the same cores (all MLP neurons): wall time, and the
   steady-state rate between the first and last checkpoint (what each worker adds to a cluster).
 
-    .venv/bin/python benchmarks/scan.py --tokens 8192 --rss-tokens 2048
+    .venv/bin/python benchmarks/scan.py --tokens 2048 --rss-tokens 256
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 SITES = "blocks.*.mlp.hidden"
 SEQ = 128
-BATCH = 2048
+BATCH = 1024
 
 
 class Rate:

@@ -363,3 +363,46 @@ def test_datasets_save_to_disk_when_installed(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": ["a b", "c d"]}).save_to_disk(str(tmp_path / "ds"))
     assert list(Corpus(tmp_path / "ds", field="text").documents()) == ["a b", "c d"]
+
+
+def test_resume_after_a_kill_before_the_first_checkpoint(tiny_llama, tmp_path):
+    """A run killed after writing its first windows file but before any checkpoint: --resume starts over."""
+    from lmscope import LmscopeError
+
+    kwargs = dict(sites=["blocks.0.mlp.hidden"], seq_len=32, max_tokens=300, report=False)
+    fresh = scan(tiny_llama, "builtin", tmp_path / "fresh", **kwargs)
+    out = tmp_path / "out"
+    (out / "windows").mkdir(parents=True)
+    (out / "windows" / "shard-00000.safetensors").write_bytes(b"left by a killed run")
+    with pytest.raises(LmscopeError, match="already holds a scan"):
+        scan(tiny_llama, "builtin", out, **kwargs)
+    resumed = scan(tiny_llama, "builtin", out, resume=True, **kwargs)
+    assert resumed.info == fresh.info
+    for name in ("stats.safetensors", "topk.safetensors", "windows/shard-00000.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a scan")
+    with pytest.raises(LmscopeError, match="is not empty"):
+        scan(tiny_llama, "builtin", other, resume=True, **kwargs)
+
+
+def test_topk_ties_go_to_the_earliest_token_in_any_batching():
+    """Heavy ties (repeated values, zeros, -0.0): top-k equals a lexsort oracle, for any batch split."""
+    from lmscope.scan.stats import TopK, decode
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (300, 16), generator=gen).float() / 2  # few distinct values: ties everywhere
+    x[50:60, 3] = -0.0
+    slots = torch.arange(300) * 7  # any increasing token slots
+    k = 10
+    for split in (300, 64, 13, 1):
+        top = TopK(16, k)
+        for a in range(0, 300, split):
+            top.update_values(x[a : a + split], slots[a : a + split])
+        act, slot = decode(top.keys)
+        for u in range(16):
+            v = x[:, u].numpy() + 0.0
+            order = np.lexsort((slots.numpy(), -v))[:k]
+            assert slot[:, u].tolist() == slots[order].tolist(), (split, u)
+            assert act[:, u].tolist() == v[order].tolist()

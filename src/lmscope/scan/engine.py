@@ -31,6 +31,9 @@ from .stats import decode, hist_edges
 from .windows import Window, batches, windows
 
 FORMAT_VERSION = 1
+#: what a scan writes into --out (anything else there: not ours)
+SCAN_FILES = {"windows", "dump", "state.safetensors", "scan.json", "stats.safetensors", "topk.safetensors"}
+SCAN_FILES |= {"heads.json", "report.html"}
 NOT_SCANNABLE = {"attn.pattern": "--heads", "attn.scores": "--heads", "logits": "lmscope inspect"}
 
 
@@ -123,17 +126,21 @@ class _Checkpoint:
         self.meta = {"shards": [], "dump_bytes": 0, "dump_shards": 0, "dump_stopped_at_shard": None}
         self.complete = False
         state_file, scan_file = out / "state.safetensors", out / "scan.json"
-        existing = state_file.exists() or scan_file.exists()
-        if existing and not resume:
+        if out.exists() and not out.is_dir():
+            raise LmscopeError(f"--out '{out}' exists and is not a directory", "choose another --out")
+        entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+        started = any(
+            name in SCAN_FILES for name in entries
+        )  # a run was here (maybe killed before a checkpoint)
+        if started and not resume:
             raise LmscopeError(
                 f"--out '{out}' already holds a scan",
                 "pass --resume to continue it, or choose another --out",
             )
-        if out.exists() and not out.is_dir():
-            raise LmscopeError(f"--out '{out}' exists and is not a directory", "choose another --out")
-        if not existing and out.exists() and any(out.iterdir()):
+        if entries and not started:
             raise LmscopeError(f"--out '{out}' is not empty", "choose a new or empty --out directory")
-        if not existing:
+        existing = state_file.exists() or scan_file.exists()
+        if not existing:  # nothing checkpointed yet: start from the first shard
             return
         saved = json.loads(scan_file.read_text())["identity"] if scan_file.exists() else None
         if state_file.exists():

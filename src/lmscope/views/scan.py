@@ -60,6 +60,8 @@ def scan_report(
     settings = info["settings"]
     browser = {"sites": [], "note": ""}
     wanted: dict[int, int] = {}  # global window -> position in the forward list
+    # shading reruns windows: at most 5% of what the scan ran (and max_windows), so the report stays cheap
+    max_windows = min(max_windows, max(4, info["windows"] // 20))
     plan = []
     for site in result.sites:
         st = result.stats(site)
