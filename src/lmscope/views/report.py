@@ -20,7 +20,10 @@ def _lens(run, k: int = 5):
         return None
     from ..explain.lens import logit_lens
 
-    return logit_lens(run.lm, run, k=k)
+    key = f"_logit_lens_k{k}"  # the report and the PNGs share one computation (a vocabulary-wide matmul per layer)
+    if key not in run.meta:
+        run.meta[key] = logit_lens(run.lm, run, k=k)
+    return run.meta[key]
 
 
 #: next-token predictions listed, in the report and in run.json alike
