@@ -64,11 +64,11 @@ def transcoder_input(lm, out_site: str) -> str:
 
 
 def corpus_windows(lm, corpus, seq_len: int, part: str) -> Iterator:
-    """``part`` = ``train`` (all but every HELD_OUT-th window) or ``eval`` (those)."""
+    """``part`` = ``train`` (all but every HELD_OUT-th window), ``eval`` (those) or ``all``."""
     from ..scan.windows import windows
 
     for w in windows(lm, corpus.documents(), seq_len, None):
-        if (w.index % HELD_OUT == HELD_OUT - 1) == (part == "eval"):
+        if part == "all" or (w.index % HELD_OUT == HELD_OUT - 1) == (part == "eval"):
             yield w
 
 
