@@ -125,3 +125,29 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, tiny_dir, text_corpus, t
         out,
     )
     _fails(capsys, [*explain, "--neurons", "blocks.1.attn.pattern"], "not one per-token site", out)
+
+
+def test_train_and_explain_from_scan_dumps(tiny_llama, text_corpus, tmp_path):
+    """Activations read back from ``lmscope scan --dump`` shards train a dictionary and feed explanations."""
+    from lmscope.features import TrainSettings, train
+    from lmscope.features.pipeline import explain_model
+    from lmscope.scan import Corpus, scan
+
+    site = "blocks.1.resid_post"
+    scan(
+        tiny_llama,
+        Corpus(text_corpus),
+        tmp_path / "scan",
+        sites=[site],
+        seq_len=32,
+        dump=[site],
+        report=False,
+    )
+    sae, log = train(
+        tiny_llama, None, site, TrainSettings(latents=32, k=4, batch_size=64), tokens=1500,
+        scan_dir=tmp_path / "scan",
+    )  # fmt: skip
+    assert log["harvest"]["tokens"] == 1500 and log["steps"] > 0
+    result = explain_model(tiny_llama, sae=sae, scan_dir=tmp_path / "scan", units=list(range(8)))
+    assert result["kind"] == "latents" and result["tokens"] > 0
+    assert all(u["scores"]["detection"] is not None for u in result["units"])
