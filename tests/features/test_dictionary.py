@@ -222,3 +222,13 @@ def test_corrupt_or_missing_dictionary_is_one_line(tmp_path):
     (tmp_path / "d" / "sae_weights.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(LmscopeError, match="corrupt"):
         load(tmp_path / "d")
+
+
+def test_sparse_topk_codes_densify_to_the_dense_encoding():
+    from lmscope.features.pipeline import _densify, _topk_codes
+
+    sae = _random("topk", d_in=16, d_sae=50, k=5)
+    raw = torch.randn(3, 7, 16)
+    chunk = [3, 49, 0, 17, 20]
+    dense = _densify(_topk_codes(sae, raw, rows=5), chunk, raw.shape[:2], 50)
+    assert torch.allclose(dense, sae.encode(raw)[..., chunk].detach(), atol=1e-6)

@@ -160,11 +160,18 @@ def explain_model(
             f"too few tokens to explain ({ids.numel()})", f"pass a corpus of at least {4 * CONTEXT} tokens"
         )
     cids, _ = contexts(ids, raw[..., :1])
+    sparse = _topk_codes(sae, raw) if sae is not None and sae.cfg.k else None
     results = []
     for start in range(0, len(units), CHUNK):
         chunk = units[start : start + CHUNK]
         with torch.no_grad():
-            acts = sae.encode(raw.float())[..., chunk] if sae is not None else raw[..., chunk].float()
+            if sparse is not None:
+                acts = _densify(sparse, chunk, raw.shape[:2], sae.d_sae)
+            elif sae is not None:  # ReLU: each latent depends on its own pre-activation only
+                x = raw.float() - (sae.b_dec if sae.apply_b_dec_to_input else 0)
+                acts = (x @ sae.W_enc[:, chunk] + sae.b_enc[chunk]).relu()
+            else:
+                acts = raw[..., chunk].float()
         acts[:, 0] = 0  # the sink position (first of each window) is left out, for latents and neurons alike
         items = explain_units(ids, acts, lm.tokenizer, chunk, site=site, seed=seed, explainer=explainer)
         _, cacts = contexts(ids, acts)
@@ -196,6 +203,29 @@ def explain_model(
         "summary": summary(results),
         "units": results,
     }
+
+
+def _topk_codes(sae, raw: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k active latents of every token, as (indices [N, k], values [N, k]): never the dense [N, d_sae]."""
+    flat = raw.reshape(-1, raw.shape[-1])
+    index, value = [], []
+    with torch.no_grad():
+        for i in range(0, len(flat), rows):
+            pre = sae.pre_activations(flat[i : i + rows].float())
+            v, j = pre.topk(sae.cfg.k, dim=-1)
+            index.append(j)
+            value.append(v.relu())
+    return torch.cat(index), torch.cat(value)
+
+
+def _densify(codes, chunk: list[int], shape, d_sae: int) -> torch.Tensor:
+    """Activations ``[W, L, len(chunk)]`` of the latents in ``chunk`` from the sparse codes."""
+    index, value = codes
+    column = torch.full((d_sae,), len(chunk), dtype=torch.long)  # latents outside the chunk: a spill column
+    column[torch.tensor(chunk)] = torch.arange(len(chunk))
+    out = torch.zeros(index.shape[0], len(chunk) + 1)
+    out.scatter_add_(1, column[index], value)
+    return out[:, : len(chunk)].reshape(*shape, len(chunk))
 
 
 def _histogram(a: np.ndarray, bins: int = 24) -> dict:
