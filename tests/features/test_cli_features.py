@@ -120,8 +120,14 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, tiny_dir, text_corpus, t
     _fails(capsys, [*explain, "--sae", str(tmp_path / "broken")], "corrupt", out)
     _fails(
         capsys,
-        [*explain, "--sae", str(trained), "--explainer", "http://127.0.0.1:9/v1"],
-        "not available",
+        [*explain, "--sae", str(trained), "--explainer", "local:/nowhere"],
+        "unknown or unavailable",
+        out,
+    )
+    _fails(
+        capsys,
+        [*explain, "--sae", str(trained), "--explainer", "http:http://127.0.0.1:9/v1"],
+        "unreachable",
         out,
     )
     _fails(capsys, [*explain, "--neurons", "blocks.1.attn.pattern"], "not one per-token site", out)

@@ -82,3 +82,48 @@ def test_rules_are_executable_simulators():
         token_class(" The") == "capital" and token_class("42") == "digit" and token_class("\n") == "newline"
     )
     random.seed(0)
+
+
+def test_http_explainer_and_scorer_against_a_local_endpoint():
+    """An OpenAI-compatible server on 127.0.0.1: it explains with a fixed sentence and scores honestly (1 when the
+    quoted previous+current tokens of the explanation occur in the text), so the planted explanation scores
+    high and the random one ≈ 0.5; the raw answer is kept."""
+    import json
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+            if "Explanation:" not in system:
+                answer = "fires on ' w3' right after ' w7'\nbecause it is planted"
+            else:
+                quoted = re.findall(r"'([^']*)'", system.split("Explanation:", 1)[1])
+                answer = "1" if "".join(reversed(quoted[:2])) in user else "0"
+            data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ids, acts = _stream(
+            [(3, 7)] * 6
+        )  # one planted unit, explained six times with different random baselines
+        url = f"http:http://127.0.0.1:{server.server_port}/v1"
+        units = explain_units(ids, acts, WordTokenizer(), list(range(6)), site="s", explainer=url)
+    finally:
+        server.shutdown()
+    u = units[0]
+    assert u["explanation"] == "fires on ' w3' right after ' w7'" and "planted" in u["raw_explanation"]
+    assert u["explainer"] == url
+    assert all(u["scores"]["detection"] >= 0.95 for u in units)
+    assert abs(np.mean([u["random_baseline"]["detection"] for u in units]) - 0.5) <= 0.1

@@ -65,7 +65,11 @@ def add_parser(sub) -> None:
     _add_corpus_args(e)
     e.add_argument("--tokens", type=int, default=32_768, help="tokens of activations to explain from")
     e.add_argument("--units", default=None, help="comma-separated unit numbers (default: all)")
-    e.add_argument("--explainer", default="rules", help="rules (offline, default)")
+    e.add_argument(
+        "--explainer",
+        default="rules",
+        help="rules (offline, default) or http:URL of an OpenAI-compatible server (explains and scores)",
+    )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="output folder (explanations.json, features.html)")
 
@@ -168,14 +172,11 @@ def run_train(args) -> int:
 
 def run_explain(args) -> int:
     from ..features import load
+    from ..features.llm import explainer_from
     from ..features.pipeline import explain_model
     from ..views.features import features_html
 
-    if args.explainer != "rules":
-        raise LmscopeError(
-            f"the explainer '{args.explainer}' is not available in this build",
-            "use --explainer rules (offline; LLM explainers local:DIR / http:URL are not built yet)",
-        )
+    explainer_from(args.explainer)  # an unknown explainer fails before any model loads
     _positive(args.tokens, "--tokens")
     if (args.sae is None) == (args.neurons is None):
         raise LmscopeError("explain needs one of --sae or --neurons", "pass --sae DIR or --neurons SITE")

@@ -361,15 +361,14 @@ def explain_units(
     context: int = CONTEXT,
     explainer: str = "rules",
 ) -> list[dict]:
-    """Explanations of ``units`` from windows ``ids [W, L]`` and their activations ``acts [W, L, len(units)]``.
+    """Explanations of ``units`` (``explainer``: ``rules``, or ``http:URL`` of an OpenAI-compatible server) from windows ``ids [W, L]`` and their activations ``acts [W, L, len(units)]``.
 
     Each item: ``site``, ``unit``, ``explanation``, ``scores``, ``random_baseline``, ``explainer`` and the
     rules, examples (context indices) and threshold behind them. Units with nothing to score are left out.
     """
-    if explainer != "rules":
-        from ..errors import LmscopeError
+    from .llm import explain_unit_llm, explainer_from
 
-        raise LmscopeError(f"unknown explainer '{explainer}'", "use --explainer rules")
+    client = explainer_from(explainer)  # None for rules; refuses what it does not know before any work
     vocab = Vocab(tokenizer)
     cids, cacts = contexts(ids, acts, context)
     cids_np = cids.numpy()
@@ -377,10 +376,13 @@ def explain_units(
     out = []
     for j, unit in enumerate(units):
         a = cacts[..., j].float().numpy()
-        item = explain_unit(cids_np, a, vocab, classes, seed + unit)
+        if client is None:
+            item = explain_unit(cids_np, a, vocab, classes, seed + unit)
+        else:
+            item = explain_unit_llm(client, cids_np, a, vocab, classes, seed + unit)
         if item is None:
             continue
-        out.append({"site": site, "unit": int(unit), **item, "explainer": "rules"})
+        out.append({"site": site, "unit": int(unit), **item, "explainer": explainer})
     return out
 
 
