@@ -136,11 +136,13 @@ def test_transcoder_writes_the_mlp_output(tiny_llama, text_corpus):
         tiny_llama,
         Corpus(text_corpus),
         "blocks.0.mlp.out",
-        TrainSettings(kind="transcoder", latents=64, k=8, batch_size=64, epochs=6, lr=3e-3, dead_tokens=1000),
+        TrainSettings(kind="transcoder", latents=64, batch_size=64, epochs=6, lr=3e-3, l1_coefficient=0.05),
         tokens=3000,
         seq_len=16,
     )
-    assert sae.cfg.site == "blocks.0.resid_mid" and sae.cfg.out_site == "blocks.0.mlp.out"
+    assert (
+        sae.cfg.site == "blocks.0.resid_mid" and sae.cfg.out_site == "blocks.0.mlp.out" and sae.cfg.k is None
+    )
     m = evaluate(tiny_llama, sae, Corpus(text_corpus), tokens=10**6, seq_len=16)
     assert m["fvu"] < 1.0 and "ce_recovered" in m
 
@@ -232,3 +234,30 @@ def test_sparse_topk_codes_densify_to_the_dense_encoding():
     chunk = [3, 49, 0, 17, 20]
     dense = _densify(_topk_codes(sae, raw, rows=5), chunk, raw.shape[:2], 50)
     assert torch.allclose(dense, sae.encode(raw)[..., chunk].detach(), atol=1e-6)
+
+
+def test_saelens_reads_our_transcoder(tmp_path):
+    _saelens()
+    from sae_lens import SAE
+
+    tc = Dictionary(
+        DictionaryConfig(
+            kind="transcoder",
+            d_in=16,
+            d_sae=40,
+            d_out=12,
+            site="blocks.1.resid_mid",
+            out_site="blocks.1.mlp.out",
+        )
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    tc.save(tmp_path / "tc")
+    theirs = SAE.load_from_disk(str(tmp_path / "tc"))
+    x = torch.randn(20, 16)
+    with torch.no_grad():
+        assert torch.allclose(theirs.decode(theirs.encode(x)), tc(x), atol=1e-5)
+    back = load(tmp_path / "tc")
+    assert back.cfg.out_site == "blocks.1.mlp.out" and back.cfg.d_out == 12 and torch.equal(back(x), tc(x))

@@ -43,11 +43,14 @@ def add_parser(sub) -> None:
     _add_corpus_args(t)
     t.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (default: 2,000,000)")
     t.add_argument("--latents", type=int, default=4608, help="dictionary width (default: 4608)")
-    t.add_argument(
-        "--k", type=int, default=64, help="active latents per token, topk and transcoder (default: 64)"
-    )
+    t.add_argument("--k", type=int, default=64, help="active latents per token, topk (default: 64)")
     t.add_argument("--kind", choices=("topk", "relu", "transcoder"), default="topk")
-    t.add_argument("--l1", type=float, default=0.3, help="relu: L1 coefficient (default: 0.3)")
+    t.add_argument(
+        "--l1",
+        type=float,
+        default=0.3,
+        help="relu and transcoder (ReLU, as SAELens's): L1 coefficient (default: 0.3)",
+    )
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: scaled by width)")
     t.add_argument("--batch-size", type=int, default=1024, help="tokens per optimizer step (default: 1024)")
     t.add_argument("--epochs", type=int, default=1, help="passes over each activation buffer (default: 1)")
@@ -129,12 +132,12 @@ def run_train(args) -> int:
     corpus = _corpus(args)
     lm = load_model(args.model)
     check_site(lm, args.site)
-    if args.kind != "relu" and args.k > args.latents:
+    if args.kind == "topk" and args.k > args.latents:
         raise LmscopeError(f"--k {args.k} is larger than --latents {args.latents}", "pass a smaller --k")
     settings = TrainSettings(
         kind=args.kind,
         latents=args.latents,
-        k=args.k if args.kind != "relu" else None,
+        k=args.k if args.kind == "topk" else None,
         l1_coefficient=args.l1,
         lr=args.lr,
         batch_size=args.batch_size,

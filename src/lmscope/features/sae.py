@@ -4,7 +4,8 @@ One module, ``Dictionary``, holds all three kinds with SAELens's tensor names an
 ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``;
 ``encode(x) = act((x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc)`` with ``act`` = ReLU (``standard``),
 ReLU of the k largest (``topk``) — and ``decode(f) = f @ W_dec + b_dec``. A transcoder reads one site and
-writes another (``d_out`` may differ from ``d_in``; SAELens's ``transcoder`` architecture, ReLU).
+writes another (``d_out`` may differ from ``d_in``; SAELens's ``transcoder`` architecture: ReLU, trained with L1,
+and no b_dec subtracted from its input).
 A folder holds ``cfg.json`` (SAELens 6 layout: architecture, d_in, d_sae, k, metadata.hook_name …) and
 ``sae_weights.safetensors``; lmscope's own settings ride in ``metadata`` keys SAELens ignores.
 """
@@ -256,7 +257,7 @@ def load(folder) -> Dictionary:
         d_out=int(state["W_dec"].shape[1]),
         out_site=ours.get("out_site")
         or (site_of_hook(meta["hook_name_out"]) if meta.get("hook_name_out") else None),
-        k=raw.get("k") if kind == "topk" else ours.get("k"),
+        k=raw.get("k") if kind == "topk" else None,
         l1_coefficient=ours.get("l1_coefficient"),
         model_name=meta.get("model_name") or raw.get("model_name") or "",
         context_size=int(meta.get("context_size") or raw.get("context_size") or 128),

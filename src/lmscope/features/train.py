@@ -200,8 +200,9 @@ def train(
         site=in_site,
         d_out=site_width(lm, site),
         out_site=site if in_site != site else None,
-        k=settings.k if settings.kind != "relu" else None,
-        l1_coefficient=settings.l1_coefficient if settings.kind == "relu" else None,
+        # SAELens has no TopK transcoder: a transcoder is ReLU + L1, its ``transcoder`` architecture
+        k=settings.k if settings.kind == "topk" else None,
+        l1_coefficient=settings.l1_coefficient if settings.kind != "topk" else None,
         model_name=lm.name,
         context_size=seq_len,
         extra={"settings": settings.to_json(), "tokens": tokens},
