@@ -98,6 +98,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, tiny_dir, text_corpus, t
     out = tmp_path / "o"
     _fails(capsys, [*_train_args(tiny_dir, text_corpus, out)[:5], "blocks.9.resid_post", *_train_args(tiny_dir, text_corpus, out)[6:]], "not a site", out)  # fmt: skip
     _fails(capsys, _train_args(tiny_dir, text_corpus, out, "--batch-size", "100000"), "too few tokens", out)
+    _fails(capsys, _train_args(tiny_dir, text_corpus, out, "--kind", "relu"), "--k applies to topk", out)
     wide = Dictionary(DictionaryConfig(kind="topk", d_in=32, d_sae=8, site="blocks.1.resid_post", k=2))
     wide.save(tmp_path / "wide")
     explain = [

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     _add_corpus_args(t)
     t.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (default: 2,000,000)")
     t.add_argument("--latents", type=int, default=4608, help="dictionary width (default: 4608)")
-    t.add_argument("--k", type=int, default=64, help="active latents per token, topk (default: 64)")
+    t.add_argument("--k", type=int, default=None, help="active latents per token, topk (default: 64)")
     t.add_argument("--kind", choices=("topk", "relu", "transcoder"), default="topk")
     t.add_argument(
         "--l1",
@@ -126,6 +126,11 @@ def run_train(args) -> int:
     from ..features import TrainSettings, evaluate, train
     from ..features.activations import check_site
 
+    if args.k is not None and args.kind != "topk":
+        raise LmscopeError(
+            f"--k applies to topk dictionaries, not {args.kind}", "drop --k, or tune --l1 instead"
+        )
+    args.k = 64 if args.k is None else args.k
     for flag in ("tokens", "latents", "k", "batch_size", "epochs"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     check_out_dir(args.out)
