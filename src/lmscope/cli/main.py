@@ -20,6 +20,7 @@ VERBS = [
     "heads",
     "dla",
     "scan",
+    "features",
     "compress",
     "evaluate",
     "compare",
