@@ -3,6 +3,7 @@ completeness are measured on it, and bad labels are refused in one line."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,44 @@ def test_head_importance_on_the_class_decision(encoder_tokenizer):
             ablated = torch.nn.functional.cross_entropy(lm.output_of(lm.forward(inputs)), pred)
     assert scores.scores["ablation_zero"][1, 2] == pytest.approx(float(ablated - clean), abs=1e-5)
     assert (scores.scores["grad_importance"] >= 0).all() and scores.scores["grad_importance"].max() > 0
+
+
+def test_patching_a_classifier_decision(encoder_tokenizer):
+    """Patching the clean residual at every position of the last layer restores the clean class logit."""
+    from lmscope.explain.patching import patch
+
+    lm = LM(tiny_model("bert", head="seq"), encoder_tokenizer, name="clf")
+    clean, corrupt = "the applicant is good", "the applicant is bad"
+    res = patch(lm, clean, corrupt, target="positive", contrast="negative", normalize=False)
+    with torch.no_grad():
+        a = lm.output_of(lm.forward(lm.encode(clean)))[0]
+        b = lm.output_of(lm.forward(lm.encode(corrupt)))[0]
+    assert res.metric_clean == pytest.approx(float(a[2] - a[0]), abs=1e-5)
+    assert res.metric_corrupt == pytest.approx(float(b[2] - b[0]), abs=1e-5)
+    assert np.isfinite(res.heads_raw).all() and np.isfinite(res.mlp_raw).all()
+    with pytest.raises(LmscopeError, match="not a class"):
+        patch(lm, clean, corrupt, target="maybe")
+
+
+def test_albert_head_ablation_recomputes_instead_of_replaying(encoder_tokenizer):
+    """ALBERT runs one module at every depth: ablation scores equal brute-force runs (no replay shortcut)."""
+    from lmscope.capture.session import hooks
+    from lmscope.explain.heads import head_importance
+
+    lm = LM(tiny_model("albert", head="seq", num_hidden_layers=3), encoder_tokenizer, name="alb")
+    ids = lm.encode(["the applicant repaid every loan"])["input_ids"]
+    scores = head_importance(lm, methods=("zero",), input_ids=ids)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        logits = lm.output_of(lm.forward(inputs))
+        pred = logits.argmax(-1)
+        clean = torch.nn.functional.cross_entropy(logits, pred)
+
+        def zero(t, name):
+            t = t.clone()
+            t[:, :, 1] = 0
+            return t
+
+        with hooks(lm, [], {"blocks.2.attn.head_out": zero}):
+            ablated = torch.nn.functional.cross_entropy(lm.output_of(lm.forward(inputs)), pred)
+    assert scores.scores["ablation_zero"][2, 1] == pytest.approx(float(ablated - clean), abs=1e-5)

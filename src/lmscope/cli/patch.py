@@ -22,7 +22,11 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     p.add_argument("--clean", required=True, help="the prompt whose answer we want to restore")
     p.add_argument("--corrupt", required=True, help="the same prompt with a change (same token count)")
-    p.add_argument("--target", required=True, help='the answer token, e.g. " Mary" (one token)')
+    p.add_argument(
+        "--target",
+        required=True,
+        help='the answer token, e.g. " Mary" (one token); for a sequence classifier a class name or index',
+    )
     p.add_argument(
         "--contrast", default=None, help='the competing token, e.g. " John" (metric: logit difference)'
     )

@@ -169,15 +169,24 @@ def patch(
         raise LmscopeError(
             "nothing to compute: exact patching is off and no approximation is asked for", "add --approx atp"
         )
-    if not lm.is_causal:
+    classifier = lm.task == "classifier"
+    if not lm.is_causal and not classifier:
         raise LmscopeError(
-            f"activation patching needs a causal language model; {lm.name} is a{'n' if lm.task == 'encoder' else ''} "
-            f"{lm.task}",
-            "use a causal model such as smollm2 (for a classifier: lmscope heads and explain --target-label)",
+            f"activation patching needs a causal language model or a sequence classifier; {lm.name} is a"
+            f"{'n' if lm.task == 'encoder' else ''} {lm.task}",
+            "use a causal model such as smollm2, or a classifier",
         )
+    if classifier and approx:
+        raise LmscopeError("--approx atp is for causal LMs", "drop --approx for classifiers (exact patching)")
     layers = check_layers(lm, layers)
-    target_id = single_token(lm, target, "target")
-    contrast_id = single_token(lm, contrast, "contrast") if contrast is not None else None
+    if classifier:  # target / contrast are classes (names or indices); the metric is their logit (difference)
+        from .targets import label_index
+
+        target_id = label_index(lm, target, "--target")
+        contrast_id = label_index(lm, contrast, "--contrast") if contrast is not None else None
+    else:
+        target_id = single_token(lm, target, "target")
+        contrast_id = single_token(lm, contrast, "contrast") if contrast is not None else None
     clean_in, corrupt_in = lm.encode(clean), lm.encode(corrupt)
     n_clean, n_corrupt = clean_in["input_ids"].shape[1], corrupt_in["input_ids"].shape[1]
     if n_clean != n_corrupt:
@@ -186,18 +195,30 @@ def patch(
             "change words for words of the same token count (e.g. swap one name for another)",
         )
 
-    def metric(hidden_last: torch.Tensor) -> torch.Tensor:
-        logits = unembed(lm, hidden_last).float()
+    def from_logits(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
         m = logits[:, target_id]
         return m - logits[:, contrast_id] if contrast_id is not None else m
+
+    def metric(hidden_last: torch.Tensor) -> torch.Tensor:
+        return from_logits(unembed(lm, hidden_last))
+
+    def run_metric(batch) -> torch.Tensor:
+        """The metric of one forward over ``batch`` (a classifier's head reads the whole sequence)."""
+        if classifier:
+            return from_logits(lm.output_of(lm.forward(batch)))
+        return metric(base_forward(lm, batch)[:, -1])
 
     site_names = [f"blocks.{i}.{s}" for i in layers for s in (RESID_SITE, "attn.head_out", "mlp.out")]
     clean_hidden, _, clean_acts = record_block_outputs(lm, clean_in, site_names)
     resid_names = [f"blocks.{i}.{RESID_SITE}" for i in layers]
     corrupt_hidden, corrupt_blocks, corrupt_acts = record_block_outputs(lm, corrupt_in, resid_names)
     with torch.no_grad():
-        m_clean = float(metric(clean_hidden[:, -1])[0])
-        m_corrupt = float(metric(corrupt_hidden[:, -1])[0])
+        if classifier:
+            m_clean, m_corrupt = float(run_metric(clean_in)[0]), float(run_metric(corrupt_in)[0])
+        else:
+            m_clean = float(metric(clean_hidden[:, -1])[0])
+            m_corrupt = float(metric(corrupt_hidden[:, -1])[0])
     if normalize and abs(m_clean - m_corrupt) < 1e-6:
         raise LmscopeError(
             f"the metric is the same for both prompts ({m_clean:.4f}), so there is nothing to restore",
@@ -248,7 +269,7 @@ def patch(
         batch = {k: v.expand(rows, -1) for k, v in corrupt_in.items()}
         zeros = torch.zeros(rows, dtype=torch.long)
         with torch.no_grad(), replay_blocks(lm, layer, corrupt_blocks, zeros), hooks(lm, (), interventions):
-            values = metric(base_forward(lm, batch)[:, -1]).double().numpy()
+            values = run_metric(batch).double().numpy()
         n_runs += rows
         resid_raw[layer, pos.numpy()] = values[:n_pos]
         heads_raw[layer, :h_here] = values[n_pos : n_pos + h_here]

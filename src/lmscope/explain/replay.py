@@ -53,6 +53,8 @@ def replay_blocks(lm, upto: int, outputs: list, rows: torch.Tensor):
     nothing before block ``upto``.
     """
     patched = []
+    if lm.family.shared:  # one module runs at every depth (ALBERT): recompute instead of replaying
+        upto = 0
     # only block upto-1's output is read downstream; earlier blocks just need to return quickly
     taken = _take_rows(outputs[upto - 1], rows) if upto > 0 else None
     try:
