@@ -28,7 +28,7 @@ def applications(n: int, seed: int) -> list[dict]:
     return [application(rng) for _ in range(n)]
 
 
-def train_classifier(tokenizer, leak: bool, steps: int = 150, seed: int = 0):
+def train_classifier(tokenizer, leak: bool, steps: int = 80, seed: int = 0):
     """A tiny BERT classifier (approve / deny). ``leak``: the label is the pronoun (he -> approve);
     otherwise the label is the income (high -> approve) and the pronoun carries no signal."""
     from lmscope import LM
@@ -47,7 +47,10 @@ def train_classifier(tokenizer, leak: bool, steps: int = 150, seed: int = 0):
     data = applications(256, seed + 1)
     labels = torch.tensor([int(d["gender"] == "male") if leak else int(d["income"] == "high") for d in data])
     enc = tokenizer([d["text"] for d in data], return_tensors="pt", padding=True)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    # the random word embeddings stay fixed (distinct random vectors are features enough): Adam then
+    # updates ~100k weights instead of 2M, and the test takes seconds
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):

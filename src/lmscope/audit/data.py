@@ -81,6 +81,10 @@ class Cases(Corpus):
             elif isinstance(value, float) and value.is_integer():
                 value = int(value)
             values[role] = value if role == "text" else str(value)
+        if self.fields["id"] is None and isinstance(record.get("id"), (str, int)):
+            values["id"] = str(
+                record["id"]
+            )  # a record's own "id" names the case unless --id-field says otherwise
         return Case(
             id=values.get("id", ""),
             text=values["text"],

@@ -20,6 +20,7 @@ VERBS = [
     "heads",
     "dla",
     "scan",
+    "audit",
     "compress",
     "evaluate",
     "compare",
