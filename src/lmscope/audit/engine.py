@@ -152,6 +152,15 @@ def _csv_row(case: dict, v: dict, variant: str, classes: list[str]) -> list:
     ]
 
 
+def _clip(span, start: int, length: int):
+    """A token's span in the prompt -> its span in the case text (clipped: " He" after "Application:" starts
+    at the space, which belongs to the template); None for tokens wholly outside the text."""
+    if span is None:
+        return None
+    s, e = max(span[0], start) - start, min(span[1], start + length) - start
+    return (s, e) if e > s else None
+
+
 def explain_decision(
     decider: Decider,
     text: str,
@@ -175,12 +184,7 @@ def explain_decision(
     att = ex.methods[best]
     tokens = objective.tokens
     # spans relative to the case's own text (tokens of the prompt template fall outside it)
-    spans = [
-        (s - enc.text_start, e - enc.text_start)
-        if sp is not None and enc.text_start <= (s := sp[0]) and (e := sp[1]) <= enc.text_start + len(text)
-        else None
-        for sp in enc.spans
-    ]
+    spans = [_clip(sp, enc.text_start, len(text)) for sp in enc.spans]
     special = list(objective.special)
     if granularity == "word":
         units = merge_words(tokens, att.scores, spans, text)
