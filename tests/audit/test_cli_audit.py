@@ -217,3 +217,45 @@ def test_missing_data_file_and_bad_csv(tmp_path, clf_dir, capsys):
     )
     assert rc == 2 and "line 3 has 3 fields" in _err_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_after_a_kill_gives_the_same_outputs(tmp_path, clf_dir, capsys, monkeypatch):
+    from lmscope.audit import engine
+
+    data = _jsonl(tmp_path / "c.jsonl", ROWS * 2)
+    args = ["audit", "--model", clf_dir, "--data", data, *BASE, "--batch-size", "3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+
+    real = engine._audit_batch
+    calls = []
+
+    def dies_on_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill leaves: two batches checkpointed, no output
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "_audit_batch", dies_on_third_batch)
+    assert main([*args, "--out", str(tmp_path / "part")]) == 130
+    capsys.readouterr()
+    assert not (tmp_path / "part").exists()
+    partial = tmp_path / ".part.audit-partial"
+    assert len((partial / "records.jsonl").read_text().splitlines()) == 6
+    monkeypatch.setattr(engine, "_audit_batch", real)
+    # another data file: refused
+    other = _jsonl(tmp_path / "d.jsonl", ROWS)
+    other_args = [a if a != data else other for a in args]
+    assert main([*other_args, "--out", str(tmp_path / "part"), "--resume"]) == 2
+    assert "cannot resume" in _err_line(capsys)
+    assert partial.exists()  # a refused resume keeps the work done
+    assert main([*args, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    assert not partial.exists()
+    full = json.loads((tmp_path / "full" / "audit.json").read_text())
+    part = json.loads((tmp_path / "part" / "audit.json").read_text())
+    full.pop("seconds"), part.pop("seconds")
+    assert part == full
+    assert (tmp_path / "full" / "cases.csv").read_text() == (tmp_path / "part" / "cases.csv").read_text()
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "no interrupted audit" in _err_line(capsys)

@@ -110,6 +110,25 @@ class Cases(Corpus):
                 f"data file '{self.path}' holds no cases", "pass a file with one case per record"
             )
 
+    def count(self) -> int | None:
+        """How many records the file holds (for the ETA), read cheaply without parsing texts."""
+        if self.kind == "parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                return pq.ParquetFile(self.path).metadata.num_rows
+            except Exception:
+                return None
+        if self.kind == "jsonl":
+            with open(self.path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        try:
+            with open(self.path, encoding="utf-8", newline="") as f:
+                rows = csv.reader(f, delimiter="\t" if self.kind == "tsv" else ",")
+                return max(0, sum(1 for row in rows if any(c.strip() for c in row)) - 1)
+        except (UnicodeDecodeError, csv.Error):
+            return None
+
     def _csv(self, path: str) -> Iterator[Case]:
         delimiter = "\t" if self.kind == "tsv" else ","
         try:

@@ -238,6 +238,8 @@ def audit(
     truncate: bool = False,
     seed: int = 0,
     progress=None,
+    checkpoint=None,
+    resume: bool = False,
 ) -> AuditResult:
     """Audit ``lm``'s decisions on the cases in ``data`` (JSONL, CSV or Parquet).
 
@@ -263,10 +265,30 @@ def audit(
     classes = decider.classes
     pos = _positive_index(decider, positive)
 
-    records: list[dict] = []
+    identity = {
+        "model": lm.name,
+        "data": cases_in.fingerprint(),
+        "fields": cases_in.fields,
+        "decider": {"kind": decider.kind, "classes": classes, "prompt": prompt},
+        "counterfactuals": [
+            s.summary() | {"words": s.words, "rules": [[r.pattern, t] for r, t in s.rules]} for s in swaps
+        ],
+        "explain": explain,
+        "methods": list(resolve_methods(methods)) if explain else [],
+        "granularity": granularity,
+        "sanity": sanity,
+        "seed": seed,
+        "max_cases": max_cases,
+    }
+    ckpt = _Checkpoint(checkpoint, identity, resume) if checkpoint is not None else None
+    records: list[dict] = ckpt.records if ckpt else []
     stream = cases_in.cases()
-    done = 0
-    with _progress.bar(max_cases or 0, "audit", unit="case") as bar:
+    for _ in range(len(records)):  # resumed: these cases are done
+        next(stream)
+    done = resumed = len(records)
+    total = cases_in.count()
+    total = min(total, max_cases) if (total is not None and max_cases) else total or max_cases
+    with _progress.bar(total or 0, "audit", unit="case") as bar:
         while True:
             batch: list[Case] = []
             for case in stream:
@@ -275,11 +297,14 @@ def audit(
                     break
             if not batch:
                 break
-            records += _audit_batch(decider, batch, swaps, explain, methods, granularity, sanity, seed)
+            new = _audit_batch(decider, batch, swaps, explain, methods, granularity, sanity, seed)
+            if ckpt:
+                new = ckpt.add(new)
+            records += new
             done += len(batch)
             bar.update(len(batch))
             if progress:
-                progress(done, time.perf_counter() - t0)
+                progress(done, total, (done - resumed) / max(time.perf_counter() - t0, 1e-9))
             if max_cases and done >= max_cases:
                 break
 
@@ -336,6 +361,61 @@ def audit(
     result.findings = findings(result)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+class _Checkpoint:
+    """Finished cases, one JSON line each, in ``folder/records.jsonl``; ``folder/state.json`` holds what
+    the run was (data fingerprint and settings), so a resume with other data or settings is refused."""
+
+    def __init__(self, folder, identity: dict, resume: bool):
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity))
+        self.records: list[dict] = []
+        state = self.folder / "state.json"
+        if resume and state.is_file():
+            saved = json.loads(state.read_text())
+            if saved != self.identity:
+                differs = sorted(k for k in self.identity if saved.get(k) != self.identity[k])
+                raise LmscopeError(
+                    f"cannot resume: the interrupted audit used another {', '.join(differs)}",
+                    "rerun without --resume, or with the same data and options",
+                )
+            with open(self.folder / "records.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    if not line.endswith("\n"):
+                        break  # a line cut by the kill: that batch is redone
+                    self.records.append(json.loads(line))
+            self._rewrite()
+            return
+        if self.folder.exists():
+            import shutil
+
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        state.write_text(json.dumps(self.identity))
+        (self.folder / "records.jsonl").write_text("")
+
+    def _rewrite(self) -> None:
+        with open(self.folder / "records.jsonl", "w", encoding="utf-8") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+
+    def add(self, records: list[dict]) -> list[dict]:
+        """Append a batch durably; returns the records as a resumed run reads them (JSON round trip), so
+        a resumed and an uninterrupted run compute their metrics from identical values."""
+        import os
+
+        lines = [json.dumps(r) for r in records]
+        with open(self.folder / "records.jsonl", "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        return [json.loads(line) for line in lines]
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _positive_index(decider: Decider, positive) -> int:

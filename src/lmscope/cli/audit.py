@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--truncate", action="store_true", help="cut texts longer than the model's context")
     p.add_argument("--out", required=True, help="output directory: audit.json, cases.csv, report.html")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an audit into --out that was interrupted (killed)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -69,7 +72,6 @@ def _audit_methods():
 
 
 def run(args) -> int:
-    from ..audit import audit
     from ..audit.counterfactuals import load_swaps
     from ..audit.data import Cases
     from ..audit.decider import TEXT_SLOT
@@ -94,11 +96,52 @@ def run(args) -> int:
         raise LmscopeError("--bins must be positive", "e.g. --bins 10")
     lm = load_model(args.model)
 
-    def show(done: int, seconds: float) -> None:
-        if not args.quiet:
-            print(f"\raudit: {done} cases, {done / max(seconds, 1e-9):.2f} cases/s", end="", file=sys.stderr)
+    def show(done: int, total: int | None, rate: float) -> None:
+        if args.quiet:
+            return
+        line = f"\raudit: {done}" + (f"/{total}" if total else "") + f" cases, {rate:.2f} cases/s"
+        if total and rate > 0:
+            line += f", ETA {(total - done) / rate:.0f} s"
+        print(line, end="", file=sys.stderr, flush=True)
 
-    result = audit(
+    checkpoint = partial_dir(args.out)
+    try:
+        result = _run_audit(args, lm, cases, show, checkpoint)
+    except LmscopeError:
+        if not args.resume:  # a bad record: nothing half-written stays (a refused resume keeps its work)
+            import shutil
+
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        raise
+    if not args.quiet:
+        print(file=sys.stderr)
+    result.write(args.out, report=not args.no_report)
+    import shutil
+
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    for f in result.findings:
+        if f["severity"] in ("high", "medium"):
+            print(f"finding ({f['severity']}): {f['text']}", file=sys.stderr)
+    print(show_path(args.out, "audit.json" if args.no_report else "report.html"))
+    return 0
+
+
+def partial_dir(out: str):
+    """Where an unfinished audit into ``out`` keeps its finished cases (a hidden sibling of ``out``)."""
+    from pathlib import Path
+
+    path = Path(out).expanduser().resolve()
+    return path.parent / f".{path.name}.audit-partial"
+
+
+def _run_audit(args, lm, cases, show, checkpoint):
+    from ..audit import audit
+
+    if args.resume and not (checkpoint / "state.json").is_file():
+        raise LmscopeError(
+            f"there is no interrupted audit into '{args.out}' to resume", "rerun without --resume"
+        )
+    return audit(
         lm,
         cases,
         label_field=args.label_field,
@@ -116,12 +159,6 @@ def run(args) -> int:
         bins=args.bins,
         truncate=args.truncate,
         progress=show,
+        checkpoint=checkpoint,
+        resume=args.resume,
     )
-    if not args.quiet:
-        print(file=sys.stderr)
-    result.write(args.out, report=not args.no_report)
-    for f in result.findings:
-        if f["severity"] in ("high", "medium"):
-            print(f"finding ({f['severity']}): {f['text']}", file=sys.stderr)
-    print(show_path(args.out, "audit.json" if args.no_report else "report.html"))
-    return 0
