@@ -2,7 +2,7 @@
 counterfactuals and explanations, against the plain transformers forward on the same texts (the peer: what
 scoring alone costs outside lmscope).
 
-    OMP_NUM_THREADS=2 python benchmarks/audit.py [--cases 16]
+    OMP_NUM_THREADS=2 python benchmarks/audit.py [--cases 16] [--llm-cases 4]
 
 The classifier is minilm's BERT with a fresh 2-class head (the real model size; the head's weights do not
 change the cost). The texts are synthetic loan applications, each with a pronoun and a first name, so every
@@ -82,21 +82,39 @@ def run(lm, data, n, label, prompt=None, choices=None):
     for name, kw in (
         ("decisions", dict(counterfactuals=None, explain=False)),
         ("+ counterfactuals (gender, names)", dict(counterfactuals="builtin:gender,names", explain=False)),
-        ("+ explanations, no randomization check", dict(counterfactuals="builtin:gender,names", sanity=False)),
-        ("+ explanations with randomization check", dict(counterfactuals="builtin:gender,names", sanity=True)),
+        (
+            "+ explanations, no randomization check",
+            dict(counterfactuals="builtin:gender,names", sanity=False),
+        ),
+        (
+            "+ explanations with randomization check",
+            dict(counterfactuals="builtin:gender,names", sanity=True),
+        ),
     ):
         t0 = time.perf_counter()
-        res = audit(lm, data, label_field="label", group_field="group", prompt=prompt, choices=choices, **kw)
+        res = audit(
+            lm,
+            data,
+            label_field="label",
+            group_field="group",
+            prompt=prompt,
+            choices=choices,
+            max_cases=n,
+            **kw,
+        )
         s = time.perf_counter() - t0
         n_cf = sum(len(c["counterfactuals"]) for c in res.cases)
         rows.append((name, n / s, s / peer, n_cf))
-        print(f"  {name:42s} {n / s:8.2f} cases/s   {s / peer:6.1f}x the plain forward   ({n_cf} counterfactuals)")
+        print(
+            f"  {name:42s} {n / s:8.2f} cases/s   {s / peer:6.1f}x the plain forward   ({n_cf} counterfactuals)"
+        )
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=16)
+    ap.add_argument("--llm-cases", type=int, default=4, help="cases for smollm2 (its explanations are slow)")
     ap.add_argument("--skip-smollm2", action="store_true")
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}, cases {args.cases}")
@@ -107,7 +125,7 @@ def main():
         run(
             lm,
             data,
-            args.cases,
+            args.llm_cases,
             "smollm2 as a classifier (prompt + choices ' approve' / ' deny')",
             prompt="Loan application: {text}\nDecision (approve or deny):",
             choices=[" approve", " deny"],

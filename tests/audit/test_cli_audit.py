@@ -259,3 +259,16 @@ def test_resume_after_a_kill_gives_the_same_outputs(tmp_path, clf_dir, capsys, m
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "no interrupted audit" in _err_line(capsys)
+
+
+@pytest.mark.ray
+def test_ray_gives_the_same_audit(tmp_path, clf_dir, capsys):
+    pytest.importorskip("ray")
+    data = _jsonl(tmp_path / "c.jsonl", ROWS * 2)
+    args = ["audit", "--model", clf_dir, "--data", data, *BASE, "--batch-size", "2", "--quiet", "--no-report"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "auto", "--workers", "2"]) == 0
+    local = json.loads((tmp_path / "local" / "audit.json").read_text())
+    on_ray = json.loads((tmp_path / "ray" / "audit.json").read_text())
+    local.pop("seconds"), on_ray.pop("seconds")
+    assert on_ray == local

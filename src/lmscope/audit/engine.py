@@ -240,6 +240,8 @@ def audit(
     progress=None,
     checkpoint=None,
     resume: bool = False,
+    ray: str | None = None,
+    workers: int = 2,
 ) -> AuditResult:
     """Audit ``lm``'s decisions on the cases in ``data`` (JSONL, CSV or Parquet).
 
@@ -288,16 +290,32 @@ def audit(
     done = resumed = len(records)
     total = cases_in.count()
     total = min(total, max_cases) if (total is not None and max_cases) else total or max_cases
-    with _progress.bar(total or 0, "audit", unit="case") as bar:
-        while True:
+
+    def batches():
+        taken = done
+        while not (max_cases and taken >= max_cases):
             batch: list[Case] = []
             for case in stream:
                 batch.append(case)
-                if len(batch) >= batch_size or (max_cases and done + len(batch) >= max_cases):
+                if len(batch) >= batch_size or (max_cases and taken + len(batch) >= max_cases):
                     break
             if not batch:
-                break
-            new = _audit_batch(decider, batch, swaps, explain, methods, granularity, sanity, seed)
+                return
+            taken += len(batch)
+            yield batch
+
+    settings = dict(
+        swaps=swaps, explain=explain, methods=methods, granularity=granularity, sanity=sanity, seed=seed
+    )
+    if ray:
+        from .distributed import run_on_ray
+
+        decider_args = dict(prompt=prompt, choices=choices, batch_size=batch_size, truncate=truncate)
+        results = run_on_ray(lm, batches(), decider_args, settings, ray, workers)
+    else:
+        results = ((b, _audit_batch(decider, b, **settings)) for b in batches())
+    with _progress.bar(total or 0, "audit", unit="case") as bar:
+        for batch, new in results:
             if ckpt:
                 new = ckpt.add(new)
             records += new
@@ -305,8 +323,6 @@ def audit(
             bar.update(len(batch))
             if progress:
                 progress(done, total, (done - resumed) / max(time.perf_counter() - t0, 1e-9))
-            if max_cases and done >= max_cases:
-                break
 
     labelled = label_field is not None
     y_pred = [r["prediction"] for r in records]
@@ -431,7 +447,7 @@ def _counts(values) -> dict:
     return dict(sorted(out.items()))
 
 
-def _audit_batch(decider, batch, swaps, explain, methods, granularity, sanity, seed) -> list[dict]:
+def _audit_batch(decider, batch, swaps, explain, methods, granularity, sanity, seed=0) -> list[dict]:
     classes = decider.classes
     labels = [
         decider.classes[decider.class_index(c.label, c.where)] if c.label is not None else None for c in batch

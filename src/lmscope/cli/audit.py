@@ -60,6 +60,13 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory: audit.json, cases.csv, report.html")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="audit batches on Ray: 'auto' starts a local runtime, an address joins a cluster (lmscope[scale])",
+    )
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, each holding the model (default: 2)")
+    p.add_argument(
         "--resume", action="store_true", help="continue an audit into --out that was interrupted (killed)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -94,6 +101,10 @@ def run(args) -> int:
         raise LmscopeError("two --choices are the same", "pass different answers")
     if args.bins < 1:
         raise LmscopeError("--bins must be positive", "e.g. --bins 10")
+    if args.ray:
+        from ..scan.distributed import require_ray
+
+        require_ray()
     lm = load_model(args.model)
 
     def show(done: int, total: int | None, rate: float) -> None:
@@ -161,4 +172,6 @@ def _run_audit(args, lm, cases, show, checkpoint):
         progress=show,
         checkpoint=checkpoint,
         resume=args.resume,
+        ray=args.ray,
+        workers=args.workers,
     )
