@@ -76,6 +76,18 @@ def peer_seconds(lm: LM, texts: list[str], prompt=None, choices=None, batch: int
 
 def run(lm, data, n, label, prompt=None, choices=None):
     texts = [json.loads(line)["text"] for line in open(data)][:n]
+    peer_seconds(lm, texts[:2], prompt, choices)  # warm-up (first-call allocations)
+    # warm-up: imports fairlearn / scikit-learn and pandas once, as any long-running audit pays once
+    audit(
+        lm,
+        data,
+        label_field="label",
+        group_field="group",
+        prompt=prompt,
+        choices=choices,
+        max_cases=2,
+        explain=False,
+    )
     peer = peer_seconds(lm, texts, prompt, choices)
     print(f"\n{label}: {n} cases; plain transformers forward {n / peer:.2f} cases/s")
     rows = []

@@ -22,6 +22,7 @@ __all__ = ["LM", "Run", "LmscopeError", "load", "__version__"]
 #: so ``import lmscope`` stays fast
 _LAZY = ("capture", "compress", "data", "explain", "models", "views")
 
+
 def __getattr__(name: str):
     if name in ("LM", "Run"):  # torch comes with them: imported on first use, so `import lmscope` (and the
         from . import lm  # CLI's start, where Ctrl-C must give one line) stays light

@@ -53,14 +53,11 @@ def token_units(tokens: list[str], scores: list[float], spans: list) -> list[dic
 def mass_on(
     scores: list[float], spans: list, targets: list[tuple[int, int]], special: list[bool]
 ) -> float | None:
-    """Share of the absolute attribution (over non-special tokens) on tokens overlapping ``targets``."""
-    total = sum(abs(s) for s, sp in zip(scores, special) if not sp)
+    """Share of the absolute attribution on the case's text (tokens with a span, special tokens and a prompt
+    template's tokens left out) that sits on tokens overlapping ``targets``."""
+    inside = [(abs(s), span) for s, span, sp in zip(scores, spans, special) if span is not None and not sp]
+    total = sum(a for a, _ in inside)
     if total == 0:
         return None
-    on = 0.0
-    for s, span, sp in zip(scores, spans, special):
-        if sp or span is None:
-            continue
-        if any(span[0] < e and s0 < span[1] for s0, e in targets):
-            on += abs(s)
+    on = sum(a for a, span in inside if any(span[0] < e and s0 < span[1] for s0, e in targets))
     return on / total

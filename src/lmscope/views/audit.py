@@ -121,7 +121,8 @@ def audit_report(result, drill: int = 12):
             "Counterfactual invariance (CheckList INV)",
             "each swap list changes only a protected attribute; the decision should not change. Shift: change of "
             "the probability of the original decision. Attribution on swapped words: share of the absolute "
-            "attribution on the swapped words (original text / counterfactual text)",
+            "attribution over the case text (not the prompt template or special tokens) that sits on the swapped "
+            "words, in the original and in the counterfactual",
         )
         rows = []
         for inv in result.invariance:

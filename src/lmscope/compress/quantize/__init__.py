@@ -139,7 +139,9 @@ class QuantizeHandler:
             n_in, n_out = C.io_features(lin)
             set_module(model, name, C.empty_module(meta["kind"], n_in, n_out, lin.bias is not None, meta))
         for name, meta in (info.get("experts") or {}).items():
-            set_module(model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0])
+            set_module(
+                model, name, quantize_experts(model.get_submodule(name), meta["params"], empty=True)[0]
+            )
         if info.get("embedding"):
             C.rebuild_embeddings(model, info["embedding"])
 
