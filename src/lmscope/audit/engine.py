@@ -228,7 +228,7 @@ def audit(
     counterfactuals=None,
     positive: str | None = None,
     explain: bool = True,
-    methods=AUDIT_METHODS,
+    methods=None,
     granularity: str = "word",
     sanity: bool = True,
     max_cases: int | None = None,
@@ -251,6 +251,7 @@ def audit(
     counterfactual's) with ``methods``, picking the most faithful unflagged one per case.
     """
     t0 = time.perf_counter()
+    methods = AUDIT_METHODS if methods is None else methods
     if granularity not in GRANULARITIES:
         raise LmscopeError(f"unknown --granularity '{granularity}'", "use word or token")
     if max_cases is not None and max_cases < 1:

@@ -47,8 +47,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--methods",
-        default=",".join(_audit_methods()),
-        help="attribution methods tried per case; the most faithful unflagged one is kept",
+        default=None,
+        help="attribution methods tried per case, the most faithful unflagged one kept "
+        "(default: saliency,input_x_gradient,occlusion)",
     )
     p.add_argument("--no-explain", action="store_true", help="skip explanations (decisions and metrics only)")
     p.add_argument("--no-sanity", action="store_true", help="skip the model-randomization check per case")
@@ -70,12 +71,6 @@ def add_parser(sub) -> None:
         "--resume", action="store_true", help="continue an audit into --out that was interrupted (killed)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
-
-
-def _audit_methods():
-    from ..audit.engine import AUDIT_METHODS
-
-    return AUDIT_METHODS
 
 
 def run(args) -> int:
