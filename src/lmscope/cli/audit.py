@@ -43,7 +43,10 @@ def add_parser(sub) -> None:
         help="builtin:gender,names and/or JSON swap files (pairs, or regex rules)",
     )
     p.add_argument(
-        "--positive", default=None, help="the class whose rate is the selection rate (default: see --help)"
+        "--positive",
+        default=None,
+        help="the class whose rate is the selection rate (default: the second class of a two-class classifier, "
+        "else the first class or choice)",
     )
     p.add_argument(
         "--methods",
