@@ -69,6 +69,12 @@ def test_word_merging_keeps_the_total(which, encoder_tokenizer, causal_tokenizer
     assert "Unbelievably" in words and "John" in words and "500" in words
     for u in units:  # a word's score is the sum of exactly its tokens' scores
         assert u["score"] == pytest.approx(sum(scores[i] for i in u["tokens"]), abs=1e-12)
+        if u["span"]:  # and it shows every character of its tokens
+            assert u["text"] == text[u["span"][0] : u["span"][1]]
+            for i in u["tokens"]:
+                assert u["span"][0] <= spans[i][1] and spans[i][1] <= u["span"][1]
+    shown = "".join(u["text"] for u in units if u["span"])
+    assert shown.replace(" ", "") == text.replace(" ", "")  # nothing of the text is lost
     # mass on "John": the tokens of that word over all non-special tokens
     start = text.index("John")
     is_special = [s is None and i in special for s, i in zip(spans, ids)]

@@ -13,7 +13,8 @@ WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def merge_words(tokens: list[str], scores: list[float], spans: list, text: str) -> list[dict]:
-    """Units in order: {"text", "score", "tokens": [token indices], "span": [start, end] or None}."""
+    """Units in order: {"text", "score", "tokens": [token indices], "span": [start, end] or None}. A
+    word's span grows to cover its tokens' characters (a token "'s" counted under "'" shows as "'s")."""
     words = [(m.start(), m.end()) for m in WORD.finditer(text)]
     units: list[dict] = []
     by_word: dict[int, dict] = {}
@@ -33,11 +34,13 @@ def merge_words(tokens: list[str], scores: list[float], spans: list, text: str) 
                 unit = by_word[w]
                 unit["score"] += float(score)
                 unit["tokens"].append(i)
-                continue
-            unit = {"text": text[words[w][0] : words[w][1]], "score": float(score), "tokens": [i]}
-            unit["span"] = [words[w][0], words[w][1]]
-            by_word[w] = unit
-            units.append(unit)
+            else:
+                unit = {"score": float(score), "tokens": [i], "span": [words[w][0], words[w][1]]}
+                by_word[w] = unit
+                units.append(unit)
+            # a token running past its word ("'s" after "'") widens the unit: no character goes unshown
+            unit["span"][1] = max(unit["span"][1], end)
+            unit["text"] = text[unit["span"][0] : unit["span"][1]]
         else:  # a whitespace-only token: a unit of its own
             units.append({"text": tokens[i], "score": float(score), "tokens": [i], "span": [start, end]})
     return units
