@@ -205,7 +205,7 @@ def _drilldown(rep, result, n: int) -> None:
     sec = rep.section(
         "Case drill-down",
         "the original and each counterfactual, words shaded by the attribution of the decision margin "
-        "(red: towards the original decision) from the most faithful unflagged method for that case; swapped "
+        "(blue: towards the original decision, red: against it; the counterfactual is explained on the same margin) from the most faithful unflagged method for that case; swapped "
         "words in [brackets]; grey: tokens outside the case text (special tokens, the prompt template)",
     )
     for c in cases:
