@@ -272,3 +272,26 @@ def test_ray_gives_the_same_audit(tmp_path, clf_dir, capsys):
     on_ray = json.loads((tmp_path / "ray" / "audit.json").read_text())
     local.pop("seconds"), on_ray.pop("seconds")
     assert on_ray == local
+
+
+def test_three_class_classifier_tsv_and_id_field(tmp_path, encoder_tokenizer, capsys):
+    from lmscope import LM
+    from lmscope.audit import audit
+    from lmscope.testing import tiny_model
+
+    lm = LM(tiny_model("bert", head="seq"), encoder_tokenizer, name="clf3")  # negative / neutral / positive
+    path = tmp_path / "c.tsv"
+    path.write_text(
+        "key\tbody\tgold\nx1\tShe liked it, she said\tpositive\nx2\tHe hated it\t0\nx3\tok\tneutral\n"
+    )
+    res = audit(
+        lm, path, text_field="body", label_field="gold", id_field="key", counterfactuals="builtin:gender"
+    )
+    assert [c["id"] for c in res.cases] == ["x1", "x2", "x3"]
+    assert [c["label"] for c in res.cases] == ["positive", "negative", "neutral"]  # an index names its class
+    assert res.decider["positive"] == "negative"  # more than two classes: the first one, unless --positive
+    for c in res.cases:
+        assert sum(c["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert c["prediction"] == max(c["probabilities"], key=c["probabilities"].get)
+    assert [len(c["counterfactuals"]) for c in res.cases] == [1, 1, 0]
+    assert res.invariance[0]["n_cases"] == 2
