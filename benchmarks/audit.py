@@ -2,7 +2,7 @@
 counterfactuals and explanations, against the plain transformers forward on the same texts (the peer: what
 scoring alone costs outside lmscope).
 
-    OMP_NUM_THREADS=2 python benchmarks/audit.py [--cases 16] [--llm-cases 4]
+    OMP_NUM_THREADS=2 python benchmarks/audit.py [--cases 16] [--explain-cases 2] [--sanity]
 
 The classifier is minilm's BERT with a fresh 2-class head (the real model size; the head's weights do not
 change the cost). The texts are synthetic loan applications, each with a pronoun and a first name, so every
@@ -74,7 +74,7 @@ def peer_seconds(lm: LM, texts: list[str], prompt=None, choices=None, batch: int
     return time.perf_counter() - t0
 
 
-def run(lm, data, n, label, prompt=None, choices=None):
+def run(lm, data, n, n_explain, label, prompt=None, choices=None, sanity=False):
     texts = [json.loads(line)["text"] for line in open(data)][:n]
     peer_seconds(lm, texts[:2], prompt, choices)  # warm-up (first-call allocations)
     # warm-up: imports fairlearn / scikit-learn and pandas once, as any long-running audit pays once
@@ -89,20 +89,22 @@ def run(lm, data, n, label, prompt=None, choices=None):
         explain=False,
     )
     peer = peer_seconds(lm, texts, prompt, choices)
-    print(f"\n{label}: {n} cases; plain transformers forward {n / peer:.2f} cases/s")
-    rows = []
-    for name, kw in (
-        ("decisions", dict(counterfactuals=None, explain=False)),
-        ("+ counterfactuals (gender, names)", dict(counterfactuals="builtin:gender,names", explain=False)),
+    print(f"\n{label}: plain transformers forward {n / peer:.2f} cases/s ({n} cases)")
+    variants = [
+        ("decisions", n, dict(counterfactuals=None, explain=False)),
+        ("+ counterfactuals (gender, names)", n, dict(counterfactuals="builtin:gender,names", explain=False)),
         (
-            "+ explanations, no randomization check",
+            "+ explanations (3 methods, faithfulness)",
+            n_explain,
             dict(counterfactuals="builtin:gender,names", sanity=False),
         ),
-        (
-            "+ explanations with randomization check",
-            dict(counterfactuals="builtin:gender,names", sanity=True),
-        ),
-    ):
+    ]
+    if sanity:
+        variants.append(
+            ("+ randomization check", n_explain, dict(counterfactuals="builtin:gender,names", sanity=True))
+        )
+    rows = []
+    for name, m, kw in variants:
         t0 = time.perf_counter()
         res = audit(
             lm,
@@ -111,14 +113,15 @@ def run(lm, data, n, label, prompt=None, choices=None):
             group_field="group",
             prompt=prompt,
             choices=choices,
-            max_cases=n,
+            max_cases=m,
             **kw,
         )
         s = time.perf_counter() - t0
         n_cf = sum(len(c["counterfactuals"]) for c in res.cases)
-        rows.append((name, n / s, s / peer, n_cf))
+        ratio = (s / m) / (peer / n)
+        rows.append((name, m / s, ratio, n_cf))
         print(
-            f"  {name:42s} {n / s:8.2f} cases/s   {s / peer:6.1f}x the plain forward   ({n_cf} counterfactuals)"
+            f"  {name:42s} {m / s:8.3f} cases/s   {ratio:7.1f}x the plain forward per case   ({m} cases, {n_cf} counterfactuals)"
         )
     return rows
 
@@ -126,21 +129,26 @@ def run(lm, data, n, label, prompt=None, choices=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=16)
-    ap.add_argument("--llm-cases", type=int, default=4, help="cases for smollm2 (its explanations are slow)")
+    ap.add_argument(
+        "--explain-cases", type=int, default=2, help="cases for the runs with explanations (slow)"
+    )
+    ap.add_argument("--sanity", action="store_true", help="also time the model-randomization check")
     ap.add_argument("--skip-smollm2", action="store_true")
     args = ap.parse_args()
     print(f"torch threads {torch.get_num_threads()}, cases {args.cases}")
     data = cases_file(args.cases)
-    run(minilm_classifier(), data, args.cases, "minilm classifier")
+    run(minilm_classifier(), data, args.cases, args.explain_cases, "minilm classifier", sanity=args.sanity)
     if not args.skip_smollm2:
         lm = lmscope.load("smollm2", progress=False)
         run(
             lm,
             data,
-            args.llm_cases,
+            args.cases,
+            args.explain_cases,
             "smollm2 as a classifier (prompt + choices ' approve' / ' deny')",
             prompt="Loan application: {text}\nDecision (approve or deny):",
             choices=[" approve", " deny"],
+            sanity=args.sanity,
         )
 
 
