@@ -21,6 +21,7 @@ VERBS = [
     "dla",
     "scan",
     "features",
+    "audit",
     "compress",
     "evaluate",
     "compare",
