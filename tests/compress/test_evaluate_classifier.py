@@ -56,3 +56,39 @@ def test_compare_classifier_before_and_after(encoder_tokenizer):
     assert any(h["status"] == "removed" for h in cmp.heads) and any(h["js"] for h in cmp.heads)
     assert cmp.top1_agreement in (0.0, 1.0) and cmp.output_kl >= 0
     assert all(layer["lens_kl"] is None for layer in cmp.layers)
+
+
+def test_evaluate_cli_with_a_labelled_file(tmp_path, encoder_tokenizer, capsys):
+    import json
+
+    from lmscope.cli.main import main
+
+    d = tmp_path / "clf"
+    tiny_model("distilbert", head="seq").save_pretrained(d)
+    encoder_tokenizer.save_pretrained(d)
+    data = tmp_path / "cases.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in CASES))
+    out = tmp_path / "ev"
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(d),
+            "--model",
+            str(d),
+            "--labels",
+            str(data),
+            "--no-latency",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    ev = json.loads((out / "evaluate.json").read_text())
+    assert ev["settings"]["labelled_cases"] == len(CASES)
+    assert ev["models"][1]["top1_agreement"] == 1.0 and 0 <= ev["models"][0]["accuracy"] <= 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x"}) + "\n")
+    assert main(["evaluate", "--model", str(d), "--labels", str(bad), "--no-latency", "--quiet"]) == 2
+    assert "no field 'label'" in capsys.readouterr().err

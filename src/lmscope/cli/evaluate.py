@@ -23,6 +23,13 @@ def add_parser(sub) -> None:
         "--decode-tokens", type=int, default=32, help="tokens generated for decode speed (default 32)"
     )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default: 3)")
+    p.add_argument(
+        "--labels",
+        help="sequence classifiers: a labelled file (JSONL, CSV, Parquet) to measure accuracy and label "
+        "agreement on (fields: --text-field, --label-field)",
+    )
+    p.add_argument("--text-field", default="text", help="with --labels: the text field (default: text)")
+    p.add_argument("--label-field", default="label", help="with --labels: the label field (default: label)")
     p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
 
@@ -42,7 +49,19 @@ def run(args) -> int:
     from .. import progress
     from ..compress.evaluate import evaluate
 
+    labels = None
+    if args.labels:
+        from ..audit.data import Cases
+
+        labels = [(c.text, c.label) for c in Cases(args.labels, args.text_field, args.label_field).cases()]
+        if not labels:
+            raise LmscopeError(f"'{args.labels}' holds no cases", "pass a file with labelled texts")
     models = [load_model(spec) for spec in (args.model or ["smollm2"])]
+    if labels and not all(lm.task == "classifier" for lm in models):
+        raise LmscopeError(
+            "--labels is for sequence classifiers (a causal LM is measured by perplexity)",
+            "drop --labels, or pass classifiers with --model",
+        )
     with progress.enabled(not args.quiet):
         result = evaluate(
             models,
@@ -52,6 +71,7 @@ def run(args) -> int:
             latency=not args.no_latency,
             decode_tokens=args.decode_tokens,
             repeats=args.repeats,
+            labels=labels,
         )
     print(result.to_text())
     if args.out:
