@@ -21,6 +21,7 @@ VERBS = [
     "dla",
     "scan",
     "compress",
+    "search",
     "evaluate",
     "compare",
     "serve",
