@@ -12,6 +12,7 @@ import torch
 import lmscope
 from lmscope.cli.main import main
 from lmscope.compress import compress
+from lmscope.compress.recipe import Quantize, Recipe
 from lmscope.compress.search import QuantSpace, bits_per_weight, search
 from lmscope.compress.search.fitness import KLFitness
 from lmscope.compress.search.levels import LevelDatabase
@@ -46,7 +47,13 @@ def _logits(lm, text="a short text to compare the two models on"):
 def test_budget_is_exact_and_respected(make_tiny):
     lm = make_tiny("llama")
     frac = _fraction_between(lm, "int4-g64", "int8", 0.4)
-    res = search(lm, f"bytes={frac}", max_evals=30, seed=1, **FAST)
+    rtn = Recipe((Quantize("int4", group_size=64),))
+    res = search(lm, f"bytes={frac}", max_evals=30, seed=1, baselines={"rtn": rtn}, **FAST)
+    # a baseline compressed by ``compress`` scores exactly as the same uniform point assembled from the database
+    base = next(p for p in res.points if p["label"] == "rtn")
+    uniform = next(p for p in res.points if p["label"] == "int4-g64")
+    assert base["bytes"] == uniform["bytes"] and base["ppl"] == pytest.approx(uniform["ppl"], rel=1e-9)
+    assert base["kl"] == pytest.approx(uniform["kl"], rel=1e-9, abs=1e-12)
     assert res.chosen is not None and res.chosen_point["bytes"] <= res.budget_bytes
     # every configuration the evolution proposed is within the budget (uniform baselines may not be)
     assert all(p["within_budget"] for p in res.points if p["origin"] in ("search", "seed"))

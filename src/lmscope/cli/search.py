@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
         "--heldout-tokens", type=int, default=1024, help="held-out tokens for perplexity (default 1024)"
     )
     p.add_argument("--offspring", type=int, default=8, help="children per generation (default 8)")
+    p.add_argument(
+        "--baseline-gptq", action="store_true", help="also run uniform GPTQ int4 g64 as a baseline (slow)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
@@ -52,6 +55,12 @@ def parse_duration(text: str | None) -> float | None:
     if not m or float(m.group(1)) <= 0:
         raise LmscopeError(f"--time-limit '{text}' is not a duration", "e.g. --time-limit 30m (s, m or h)")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _baselines(args) -> dict:
+    from ..compress.recipe import Quantize, Recipe
+
+    return {"gptq4-g64": Recipe((Quantize("gptq4", group_size=64),))} if args.baseline_gptq else {}
 
 
 def run(args) -> int:
@@ -109,6 +118,7 @@ def run(args) -> int:
             store=store,
             resume=args.resume,
             before_store=make_store_dir,
+            baselines=_baselines(args),
         )
     result.write(args.out)
     print(result.to_text())

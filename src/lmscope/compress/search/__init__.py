@@ -154,6 +154,7 @@ def search(
     max_cache_bytes: int = 2 << 30,
     on_eval=None,
     before_store=None,
+    baselines: dict | None = None,
 ) -> SearchResult:
     """Search per-unit precision levels for ``lm`` under ``budget`` (e.g. ``"bytes=0.16"``: bytes of the
     state dict as a fraction of the fp32 model). ``store``: an SQLite file for the optuna storage (``--resume``
@@ -268,6 +269,29 @@ def search(
     for i in dict.fromkeys(confirm):
         config = tuple(points[i]["config"][u.name] for u in qspace.units)
         points[i]["ppl"] = perplexity(db.assemble(config), heldout)
+    for label, recipe in (baselines or {}).items():  # peers' uniform settings (GPTQ), scored the same way
+        from ..apply import compress
+
+        done = compress(lm, recipe, calibration_text=calibration_text)
+        kl, _ = fitness.kl(done.lm, last)
+        points.append(
+            {
+                "config": {},
+                "describe": done.recipe.describe(),
+                "bytes": done.bytes_after,
+                "bytes_fraction": round(done.bytes_after / reference_bytes, 6),
+                "params": done.params_after,
+                "kl": kl,
+                "kl_tokens": fitness.stage_tokens[last],
+                "stage": last,
+                "final_stage": False,  # not a point of this space: drawn as a baseline, never on the front
+                "within_budget": done.bytes_after <= budget_bytes,
+                "origin": "baseline",
+                "baseline": True,
+                "label": label,
+                "ppl": perplexity(done.lm, heldout),
+            }
+        )
     return SearchResult(
         model=lm.name,
         budget=budget,
