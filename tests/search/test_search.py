@@ -241,3 +241,47 @@ def test_cli_search_then_compress_reproduces(tiny_dir, tmp_path, capsys):
     got = _logits(lmscope.load(str(small), progress=False))
     assert torch.equal(got, expected)
     assert np.isfinite(chosen["ppl"])
+
+
+def test_cli_resume_after_sigkill_gives_the_same_front(tiny_dir, tmp_path, capsys):
+    """A real kill: the search runs in a subprocess, is SIGKILLed once a few trials are in search.db, then
+    ``--resume`` finishes it; pareto.json equals that of an uninterrupted run with the same options."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    lm = lmscope.load(str(tiny_dir), progress=False)
+    frac = _fraction_between(lm, "int4-g64", "int8", 0.5)
+    opts = ["--budget", f"bytes={frac:.4f}", "--max-evals", "18", "--calibration-tokens", "32", "--quiet"]
+    opts += ["--heldout-tokens", "32", "--seed", "2", "--model", str(tiny_dir)]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmscope.cli.main", "search", *opts, "--out", str(cut)], env=env
+    )
+    db, deadline, killed = cut / "search.db", time.monotonic() + 300, False
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(db) as con:
+                n = con.execute("select count(*) from trials").fetchone()[0]
+        except sqlite3.Error:
+            n = 0
+        if n >= 4:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed, "the search ended before it could be killed"
+    assert not (cut / "pareto.json").exists()  # killed before the end: no half-written output
+    assert main(["search", *opts, "--out", str(cut), "--resume"]) == 0
+    assert main(["search", *opts, "--out", str(whole)]) == 0
+    a = json.loads((cut / "pareto.json").read_text())
+    b = json.loads((whole / "pareto.json").read_text())
+    assert [(p["config"], p["kl"], p["stage"]) for p in a["points"]] == [
+        (p["config"], p["kl"], p["stage"]) for p in b["points"]
+    ]
+    assert a["chosen"] == b["chosen"]
