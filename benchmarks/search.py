@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--granularity", default="kind")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-gptq", action="store_true")
+    ap.add_argument(
+        "--simulate", action="store_true", help="fake-quantized fp32 candidates during the search"
+    )
     ap.add_argument("--out", default=None, help="also write pareto.json / recipe.json / report.html here")
     args = ap.parse_args()
 
@@ -61,6 +64,7 @@ def main() -> None:
         time_limit=args.time_limit,
         seed=args.seed,
         baselines=baselines,
+        simulate=args.simulate,
         on_eval=lambda n: n % 10 or print(f"  {n} evaluations, {time.perf_counter() - t:.0f} s", flush=True),
     )
     wall = time.perf_counter() - t
@@ -92,6 +96,23 @@ def main() -> None:
                 f"{rtn['ppl'] / ref - 1:+.1%}; KL {chosen['kl'] / rtn['kl']:.2f}x of RTN's; "
                 f"goal Δppl <= +6%: {'met' if chosen['ppl'] / ref - 1 <= 0.06 else 'MISSED'}"
             )
+    if args.simulate and chosen is not None:  # the headline again with the real compressed modules
+        from lmscope.compress.evaluate import evaluation_text
+        from lmscope.compress.search.fitness import heldout_windows, perplexity
+
+        held = heldout_windows(lm, evaluation_text()[0], args.heldout_tokens)
+        for name, recipe in (
+            ("uniform int4-g64", Recipe((Quantize("int4", group_size=64),))),
+            ("searched", res.recipe()),
+        ):
+            real = compress(lm, recipe)
+            ppl = perplexity(real.lm, held)
+            print(
+                f"real kernels, {name}: {real.bytes_after / ref_bytes:.6f} of fp32, held-out ppl {ppl:.3f} "
+                f"({ppl / ref - 1:+.1%})",
+                flush=True,
+            )
+            del real
     s = res.stats
     print(
         f"cost: {s['evaluations']} evaluations ({s['generations']} generations, {s['accepted']} accepted) in "

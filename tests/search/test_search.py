@@ -285,3 +285,17 @@ def test_cli_resume_after_sigkill_gives_the_same_front(tiny_dir, tmp_path, capsy
         (p["config"], p["kl"], p["stage"]) for p in b["points"]
     ]
     assert a["chosen"] == b["chosen"]
+
+
+def test_simulated_levels_count_the_same_bytes_and_stay_close(make_tiny):
+    """``simulate``: fp32 layers holding the de-quantized weights. Same byte table; the KL differs from the
+    real kernels' only by their bf16 activation rounding."""
+    lm = make_tiny("llama")
+    space = QuantSpace(lm)
+    real, sim = LevelDatabase(lm, space), LevelDatabase(lm, space, simulate=True)
+    fit = KLFitness(lm, CALIB, tokens=32, window=16, stages=1)
+    for config in (space.uniform("int4-g32"), ("int8", "int4-g64", "float", "int4-g32", "int8", "int4-g64")):
+        assert sim.total_bytes(config) == real.total_bytes(config)
+        kl_real, _ = fit.kl(real.assemble(config), 0)
+        kl_sim, _ = fit.kl(sim.assemble(config), 0)
+        assert abs(kl_sim - kl_real) <= 0.25 * kl_real

@@ -15,17 +15,20 @@ def pareto_figure(result):
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     pts = [p for p in result.points if p["final_stage"]]
-    early = [p for p in result.points if not p["final_stage"]]
+    probes = [p for p in result.points if not p["final_stage"] and p["origin"] == "sensitivity"]
+    early = [p for p in result.points if not p["final_stage"] and p["origin"] != "sensitivity"]
     floor = min([p["kl"] for p in result.points if p["kl"] > 0] or [1e-9]) / 2
     y = lambda p: max(p["kl"], floor)  # noqa: E731  (log axis: a KL of exactly 0 sits on the floor)
-    if early:
-        ax.scatter(
-            [p["bytes_fraction"] for p in early],
-            [y(p) for p in early],
-            s=8,
-            c="#cccccc",
-            label=f"stopped at an early stage ({len(early)}; KL on fewer tokens)",
-        )
+    for group, color, label in (
+        (early, "#cccccc", f"stopped at an early stage ({len(early)}; KL on fewer tokens)"),
+        (
+            probes,
+            "#e3c9a8",
+            f"sensitivity probes ({len(probes)}; one layer at the fewest bytes, rest at the most)",
+        ),
+    ):
+        if group:
+            ax.scatter([p["bytes_fraction"] for p in group], [y(p) for p in group], s=8, c=color, label=label)
     ax.scatter([p["bytes_fraction"] for p in pts], [y(p) for p in pts], s=12, c="#7a9cc6", label="evaluated")
     front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p["bytes"])
     ax.step(

@@ -155,6 +155,7 @@ def search(
     on_eval=None,
     before_store=None,
     baselines: dict | None = None,
+    simulate: bool = False,
 ) -> SearchResult:
     """Search per-unit precision levels for ``lm`` under ``budget`` (e.g. ``"bytes=0.16"``: bytes of the
     state dict as a fraction of the fp32 model). ``store``: an SQLite file for the optuna storage (``--resume``
@@ -201,9 +202,10 @@ def search(
         "seed": seed,
         "offspring": offspring,
         "prior": prior,
+        "simulate": simulate,
     }
     start = time.perf_counter()
-    db = LevelDatabase(lm, qspace, max_bytes=max_cache_bytes)
+    db = LevelDatabase(lm, qspace, max_bytes=max_cache_bytes, simulate=simulate)
     fitness = KLFitness(
         lm, calibration_text or default_calibration_text(), calibration_tokens, window, stages
     )

@@ -18,12 +18,16 @@ from .space import LEVELS, QuantSpace
 class LevelDatabase:
     """``modules(unit, level)`` -> {path: module}; ``bytes(unit, level)``; ``assemble(config)``."""
 
-    def __init__(self, lm, space: QuantSpace, max_bytes: int = 2 << 30):
+    def __init__(self, lm, space: QuantSpace, max_bytes: int = 2 << 30, simulate: bool = False):
         from ...lm import LM
         from ..quantize import _common as C
 
         self.space = space
         self.max_bytes = max_bytes
+        # simulate: candidates use fp32 nn.Linear layers holding the de-quantized weights (fake quantization).
+        # Same weights, but activations are not rounded to bf16 as the real kernels do, so the logits are close
+        # to, not equal to, the compressed model's; much faster on CPUs without bf16 matmul units.
+        self.simulate = simulate
         # the working model: a copy whose embedding is int8 (every configuration has it so)
         self.work = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
         with torch.no_grad():
@@ -38,7 +42,9 @@ class LevelDatabase:
         for i in range(len(space.units)):  # bytes and weight error of every variant, once
             for lv in space.levels:
                 mods = self.modules(i, lv)
-                self._bytes[(i, lv)] = sum(state_bytes(m) for m in mods.values())
+                self._bytes[(i, lv)] = sum(
+                    getattr(m, "_lmscope_bytes", None) or state_bytes(m) for m in mods.values()
+                )
                 self._error[(i, lv)] = self._relative_error(i, mods)
         self.fixed_bytes = state_bytes(self.work.model) - sum(
             self._bytes[(i, "float")] for i in range(len(space.units))
@@ -54,7 +60,16 @@ class LevelDatabase:
         step = Quantize(scheme, group_size=group)
         targets = [(p, self.float_modules[p]) for p in self.space.units[unit].paths]
         self.built += 1
-        return {q.name: q.module for q in SCHEMES[scheme](self.work, step, None, targets)}
+        done = {q.name: q.module for q in SCHEMES[scheme](self.work, step, None, targets)}
+        if self.simulate:
+            for name, q in done.items():
+                lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+                lin.weight.data = q.dequantized_weight().float()
+                if q.bias is not None:
+                    lin.bias.data = q.bias.detach().clone()
+                lin._lmscope_bytes = state_bytes(q)  # the bytes of what it stands for
+                done[name] = lin
+        return done
 
     def modules(self, unit: int, level: str) -> dict[str, nn.Module]:
         if level == "float":
@@ -77,7 +92,7 @@ class LevelDatabase:
         num = den = 0.0
         for p, m in mods.items():
             w = self.float_modules[p].weight.detach().float()
-            w_hat = w if m is self.float_modules[p] else m.dequantized_weight().float()
+            w_hat = m.dequantized_weight().float() if hasattr(m, "dequantized_weight") else m.weight.float()
             num += float((w - w_hat).pow(2).sum())
             den += float(w.pow(2).sum())
         return num / max(den, 1e-30)
