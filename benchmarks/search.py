@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--granularity", default="kind")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-gptq", action="store_true")
+    ap.add_argument("--prior", default="sensitivity", help="sensitivity (measured, 1 eval per unit) or error")
+    ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument(
         "--simulate", action="store_true", help="fake-quantized fp32 candidates during the search"
     )
@@ -65,6 +67,8 @@ def main() -> None:
         seed=args.seed,
         baselines=baselines,
         simulate=args.simulate,
+        prior=args.prior,
+        offspring=args.offspring,
         on_eval=lambda n: n % 10 or print(f"  {n} evaluations, {time.perf_counter() - t:.0f} s", flush=True),
     )
     wall = time.perf_counter() - t

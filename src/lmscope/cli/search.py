@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--offspring", type=int, default=8, help="children per generation (default 8)")
     p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="score candidates with fp32 layers holding the de-quantized weights (faster on CPUs without bf16 "
+        "units; KL close to, not equal to, the real kernels')",
+    )
+    p.add_argument(
         "--baseline-gptq", action="store_true", help="also run uniform GPTQ int4 g64 as a baseline (slow)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
@@ -119,6 +125,7 @@ def run(args) -> int:
             resume=args.resume,
             before_store=make_store_dir,
             baselines=_baselines(args),
+            simulate=args.simulate,
         )
     result.write(args.out)
     print(result.to_text())
