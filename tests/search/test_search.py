@@ -258,14 +258,18 @@ def test_cli_resume_after_sigkill_gives_the_same_front(tiny_dir, tmp_path, capsy
     opts = ["--budget", f"bytes={frac:.4f}", "--max-evals", "18", "--calibration-tokens", "32", "--quiet"]
     opts += ["--heldout-tokens", "32", "--seed", "2", "--model", str(tiny_dir)]
     cut, whole = tmp_path / "cut", tmp_path / "whole"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmscope.cli.main", "search", *opts, "--out", str(cut)], env=env
     )
     db, deadline, killed = cut / "search.db", time.monotonic() + 300, False
     while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            with sqlite3.connect(db) as con:
+        try:  # read-only: connecting must never create the file the search is about to create
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
                 n = con.execute("select count(*) from trials").fetchone()[0]
         except sqlite3.Error:
             n = 0
