@@ -35,6 +35,13 @@ class Evaluator:
         self.seconds = 0.0
         self._seen: set = set()
 
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise StopSearch
+
+    def seen(self, config, stage: int) -> bool:
+        return (tuple(config), stage) in self._seen
+
     def __call__(self, config, stage: int, origin: str = "search") -> float:
         config = tuple(config)
         key = (config, stage)
@@ -191,13 +198,15 @@ class Evolution:
         self.parent = min(scored)[2]
         while True:
             parent_kl = self.evaluate(self.parent, self.last, "seed")
+            self.evaluate.check_time()
             kids, tries = [], 0
             while len(kids) < self.offspring and tries < 20 * self.offspring:
                 tries += 1
                 child = self.mutate(self.parent)
-                if child is not None and child not in kids:
+                # a child already scored at the last stage teaches nothing: draw another
+                if child is not None and child not in kids and not self.evaluate.seen(child, self.last):
                     kids.append(child)
-            if not kids:
+            if not kids:  # the neighbourhood of the parent is exhausted (small spaces)
                 return
             for stage in range(self.last + 1):
                 ranked = sorted((self.evaluate(c, stage), i, c) for i, c in enumerate(kids))
