@@ -18,6 +18,7 @@ VERBS = {
     "heads": ["heads"],
     "compare": ["compare", "--against", "x/", "--text", "hi"],
     "evaluate": ["evaluate"],
+    "search": ["search", "--budget", "bytes=0.16"],
 }
 
 

@@ -3,6 +3,7 @@ handler registry that finds step families by listing the package."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -80,6 +81,36 @@ def test_filtered_quantization_saves_and_loads(make_tiny, tmp_path):
     ids = res.lm.encode("a short text to compare")
     with torch.no_grad():
         assert torch.equal(loaded.forward(ids).logits, res.lm.forward(ids).logits)
+
+
+def test_per_layer_schemes_stack_and_reload(make_tiny, tmp_path):
+    """Several quantize steps with disjoint filters = one scheme per layer (what ``lmscope search`` writes)."""
+    from lmscope.compress.quantize.modules import Int4Linear, Int8Linear
+
+    recipe = Recipe.of(
+        Quantize("int8", modules=("model.layers.0.*", "model.embed_tokens")),
+        Quantize("int4", group_size=32, modules=("model.layers.1.*",)),
+    )
+    res = compress(make_tiny("llama"), recipe, CALIB)
+    kinds = {n: type(m) for n, m in res.lm.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert {k for n, k in kinds.items() if n.startswith("model.layers.0.")} == {Int8Linear}
+    assert {k for n, k in kinds.items() if n.startswith("model.layers.1.")} == {Int4Linear}
+    assert not any(n.startswith("model.layers.2.") for n in kinds)  # no filter picked block 2
+    assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
+    loaded = lmscope.load(str(res.save(tmp_path / "mixed")), progress=False)
+    ids = res.lm.encode("a short text to compare")
+    with torch.no_grad():
+        assert torch.equal(loaded.forward(ids).logits, res.lm.forward(ids).logits)
+
+
+def test_per_layer_schemes_must_not_overlap(make_tiny):
+    with pytest.raises(LmscopeError, match="quantizes twice"):
+        Recipe.of(Quantize("int8", modules=("model.layers.0.*",)), Quantize("int4"))
+    overlap = Recipe.of(
+        Quantize("int8", modules=("model.layers.0.*",)), Quantize("int4", modules=("model.layers.*",))
+    )
+    with pytest.raises(LmscopeError, match="selected by two quantize steps"):
+        compress(make_tiny("llama"), overlap, CALIB)
 
 
 def test_unstructured_zeros_only_selected_weights(make_tiny):

@@ -23,6 +23,7 @@ VERBS = [
     "features",
     "audit",
     "compress",
+    "search",
     "evaluate",
     "compare",
     "serve",

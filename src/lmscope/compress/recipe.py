@@ -88,8 +88,13 @@ class Recipe:
                 "recipe steps are out of order: " + " -> ".join(s.kind for s in steps),
                 "put pruning first, then low-rank, then quantization (quantized weights cannot be pruned)",
             )
-        if sum(s.stage == STAGE_QUANTIZE for s in steps) > 1:
-            raise LmscopeError("the recipe quantizes twice", "keep one quantize step")
+        quantizers = [s for s in steps if s.stage == STAGE_QUANTIZE]
+        if len(quantizers) > 1 and not all(s.modules for s in quantizers):
+            # several quantize steps = per-layer schemes; each must say which modules it owns
+            raise LmscopeError(
+                "the recipe quantizes twice",
+                'keep one quantize step, or give each quantize step its own "modules" (per-layer schemes)',
+            )
         object.__setattr__(self, "steps", steps)
 
     @classmethod
@@ -133,6 +138,15 @@ class Recipe:
     def check(self, lm) -> None:
         for s in self.steps:
             s.check(lm)
+        owner: dict[str, str] = {}
+        for s in (s for s in self.steps if s.stage == STAGE_QUANTIZE and len(self.steps) > 1):
+            for name in s.selected_modules(lm) if s.modules else ():
+                if name in owner:
+                    raise LmscopeError(
+                        f"'{name}' is selected by two quantize steps ({owner[name]} and {s.describe()})",
+                        "give each quantize step a disjoint module filter",
+                    )
+                owner[name] = s.describe()
 
     def describe(self) -> str:
         return " -> ".join(s.describe() for s in self.steps)

@@ -1,0 +1,338 @@
+"""``lmscope search``: find a per-layer compression (which precision each block's projections get) under a
+budget, instead of one uniform setting, and show what the search kept.
+
+``space`` (units and levels, the recipe a configuration stands for), ``levels`` (the level database: every
+variant built once, candidates assembled by swapping modules), ``fitness`` (staged KL to the original,
+held-out perplexity), ``strategy`` (EvoPress-style evolution), ``store`` (optuna storage: every evaluation,
+``--resume``). ``search(lm, "bytes=0.16")`` returns a ``SearchResult``; ``result.write(out)`` writes
+pareto.json, recipe.json and report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import LmscopeError
+from .space import DEFAULT_LEVELS, LEVELS, Budget, QuantSpace, bits_per_weight, fp32_bytes, parse_spaces
+
+__all__ = ["LEVELS", "Budget", "QuantSpace", "SearchResult", "bits_per_weight", "pareto_front", "search"]
+
+STORE_FILE = "search.db"
+
+
+def pareto_front(points: list[dict]) -> list[int]:
+    """Indices of the points no other point beats on both bytes and KL (lower is better for both)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i]["bytes"], points[i]["kl"]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i]["kl"] < best:
+            front.append(i)
+            best = points[i]["kl"]
+    return front
+
+
+@dataclass
+class SearchResult:
+    """Every evaluated configuration (``points``), the chosen one, baselines, sensitivities and settings."""
+
+    model: str
+    budget: Budget
+    budget_bytes: int
+    reference_bytes: int
+    reference_params: int
+    units: list[dict]
+    levels: list[str]
+    points: list[dict]
+    chosen: int | None
+    sensitivity: dict[str, float]
+    settings: dict
+    stats: dict = field(default_factory=dict)
+    reference_ppl: float | None = None
+    space: object = None  # the QuantSpace (for recipes); not serialized
+
+    @property
+    def chosen_point(self) -> dict | None:
+        return None if self.chosen is None else self.points[self.chosen]
+
+    def chosen_config(self) -> tuple[str, ...]:
+        p = self.chosen_point
+        if p is None:
+            raise LmscopeError("the search evaluated no configuration within the budget", "raise --max-evals")
+        return tuple(p["config"][u["name"]] for u in self.units)
+
+    def recipe(self):
+        return self.space.recipe(self.chosen_config())
+
+    def baselines(self) -> list[dict]:
+        return [p for p in self.points if p.get("origin") == "uniform" or p.get("baseline")]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "budget": {
+                "kind": self.budget.kind,
+                "fraction": self.budget.fraction,
+                "bytes": self.budget_bytes,
+            },
+            "reference": {
+                "bytes_fp32": self.reference_bytes,
+                "params": self.reference_params,
+                "ppl": self.reference_ppl,
+            },
+            "units": self.units,
+            "levels": self.levels,
+            "chosen": self.chosen,
+            "sensitivity": self.sensitivity,
+            "settings": self.settings,
+            "stats": self.stats,
+            "points": self.points,
+        }
+
+    def to_text(self) -> str:
+        lines = [f"search {self.model}: budget {self.budget} = {self.budget_bytes / 2**20:.2f} MB"]
+        s = self.stats
+        lines.append(
+            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, {s.get('eval_seconds', 0):.0f} s), "
+            f"{len(self.points)} configurations, level variants built: {s.get('variants_built')}"
+        )
+        ref = f" (original {self.reference_ppl:.3f})" if self.reference_ppl else ""
+        lines.append(f"held-out perplexity{ref}:")
+        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["bytes"]):
+            tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
+            lines.append(
+                f"  {tag:<16} {p['bytes_fraction']:.4f} of fp32  KL {p['kl']:.4f}  ppl {p['ppl']:.3f}"
+                + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
+            )
+        return "\n".join(lines)
+
+    def report(self, path=None) -> str:
+        from ...views.search import search_report
+
+        rep = search_report(self)
+        if path is not None:
+            rep.write(path)
+        return rep.render()
+
+    def write(self, out: str | os.PathLike) -> Path:
+        """pareto.json, recipe.json (when a point was chosen) and report.html, each replaced atomically."""
+        from ...fsutil import atomic_directory
+
+        out = Path(out)
+        with atomic_directory(out) as tmp:
+            (tmp / "pareto.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+            if self.chosen is not None:
+                self.recipe().to_json(tmp / "recipe.json")
+            self.report(tmp / "report.html")
+        return out
+
+
+def search(
+    lm,
+    budget: str | Budget = "bytes=0.16",
+    space: str = "quant",
+    *,
+    levels=DEFAULT_LEVELS,
+    granularity: str = "kind",
+    calibration_text: str | None = None,
+    calibration_tokens: int = 512,
+    window: int = 64,
+    stages: int = 3,
+    heldout_text: str | None = None,
+    heldout_tokens: int = 1024,
+    max_evals: int = 200,
+    time_limit: float | None = None,
+    seed: int = 0,
+    offspring: int = 8,
+    prior: str = "sensitivity",
+    finalists: int = 3,
+    store: str | os.PathLike | None = None,
+    resume: bool = False,
+    max_cache_bytes: int = 2 << 30,
+    on_eval=None,
+    before_store=None,
+    baselines: dict | None = None,
+    simulate: bool = False,
+) -> SearchResult:
+    """Search per-unit precision levels for ``lm`` under ``budget`` (e.g. ``"bytes=0.16"``: bytes of the
+    state dict as a fraction of the fp32 model). ``store``: an SQLite file for the optuna storage (``--resume``
+    continues from it). Bad inputs raise ``LmscopeError`` before any output exists."""
+    import torch
+
+    from ..calibration import default_calibration_text
+    from ..evaluate import evaluation_text
+    from .fitness import KLFitness, heldout_windows, perplexity
+    from .levels import LevelDatabase
+    from .store import TrialStore, _optuna
+    from .strategy import Evaluator, Evolution, StopSearch, check_budget
+
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    spaces = parse_spaces(space)
+    if spaces != ("quant",):
+        raise LmscopeError(
+            f"search space '{','.join(spaces)}' is not built yet (only the quantization space is)",
+            "use --space quant",
+        )
+    if budget.kind != "bytes":
+        raise LmscopeError(
+            f"a {budget.kind} budget does not apply to the quantization space", "use --budget bytes=FRACTION"
+        )
+    for name, value, low in (("max_evals", max_evals, 1), ("calibration_tokens", calibration_tokens, 2)):
+        if not isinstance(value, int) or value < low:
+            raise LmscopeError(f"{name} must be an integer >= {low}, got {value!r}", f"e.g. {name} 100")
+    if prior not in ("sensitivity", "error"):
+        raise LmscopeError(f"unknown prior '{prior}'", "use sensitivity or error")
+    _optuna()  # a missing extra fails before any work
+    qspace = QuantSpace(lm, levels, granularity)
+    reference_bytes = fp32_bytes(lm.model)
+    budget_bytes = int(budget.fraction * reference_bytes)
+    settings = {
+        "model": lm.name,
+        "budget": str(budget),
+        "space": "quant",
+        "levels": list(qspace.levels),
+        "granularity": granularity,
+        "calibration_tokens": calibration_tokens,
+        "calibration": "given text" if calibration_text else "built-in calibration half",
+        "window": window,
+        "stages": stages,
+        "seed": seed,
+        "offspring": offspring,
+        "prior": prior,
+        "simulate": simulate,
+    }
+    start = time.perf_counter()
+    db = LevelDatabase(lm, qspace, max_bytes=max_cache_bytes, simulate=simulate)
+    fitness = KLFitness(
+        lm, calibration_text or default_calibration_text(), calibration_tokens, window, stages
+    )
+    evolution = Evolution(db, budget_bytes, None, fitness.n_stages, seed=seed, offspring=offspring)
+    check_budget(evolution, budget, reference_bytes)  # before the store file exists
+    if before_store is not None:  # the inputs are good: the caller may now create the output folder
+        before_store()
+    trials = TrialStore(store, qspace, settings, resume=resume)
+    evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
+    evolution.evaluate = evaluator
+    with torch.no_grad():
+        try:
+            evolution.run(prior)
+        except StopSearch:
+            pass
+    search_seconds = time.perf_counter() - start
+    sensitivity = evolution.sensitivity or {
+        u.name: r["kl"]
+        for u in qspace.units
+        if (r := trials.get(_sensitivity_config(evolution, qspace, u), 0)) is not None
+    }
+
+    # every configuration once, at the largest stage it reached
+    last = fitness.n_stages - 1
+    best: dict[tuple, tuple[int, dict]] = {}
+    for (config, stage), r in trials.results.items():
+        if config not in best or stage > best[config][0]:
+            best[config] = (stage, r)
+    n_params = lm.n_params()
+    points = []
+    for config, (stage, r) in best.items():
+        points.append(
+            {
+                "config": qspace.as_dict(config),
+                "describe": qspace.describe(config),
+                "bytes": r["bytes"],
+                "bytes_fraction": round(r["bytes"] / reference_bytes, 6),
+                "params": n_params,
+                "kl": r["kl"],
+                "kl_tokens": fitness.stage_tokens[stage],
+                "stage": stage,
+                "final_stage": stage == last,
+                "within_budget": r["bytes"] <= budget_bytes,
+                "origin": r["origin"],
+                "label": _uniform_label(config),
+            }
+        )
+    points.sort(key=lambda p: (p["bytes"], p["kl"]))
+    finals = [p for p in points if p["final_stage"]]
+    for i in pareto_front(finals):
+        finals[i]["pareto"] = True
+    feasible = [
+        i for i, p in enumerate(points) if p["final_stage"] and p["within_budget"] and p["label"] != "float"
+    ]
+    chosen = min(feasible, key=lambda i: (points[i]["kl"], points[i]["bytes"])) if feasible else None
+
+    # held-out perplexity: the original, the chosen point, the uniform baselines, a few front points
+    heldout = heldout_windows(lm, heldout_text or evaluation_text()[0], heldout_tokens)
+    reference_ppl = perplexity(lm, heldout)
+    confirm = [] if chosen is None else [chosen]
+    confirm += [i for i, p in enumerate(points) if p["origin"] == "uniform"]
+    confirm += [i for i, p in enumerate(points) if p.get("pareto") and p["within_budget"]][-finalists:]
+    for i in dict.fromkeys(confirm):
+        config = tuple(points[i]["config"][u.name] for u in qspace.units)
+        points[i]["ppl"] = perplexity(db.assemble(config), heldout)
+    for label, recipe in (baselines or {}).items():  # peers' uniform settings (GPTQ), scored the same way
+        from ..apply import compress
+
+        done = compress(lm, recipe, calibration_text=calibration_text)
+        kl, _ = fitness.kl(done.lm, last)
+        points.append(
+            {
+                "config": {},
+                "describe": done.recipe.describe(),
+                "bytes": done.bytes_after,
+                "bytes_fraction": round(done.bytes_after / reference_bytes, 6),
+                "params": done.params_after,
+                "kl": kl,
+                "kl_tokens": fitness.stage_tokens[last],
+                "stage": last,
+                "final_stage": False,  # not a point of this space: drawn as a baseline, never on the front
+                "within_budget": done.bytes_after <= budget_bytes,
+                "origin": "baseline",
+                "baseline": True,
+                "label": label,
+                "ppl": perplexity(done.lm, heldout),
+            }
+        )
+    return SearchResult(
+        model=lm.name,
+        budget=budget,
+        budget_bytes=budget_bytes,
+        reference_bytes=reference_bytes,
+        reference_params=n_params,
+        units=[
+            {"name": u.name, "block": u.block, "kind": u.kind, "paths": list(u.paths)} for u in qspace.units
+        ],
+        levels=list(qspace.levels),
+        points=points,
+        chosen=chosen,
+        sensitivity=sensitivity,
+        settings=settings,
+        stats={
+            "evaluations": evaluator.evals,
+            "computed": evaluator.computed,
+            "eval_seconds": round(evaluator.seconds, 1),
+            "search_seconds": round(search_seconds, 1),
+            "generations": len(evolution.history),
+            "accepted": sum(h["accepted"] for h in evolution.history),
+            "variants_built": db.built,
+            "stage_tokens": list(fitness.stage_tokens),
+            "heldout_tokens": int(sum(w.shape[1] for w in heldout)),
+            "evals_per_hour": round(3600 * evaluator.computed / evaluator.seconds)
+            if evaluator.seconds
+            else None,
+        },
+        reference_ppl=reference_ppl,
+        space=qspace,
+    )
+
+
+def _uniform_label(config) -> str:
+    return config[0] if len(set(config)) == 1 else ""
+
+
+def _sensitivity_config(evolution, qspace, unit):
+    top = [lv[0] for lv in evolution.levels]
+    u = qspace.units.index(unit)
+    top[u] = evolution.levels[u][-1]
+    return tuple(top)

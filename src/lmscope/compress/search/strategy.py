@@ -1,0 +1,230 @@
+"""The search strategy: EvoPress-style (1 + lambda) evolution over per-unit levels under a byte budget.
+
+Seeds: every uniform configuration (these are also the uniform baselines) and a prior one, allocated greedily
+from measured sensitivities (KL with only that unit at the lowest level). Offspring come from budget-keeping
+mutations (a unit gains a level, others lose one until the budget holds again, then free bytes are refilled);
+they are scored on a few calibration tokens first, and only the best quarter goes on to the next, larger
+stage. A child replaces its parent when it beats it at the last stage. Everything random draws from one
+``random.Random(seed)``, so a seed fixes the whole search.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from ...errors import LmscopeError
+
+
+class StopSearch(Exception):  # noqa: N818  (a bound was reached, not an error)
+    pass
+
+
+class Evaluator:
+    """Fitness with its bounds and its memory: each (configuration, stage) is computed once, stored, and
+    counted once against ``max_evals`` (stored results replayed on ``--resume`` count as in the first run)."""
+
+    def __init__(self, db, fitness, store, max_evals: int, time_limit: float | None, on_eval=None):
+        self.db, self.fitness, self.store = db, fitness, store
+        self.max_evals = max_evals
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
+        self.on_eval = on_eval
+        self.evals = 0  # distinct (config, stage) pairs this search has needed
+        self.computed = 0  # of those, computed in this process (not read back from storage)
+        self.seconds = 0.0
+        self._seen: set = set()
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise StopSearch
+
+    def seen(self, config, stage: int) -> bool:
+        return (tuple(config), stage) in self._seen
+
+    def __call__(self, config, stage: int, origin: str = "search") -> float:
+        config = tuple(config)
+        key = (config, stage)
+        if key not in self._seen:
+            if self.evals >= self.max_evals:
+                raise StopSearch
+            self.evals += 1
+            self._seen.add(key)
+        found = self.store.get(config, stage)
+        if found is not None:
+            return found["kl"]
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise StopSearch
+        start = time.perf_counter()
+        done = None
+        for s in range(stage - 1, -1, -1):  # extend an earlier stage's windows rather than recompute them
+            prev = self.store.get(config, s)
+            if prev is not None:
+                done = prev["window_kl"]
+                break
+        lm = self.db.assemble(config)
+        kl, sums = self.fitness.kl(lm, stage, done)
+        self.store.put(config, stage, kl, self.db.total_bytes(config), sums, origin)
+        self.computed += 1
+        self.seconds += time.perf_counter() - start
+        if self.on_eval is not None:
+            self.on_eval(self.evals)
+        return kl
+
+
+class Evolution:
+    def __init__(
+        self,
+        db,
+        budget_bytes: int,
+        evaluate: Evaluator | None,
+        n_stages: int,
+        seed: int = 0,
+        offspring: int = 8,
+    ):
+        self.db = db
+        self.space = db.space
+        self.budget = budget_bytes
+        self.evaluate = evaluate
+        self.rng = random.Random(seed)
+        self.offspring = offspring
+        n = len(self.space.units)
+        # levels per unit from most to fewest bytes (index 0 = most bits)
+        self.levels = [sorted(self.space.levels, key=lambda lv, i=i: -db.bytes(i, lv)) for i in range(n)]
+        self.last = n_stages - 1
+        self.sensitivity: dict[str, float] = {}
+        self.parent: tuple[str, ...] | None = None
+        self.history: list[dict] = []  # per generation: parent KL, accepted
+
+    # -- budget-keeping moves -------------------------------------------------------------------------
+    def _total(self, idx) -> int:
+        return self.db.total_bytes(self._config(idx))
+
+    def _config(self, idx) -> tuple[str, ...]:
+        return tuple(self.levels[u][k] for u, k in enumerate(idx))
+
+    def _index(self, config) -> list[int]:
+        return [self.levels[u].index(lv) for u, lv in enumerate(config)]
+
+    def minimum_bytes(self) -> int:
+        return self._total([len(lv) - 1 for lv in self.levels])
+
+    def _refill(self, idx: list[int], order) -> list[int]:
+        for u in order:  # spend left-over bytes: one level up where it still fits
+            if idx[u] > 0:
+                idx[u] -= 1
+                if self._total(idx) > self.budget:
+                    idx[u] += 1
+        return idx
+
+    def mutate(self, parent) -> tuple[str, ...] | None:
+        rng, n = self.rng, len(self.levels)
+        idx = self._index(parent)
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            ups = [u for u in range(n) if idx[u] > 0]
+            if not ups:
+                break
+            a = rng.choice(ups)
+            idx[a] -= 1
+            while self._total(idx) > self.budget:
+                downs = [u for u in range(n) if u != a and idx[u] < len(self.levels[u]) - 1]
+                if not downs:
+                    return None
+                idx[rng.choice(downs)] += 1
+        idx = self._refill(idx, rng.sample(range(n), n))
+        child = self._config(idx)
+        return child if child != tuple(parent) else None
+
+    # -- seeds ------------------------------------------------------------------------------------------
+    def greedy(self, weights: dict[str, float]) -> tuple[str, ...]:
+        """Allocate the budget greedily: start at the fewest bytes, repeatedly upgrade the unit whose
+        estimated loss (weight x relative weight error) falls most per byte, while the budget holds."""
+        n = len(self.levels)
+        idx = [len(lv) - 1 for lv in self.levels]
+
+        def loss(u, k):
+            lowest = self.db.error(u, self.levels[u][-1]) or 1e-30
+            return weights[self.space.units[u].name] * self.db.error(u, self.levels[u][k]) / lowest
+
+        while True:
+            best, best_gain = None, 0.0
+            total = self._total(idx)
+            for u in range(n):
+                if idx[u] == 0:
+                    continue
+                k = idx[u] - 1
+                extra = self.db.bytes(u, self.levels[u][k]) - self.db.bytes(u, self.levels[u][idx[u]])
+                if total + extra > self.budget:
+                    continue
+                gain = (loss(u, idx[u]) - loss(u, k)) / max(extra, 1)
+                if gain > best_gain:
+                    best, best_gain = u, gain
+            if best is None:
+                return self._config(idx)
+            idx[best] -= 1
+
+    def measure_sensitivity(self) -> dict[str, float]:
+        """KL at the first stage with one unit at its fewest-bytes level and the rest float (or highest)."""
+        top = [lv[0] for lv in self.levels]
+        out = {}
+        for u, unit in enumerate(self.space.units):
+            config = list(top)
+            config[u] = self.levels[u][-1]
+            out[unit.name] = self.evaluate(config, 0, "sensitivity")
+        return out
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, prior: str = "sensitivity") -> None:
+        """Seeds, then generations until a bound (evaluations, time) stops it (``StopSearch``)."""
+        seeds = []
+        for lv in self.space.levels:
+            if lv == "float":
+                continue
+            config = self.space.uniform(lv)
+            self.evaluate(config, self.last, "uniform")  # the uniform baselines, on the full calibration
+            if self.db.total_bytes(config) <= self.budget:
+                seeds.append(config)
+        if prior == "sensitivity":
+            self.sensitivity = self.measure_sensitivity()
+            weights = {k: max(v, 1e-12) for k, v in self.sensitivity.items()}
+        else:
+            weights = {u.name: 1.0 for u in self.space.units}
+        seeds.append(self.greedy(weights))
+        for config in list(seeds):  # best feasible uniform, its spare bytes spent greedily too
+            idx = self._refill(self._index(config), range(len(self.levels)))
+            seeds.append(self._config(idx))
+        seeds = list(dict.fromkeys(seeds))
+        scored = [(self.evaluate(c, self.last, "seed"), i, c) for i, c in enumerate(seeds)]
+        self.parent = min(scored)[2]
+        while True:
+            parent_kl = self.evaluate(self.parent, self.last, "seed")
+            self.evaluate.check_time()
+            kids, tries = [], 0
+            while len(kids) < self.offspring and tries < 20 * self.offspring:
+                tries += 1
+                child = self.mutate(self.parent)
+                # a child already scored at the last stage teaches nothing: draw another
+                if child is not None and child not in kids and not self.evaluate.seen(child, self.last):
+                    kids.append(child)
+            if not kids:  # the neighbourhood of the parent is exhausted (small spaces)
+                return
+            for stage in range(self.last + 1):
+                ranked = sorted((self.evaluate(c, stage), i, c) for i, c in enumerate(kids))
+                if stage < self.last:
+                    keep = max(1, math.ceil(len(kids) / 4))
+                    kids = [c for _, _, c in ranked[:keep]]
+            best_kl, _, best = ranked[0]
+            accepted = best_kl < parent_kl
+            if accepted:
+                self.parent = best
+            self.history.append({"parent_kl": min(best_kl, parent_kl), "accepted": accepted})
+
+
+def check_budget(evolution: Evolution, budget, reference_bytes: int) -> None:
+    low = evolution.minimum_bytes()
+    if low > evolution.budget:
+        raise LmscopeError(
+            f"budget {budget} ({evolution.budget / 2**20:.2f} MB) is below the smallest configuration of this "
+            f"space ({low / reference_bytes:.4f} of fp32, {low / 2**20:.2f} MB)",
+            f"raise the budget to at least bytes={math.ceil(low / reference_bytes * 1000) / 1000:g}",
+        )
