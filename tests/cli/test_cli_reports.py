@@ -115,6 +115,8 @@ def test_sigint_while_importing_gives_no_traceback(tmp_path, smollm2_dir):
     time.sleep(1.5)  # inside main by now: importing torch / transformers, or loading the model
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130 from main(), or -SIGINT when the interpreter itself ends on the signal after main() reported it
+    # (seen when the signal lands inside a C extension's import); both tell a shell "interrupted" (130)
+    assert proc.returncode in (130, -2), err
     assert "Traceback" not in err and err.strip().splitlines() == ["lmscope: interrupted"]
     assert not (tmp_path / "o").exists()
