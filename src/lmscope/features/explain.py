@@ -311,11 +311,21 @@ def pick_examples(ctx_max: np.ndarray, threshold: float, rng: random.Random) -> 
     return top, quantile, negative
 
 
-def explain_unit(
-    ids: np.ndarray, acts: np.ndarray, vocab: Vocab, classes: np.ndarray, seed: int
-) -> dict | None:
-    """Explain one unit from all contexts ``ids [C, len]`` and its activations ``acts [C, len]``."""
-    rng = random.Random(seed)
+@dataclass
+class Split:
+    """A unit's examples dealt into an explain half and a held-out half."""
+
+    threshold: float
+    explain: np.ndarray  # context indices
+    held_out: np.ndarray
+    activating: np.ndarray  # which held-out contexts activate
+    record: dict  # threshold, max_activation and examples, as explanations.json keeps them
+
+
+def split_examples(acts: np.ndarray, rng: random.Random) -> Split | None:
+    """The examples of a unit with activations ``acts [C, len]``: top, quantile and silent contexts dealt
+    alternately into the two halves. None when the held-out half cannot score an explanation (no
+    activation, or all / none of it activating): such a unit gets no explanation."""
     peak = float(acts.max())
     if not peak > 0:
         return None
@@ -329,7 +339,29 @@ def explain_unit(
     ex, ho = np.array(halves["explain"], dtype=int), np.array(halves["held_out"], dtype=int)
     activating_ho = ctx_max[ho] > threshold
     if len(ex) == 0 or not activating_ho.any() or activating_ho.all():
+        return None
+    record = {
+        "threshold": threshold,
+        "max_activation": peak,
+        "examples": {
+            "top": top,
+            "quantile": quantile,
+            "non_activating": negative,
+            "held_out": [int(c) for c in ho],
+        },
+    }
+    return Split(threshold, ex, ho, activating_ho, record)
+
+
+def explain_unit(
+    ids: np.ndarray, acts: np.ndarray, vocab: Vocab, classes: np.ndarray, seed: int
+) -> dict | None:
+    """Explain one unit from all contexts ``ids [C, len]`` and its activations ``acts [C, len]``."""
+    rng = random.Random(seed)
+    split = split_examples(acts, rng)
+    if split is None:
         return None  # nothing to score it on: no explanation is shown
+    threshold, ex, ho, activating_ho = split.threshold, split.explain, split.held_out, split.activating
     rules = learn_rules(ids[ex], classes[ex], acts[ex], threshold)
     scores = score(rules, ids[ho], classes[ho], acts[ho], activating_ho, threshold, rng)
     baseline_rules = random_rules(rules, ids[np.concatenate([ex, ho])], rng)
@@ -340,14 +372,7 @@ def explain_unit(
         "scores": scores,
         "random_baseline": baseline,
         "random_explanation": describe(baseline_rules, vocab),
-        "threshold": threshold,
-        "max_activation": peak,
-        "examples": {
-            "top": top,
-            "quantile": quantile,
-            "non_activating": negative,
-            "held_out": [int(c) for c in ho],
-        },
+        **split.record,
     }
 
 

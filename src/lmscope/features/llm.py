@@ -18,13 +18,12 @@ import numpy as np
 
 from ..errors import LmscopeError
 from .explain import (
-    ACTIVE,
     Vocab,
     _balanced,
     auroc,
     describe,
-    pick_examples,
     random_rules,
+    split_examples,
 )
 
 EXPLAIN_SYSTEM = (
@@ -101,25 +100,15 @@ def _marked(tokens: list[str], acts: np.ndarray, threshold: float) -> str:
 def explain_unit_llm(client: HttpModel, ids, acts, vocab: Vocab, classes, seed: int) -> dict | None:
     """Like ``explain.explain_unit``, with the endpoint as explainer and detection scorer."""
     rng = random.Random(seed)
-    peak = float(acts.max())
-    if not peak > 0:
+    split = split_examples(acts, rng)
+    if split is None:
         return None
-    threshold = ACTIVE * peak
-    ctx_max = acts.max(1)
-    top, quantile, negative = pick_examples(ctx_max, threshold, rng)
-    halves = {"explain": [], "held_out": []}
-    for group in (top, quantile, negative):
-        for i, c in enumerate(group):
-            halves["explain" if i % 2 == 0 else "held_out"].append(c)
-    ex, ho = np.array(halves["explain"], dtype=int), np.array(halves["held_out"], dtype=int)
-    activating_ho = ctx_max[ho] > threshold
-    if len(ex) == 0 or not activating_ho.any() or activating_ho.all():
-        return None
+    threshold, ex, ho, activating_ho = split.threshold, split.explain, split.held_out, split.activating
 
     def text(c):
         return [vocab.text(i) for i in ids[c, 1:]]
 
-    shown = [c for c in ex if ctx_max[c] > threshold][:10]
+    shown = [c for c in ex if acts[c].max() > threshold][:10]
     prompt = "\n".join(
         f"Example {n + 1}: {_marked(text(c), acts[c], threshold)}" for n, c in enumerate(shown)
     )
@@ -146,12 +135,5 @@ def explain_unit_llm(client: HttpModel, ids, acts, vocab: Vocab, classes, seed: 
         "scores": detect(explanation),
         "random_baseline": detect(baseline_text),
         "random_explanation": baseline_text,
-        "threshold": threshold,
-        "max_activation": peak,
-        "examples": {
-            "top": top,
-            "quantile": quantile,
-            "non_activating": negative,
-            "held_out": [int(c) for c in ho],
-        },
+        **split.record,
     }
