@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
         default=5,
         help="k for the top-k attribution overlap (default: 5; at most half of the tokens, since k near the token count makes the overlap trivially 1)",
     )
+    from .features import add_sae_args
+
+    add_sae_args(p, "also which dictionary features the compressed model lost or distorted")
 
 
 def run(args) -> int:
@@ -58,13 +61,35 @@ def run(args) -> int:
     text = get_text(args)
     check_out_dir(args.out)
     from ..compress.compare import compare
+    from .features import load_sae_args
 
+    sae, explanations = load_sae_args(args)
     a = load_model(args.model)
     b = load_model(args.against)
+    features = None
+    if sae is not None:  # checked before the (slower) comparison: a dictionary for another site fails first
+        from ..features.analysis import compare_features
+
+        features = compare_features(
+            a, b, sae, text, worst=args.sae_top or 20, explanations=explanations, truncate=args.truncate
+        )
     result = compare(a, b, text, methods=methods, k=args.top_k, truncate=args.truncate)
     with atomic_out(args.out) as tmp:
-        result.to_json(tmp / "compare.json")
-        result.report(tmp / "report.html")
+        if features is None:
+            result.to_json(tmp / "compare.json")
+            result.report(tmp / "report.html")
+        else:
+            import json
+
+            from ..views.feature_views import add_comparison_section
+
+            data = {**result.to_dict(), "features": features.to_dict()}
+            (tmp / "compare.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            rep = result.report()
+            add_comparison_section(rep, features)
+            rep.write(tmp / "report.html")
     print(result.to_text())
+    if features is not None:
+        print(features.to_text())
     print(f"wrote {show_path(args.out, 'compare.json')}, report.html")
     return 0

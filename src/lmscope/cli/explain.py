@@ -85,6 +85,11 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-sanity", action="store_true", help="skip the model-randomization sanity check")
     p.add_argument("--out", required=True, help="output directory (report.html, attributions.json)")
+    from .features import add_sae_args
+
+    add_sae_args(
+        p, "attribute the target to dictionary features instead of tokens (report.html, features.json)"
+    )
     add_speed_args(p)
 
 
@@ -112,6 +117,11 @@ def run(args) -> int:
     if args.generate < 0:
         raise LmscopeError("--generate must be 0 or more", "e.g. --generate 3")
     resolve_methods(args.methods)
+    from .features import load_sae_args
+
+    sae, explanations = load_sae_args(args)
+    if sae is not None:
+        return _run_features(args, text, sae, explanations)
     apply_threads(args)
     lm = load_model(args.model)
     from ..explain.targets import leading_space_hint
@@ -159,5 +169,49 @@ def run(args) -> int:
             f" ({100 * ig.info['relative_completeness_error']:.2f}% of |Δf|)",
             file=sys.stderr,
         )
+    print(f"{args.out.rstrip('/')}/report.html")
+    return 0
+
+
+def _run_features(args, text: str, sae, explanations: dict) -> int:
+    """``explain --sae``: the target attributed to dictionary features, the error term as its own row."""
+    from ..features.analysis import attribute_features
+
+    used = [f for f, v in (("--methods", args.methods), ("--generate", args.generate)) if v]
+    if used:
+        raise LmscopeError(
+            f"{used[0]} is for token attributions; --sae attributes to dictionary features",
+            f"drop {used[0]}, or run explain without --sae",
+        )
+    apply_threads(args)
+    lm = load_model(args.model)
+    result = attribute_features(
+        lm,
+        sae,
+        text,
+        target=args.target,
+        contrast=args.contrast,
+        target_label=args.target_label,
+        contrast_label=args.contrast_label,
+        pair=args.pair,
+        top=args.sae_top or 20,
+        explanations=explanations,
+        truncate=args.truncate,
+        chat=args.chat,
+    )
+    import json
+
+    with atomic_out(args.out) as tmp:
+        (tmp / "features.json").write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+        result.report(tmp / "report.html")
+    print(f"target: {result.target['description']} = {result.target['value']:.4g}", file=sys.stderr)
+    print(
+        f"features {result.features_sum:+.4g}, error {result.error:+.4g}, bias {result.bias:+.4g}, "
+        f"position 0 {result.sink:+.4g} (total {result.total:+.4g})",
+        file=sys.stderr,
+    )
+    for f in result.features[:5]:
+        e = f" — {f['explanation']}" if f.get("explanation") else ""
+        print(f"  f{f['feature']}: {f['attribution']:+.4g}{e}", file=sys.stderr)
     print(f"{args.out.rstrip('/')}/report.html")
     return 0

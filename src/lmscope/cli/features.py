@@ -21,6 +21,34 @@ EXAMPLE = (
 )
 
 
+def add_sae_args(p, what: str) -> None:
+    """``--sae DIR`` (+ ``--sae-top``, ``--explanations``) for inspect / explain / compare."""
+    p.add_argument("--sae", default=None, help=f"a dictionary folder (features train, or SAELens): {what}")
+    p.add_argument("--sae-top", type=int, default=None, help="how many features to list (with --sae)")
+    p.add_argument(
+        "--explanations",
+        default=None,
+        help="explanations.json (or its folder) of the dictionary's features (default: one in or beside --sae)",
+    )
+
+
+def load_sae_args(args):
+    """(dictionary or None, explanations) from ``--sae`` / ``--explanations``; refuses the flags without --sae."""
+    if args.sae is None:
+        if args.sae_top is not None or args.explanations is not None:
+            raise LmscopeError(
+                "--sae-top and --explanations need --sae", "pass --sae DIR (a dictionary folder)"
+            )
+        return None, {}
+    if args.sae_top is not None and args.sae_top < 1:
+        raise LmscopeError(f"--sae-top must be at least 1, got {args.sae_top}", "e.g. --sae-top 10")
+    from ..features import load
+    from ..features.analysis import load_explanations
+
+    sae = load(args.sae)
+    return sae, load_explanations(sae, args.explanations)
+
+
 def add_parser(sub) -> None:
     from .common import HelpFormatter
 

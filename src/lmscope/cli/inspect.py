@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
         help="refuse captures larger than this (default: half of free RAM)",
     )
     p.add_argument("--no-png", action="store_true", help="skip the static PNG figures")
+    from .features import add_sae_args
+
+    add_sae_args(p, "list the features active on each token")
 
 
 def inspect(
@@ -55,8 +58,15 @@ def inspect(
     truncate=False,
     max_capture_gb=None,
     png: bool = True,
+    sae=None,
+    sae_top: int = 5,
+    explanations: dict | None = None,
 ) -> dict:
-    """Run the inspect job; returns run.json's content. Writes nothing unless every step succeeds."""
+    """Run the inspect job; returns run.json's content. Writes nothing unless every step succeeds.
+
+    ``sae`` (a ``lmscope.features.Dictionary``): also the dictionary features active on each token
+    (``features.analysis.active_features``, labelled from ``explanations``), in run.json's ``features`` and a
+    report section."""
     from ..views.report import build_inspect_report, inspect_summary, save_pngs
 
     check_out_dir(out)
@@ -75,13 +85,25 @@ def inspect(
         names.append("logits")
     names += capture or []
     max_bytes = int(max_capture_gb * 2**30) if max_capture_gb else None
+    activity = None
+    if sae is not None:
+        from ..features.analysis import active_features
+
+        activity = active_features(lm, sae, text, top=sae_top, explanations=explanations, truncate=truncate)
     run = lm.run(text, capture=names, max_bytes=max_bytes, truncate=truncate, progress=True)
     summary = inspect_summary(run)
+    if activity is not None:
+        summary["features"] = activity.to_dict()
     with atomic_out(out) as tmp:
         opened = {}  # --layer/--head: the report's attention explorer opens where the figures are
         if layer is not None or head != "mean":
             opened = {"layer": lm.n_layers - 1 if layer is None else layer, "head": head}
-        build_inspect_report(run, **opened).write(tmp / "report.html")
+        rep = build_inspect_report(run, **opened)
+        if activity is not None:
+            from ..views.feature_views import add_activity_section
+
+            add_activity_section(rep, activity)
+        rep.write(tmp / "report.html")
         if png:
             summary["pngs"] = save_pngs(run, tmp, layer=layer, head=head)
         run.save_tensors(tmp / "tensors.safetensors")
@@ -92,6 +114,9 @@ def inspect(
 def run(args) -> int:
     text = get_text(args)
     check_out_dir(args.out)
+    from .features import load_sae_args
+
+    sae, explanations = load_sae_args(args)
     lm = load_model(args.model)
     summary = inspect(
         lm,
@@ -103,6 +128,9 @@ def run(args) -> int:
         args.truncate,
         args.max_capture_gb,
         png=not args.no_png,
+        sae=sae,
+        sae_top=args.sae_top or 5,
+        explanations=explanations,
     )
     if "truncated" in summary:
         t = summary["truncated"]
@@ -112,5 +140,9 @@ def run(args) -> int:
         )
     pred = f" → {summary['prediction'][0]['token']!r}" if "prediction" in summary else ""
     print(f"{lm.name}: {summary['n_tokens']} tokens{pred}", file=sys.stderr)
+    if "features" in summary:
+        f = summary["features"]
+        top = ", ".join(f"f{x['feature']}" for x in f["features"][:5])
+        print(f"{f['site']}: {len(f['features'])} features active; strongest {top}", file=sys.stderr)
     print(f"{args.out.rstrip('/')}/report.html")
     return 0

@@ -267,4 +267,5 @@ def load(folder) -> Dictionary:
     if tuple(state["W_dec"].shape) != (d_sae, cfg.d_out) or state["b_enc"].shape[0] != d_sae:
         raise LmscopeError(f"'{folder}' has inconsistent tensor shapes", "retrain or re-save it")
     sae.load_state_dict({k: state[k].float() for k in needed})
+    sae.folder = folder  # where explanations.json may sit beside it (features.analysis.load_explanations)
     return sae.eval()
