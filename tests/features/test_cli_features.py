@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, tiny_dir, text_corpus, t
     _fails(
         capsys,
         [*explain, "--sae", str(trained), "--explainer", "local:/nowhere"],
-        "unknown or unavailable",
+        "does not exist",
         out,
     )
     _fails(

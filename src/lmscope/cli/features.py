@@ -99,7 +99,8 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--explainer",
         default="rules",
-        help="rules (offline, default) or http:URL of an OpenAI-compatible server (explains and scores)",
+        help="rules (offline, default); local:DIR, a causal LM folder lmscope loads (scored by the rules "
+        "simulator); or http:URL of an OpenAI-compatible server (explains and scores)",
     )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="output folder (explanations.json, features.html)")
@@ -212,7 +213,7 @@ def run_explain(args) -> int:
     from ..features.pipeline import explain_model
     from ..views.features import features_html
 
-    explainer_from(args.explainer)  # an unknown explainer fails before any model loads
+    explainer = explainer_from(args.explainer)  # a bad explainer fails before the model loads
     _positive(args.tokens, "--tokens")
     if (args.sae is None) == (args.neurons is None):
         raise LmscopeError("explain needs one of --sae or --neurons", "pass --sae DIR or --neurons SITE")
@@ -230,7 +231,7 @@ def run_explain(args) -> int:
         tokens=args.tokens,
         seq_len=args.seq_len,
         units=units,
-        explainer=args.explainer,
+        explainer=explainer or "rules",
         seed=args.seed,
     )
     result = _clean(result)

@@ -384,16 +384,20 @@ def explain_units(
     site: str,
     seed: int = 0,
     context: int = CONTEXT,
-    explainer: str = "rules",
+    explainer="rules",
 ) -> list[dict]:
-    """Explanations of ``units`` (``explainer``: ``rules``, or ``http:URL`` of an OpenAI-compatible server) from windows ``ids [W, L]`` and their activations ``acts [W, L, len(units)]``.
+    """Explanations of ``units`` from windows ``ids [W, L]`` and their activations ``acts [W, L, len(units)]``.
+
+    ``explainer``: ``rules``, ``local:DIR`` (a causal LM lmscope loads), ``http:URL`` (an OpenAI-compatible
+    server), or an explainer already made by ``llm.explainer_from`` (so a local model loads once).
 
     Each item: ``site``, ``unit``, ``explanation``, ``scores``, ``random_baseline``, ``explainer`` and the
     rules, examples (context indices) and threshold behind them. Units with nothing to score are left out.
     """
-    from .llm import explain_unit_llm, explainer_from
+    from .llm import explain_unit_llm, explainer_from, explainer_name
 
     client = explainer_from(explainer)  # None for rules; refuses what it does not know before any work
+    name = explainer_name(explainer)
     vocab = Vocab(tokenizer)
     cids, cacts = contexts(ids, acts, context)
     cids_np = cids.numpy()
@@ -407,7 +411,7 @@ def explain_units(
             item = explain_unit_llm(client, cids_np, a, vocab, classes, seed + unit)
         if item is None:
             continue
-        out.append({"site": site, "unit": int(unit), **item, "explainer": explainer})
+        out.append({"site": site, "unit": int(unit), **item, "explainer": name})
     return out
 
 

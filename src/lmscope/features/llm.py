@@ -1,6 +1,11 @@
-"""The LLM explainer and scorer behind an OpenAI-compatible endpoint the user names (``--explainer http:URL``).
+"""LLM explainers: a local causal LM that lmscope loads (``--explainer local:DIR``), or an OpenAI-compatible endpoint
+the user names (``--explainer http:URL``).
 
-Nothing leaves the machine unless the user passes a URL. Delphi/OpenAI-style prompts: the explainer sees the
+Nothing leaves the machine unless the user passes a URL. A local model is opened by lmscope's own loader
+(safetensors / GGUF only, never remote code) and answers greedily; its explanations are scored by the ``rules``
+simulator: the tokens it quotes (or names), the token classes it names and an "after X" become executable rules,
+scored on the held-out half exactly as the ``rules`` explainer's are (detection, fuzzing, simulation), beside a
+random explanation of the same shape. The endpoint is its own scorer (detection only). Delphi/OpenAI-style prompts: the explainer sees the
 explain half's activating contexts with the active tokens marked ``<<like this>>`` and answers with one short
 explanation (its raw answer is kept); the scorer — the same endpoint — reads the explanation and one held-out
 context at a time and answers 1 (the feature fires here) or 0. Detection (balanced accuracy) is scored for the
@@ -18,11 +23,14 @@ import numpy as np
 
 from ..errors import LmscopeError
 from .explain import (
+    Rule,
     Vocab,
     _balanced,
     auroc,
     describe,
     random_rules,
+    score,
+    simulate,
     split_examples,
 )
 
@@ -40,7 +48,10 @@ SCORE_SYSTEM = (
 class HttpModel:
     """A chat-completions endpoint: ``http://host:port/v1`` (``/chat/completions`` is appended)."""
 
+    scores_itself = True  # the endpoint also answers the detection questions
+
     def __init__(self, url: str, model: str = "default", timeout: float = 60.0):
+        self.spec = f"http:{url}"
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
@@ -78,19 +89,142 @@ class HttpModel:
             ) from None
 
 
-def explainer_from(spec: str):
-    """``rules`` -> None; ``http:URL`` -> an HttpModel; anything else is refused."""
+class LocalModel:
+    """A causal LM in a local folder, opened by lmscope's loader, answering greedily; its raw output is kept."""
+
+    scores_itself = False  # scored by the rules simulator (a small local model is no reliable judge)
+
+    def __init__(self, folder: str, lm=None):
+        from pathlib import Path
+
+        self.spec = f"local:{folder}"
+        path = Path(folder).expanduser()
+        if lm is None:
+            if not path.is_dir():
+                raise LmscopeError(
+                    f"the explainer model folder '{folder}' does not exist",
+                    "pass --explainer local:DIR with a model folder (config.json + safetensors)",
+                )
+            import lmscope
+
+            lm = lmscope.load(str(path), progress=False)
+        if not lm.is_causal:
+            raise LmscopeError(
+                f"the explainer model in '{folder}' is not a causal language model ({lm.task})",
+                "pass a causal LM folder (an instruct model writes the best explanations)",
+            )
+        self.lm = lm
+
+    def prompt_ids(self, system: str, user: str, max_tokens: int):
+        tok = self.lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = f"{system}\n\n{user}\n\nExplanation: the feature"
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        room = max(8, self.lm.max_positions - max_tokens)
+        if len(ids) > room:  # the examples are cut from the front; the instruction at the end stays
+            ids = ids[-room:]
+        return ids
+
+    def complete(self, system: str, user: str, max_tokens: int = 40) -> str:
+        import torch
+
+        ids = self.prompt_ids(system, user, max_tokens)[None]
+        eos = self.lm.tokenizer.eos_token_id
+        out = []
+        with torch.no_grad():  # greedy decoding, one token at a time over the whole sequence: short answers
+            for _ in range(max_tokens):
+                logits = self.lm.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
+                nxt = int(logits[0, -1].argmax())
+                if nxt == eos:
+                    break
+                out.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+                if ids.shape[1] >= self.lm.max_positions:
+                    break
+        return self.lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def explainer_from(spec):
+    """``rules`` -> None; ``http:URL`` -> an HttpModel; ``local:DIR`` -> a LocalModel (loaded here, once); an
+    explainer object passes through; anything else is refused."""
+    if not isinstance(spec, str):
+        return spec
     if spec == "rules":
         return None
+    client = None
     if spec.startswith("https://"):
-        return HttpModel(spec)
-    if spec.startswith("http:"):
+        client = HttpModel(spec)
+    elif spec.startswith("http:"):
         rest = spec[len("http:") :]
-        return HttpModel(rest if rest.startswith(("http://", "https://")) else spec)
+        client = HttpModel(rest if rest.startswith(("http://", "https://")) else spec)
+    elif spec.startswith("local:") and spec[len("local:") :].strip():
+        client = LocalModel(spec[len("local:") :])
+    if client is not None:
+        client.spec = spec  # explanations.json names the explainer as the user did
+        return client
     raise LmscopeError(
         f"unknown or unavailable explainer '{spec}'",
-        "use --explainer rules, or http:URL of an OpenAI-compatible server (local:DIR is not built yet)",
+        "use --explainer rules, local:DIR (a causal LM folder) or http:URL of an OpenAI-compatible server",
     )
+
+
+def explainer_name(explainer) -> str:
+    return explainer if isinstance(explainer, str) else explainer.spec
+
+
+# -- reading a free-text explanation as rules (the rules simulator scores LLM explanations) --------------------
+_CLASS_WORDS = {
+    "number": "digit",
+    "numbers": "digit",
+    "digit": "digit",
+    "digits": "digit",
+    "punctuation": "punct",
+    "capitalized": "capital",
+    "capital": "capital",
+    "newline": "newline",
+    "newlines": "newline",
+    "line break": "newline",
+    "whitespace": "space",
+}
+_STOP = set(
+    "fires on the a an of to in and or after before token tokens word words when it is are that this feature "
+    "right just with for at by as be like text marked each one".split()
+)
+
+
+def rules_from_text(explanation: str, pool, vocab: Vocab) -> list:
+    """Executable rules read from an explanation: the tokens of ``pool`` (ids) it quotes — or, when it quotes
+    none, the ones it names as words — the token classes it names, and a previous-token condition from a
+    quoted token after the word "after"."""
+    import re
+
+    from .explain import CLASSES, Rule
+
+    def quoted(text):
+        return [a or b or c for a, b, c in re.findall(r"'([^']+)'|\"([^\"]+)\"|<<(.+?)>>", text)]
+
+    head, _, tail = explanation.partition(" after ")
+    names = quoted(head) or [w for w in re.findall(r"[A-Za-z0-9]+", head) if w.lower() not in _STOP]
+    by_text: dict[str, list[int]] = {}
+    for i in pool:
+        by_text.setdefault(vocab.text(int(i)).strip().casefold(), []).append(int(i))
+    current = [("tok", i) for n in names for i in by_text.get(n.strip().casefold(), [])]
+    classes = list(CLASSES)
+    lowered = head.lower()
+    current += [
+        ("class", classes.index(c)) for w, c in _CLASS_WORDS.items() if re.search(rf"\b{w}\b", lowered)
+    ]
+    previous = [("tok", i) for n in quoted(tail) for i in by_text.get(n.strip().casefold(), [])][:1]
+    prev = previous[0] if previous else None
+    seen, rules = set(), []
+    for c in current:
+        if c not in seen:
+            seen.add(c)
+            rules.append(Rule(c, prev))
+    return rules[:24]
 
 
 def _marked(tokens: list[str], acts: np.ndarray, threshold: float) -> str:
@@ -113,7 +247,10 @@ def explain_unit_llm(client: HttpModel, ids, acts, vocab: Vocab, classes, seed: 
         f"Example {n + 1}: {_marked(text(c), acts[c], threshold)}" for n, c in enumerate(shown)
     )
     raw = client.complete(EXPLAIN_SYSTEM, prompt)
-    explanation = raw.splitlines()[0].strip() if raw.strip() else "fires on nothing it could name"
+    first = next((line.strip() for line in raw.splitlines() if line.strip()), "")
+    explanation = first or "fires on nothing it could name"
+    if not client.scores_itself:
+        return _scored_by_rules(explanation, raw, ids, acts, vocab, classes, split, rng)
     baseline_text = describe(random_rules([], ids[np.concatenate([ex, ho])], rng), vocab)
 
     def detect(expl: str) -> dict:
@@ -135,5 +272,29 @@ def explain_unit_llm(client: HttpModel, ids, acts, vocab: Vocab, classes, seed: 
         "scores": detect(explanation),
         "random_baseline": detect(baseline_text),
         "random_explanation": baseline_text,
+        **split.record,
+    }
+
+
+def _scored_by_rules(explanation, raw, ids, acts, vocab, classes, split, rng) -> dict:
+    """An LLM's explanation read as rules and scored by the rules simulator, beside a random explanation."""
+    ex, ho, threshold = split.explain, split.held_out, split.threshold
+    pool = np.unique(ids[np.concatenate([ex, ho])])
+    read = rules_from_text(explanation, pool[pool >= 0], vocab)
+    valued = []  # each rule's simulated activation: its mean on the explain half, as the rules explainer does
+    for r in read:
+        sim = simulate([r], ids[ex], classes[ex]) > 0
+        valued.append(Rule(r.current, r.previous, float(acts[ex][sim].mean()) if sim.any() else 1.0))
+    scores = score(valued, ids[ho], classes[ho], acts[ho], split.activating, threshold, rng)
+    baseline_rules = random_rules(valued, ids[np.concatenate([ex, ho])], rng)
+    baseline = score(baseline_rules, ids[ho], classes[ho], acts[ho], split.activating, threshold, rng)
+    return {
+        "explanation": explanation,
+        "raw_explanation": raw,
+        "scorer": "rules simulator",
+        "rules": [r.to_json(vocab) for r in valued],
+        "scores": scores,
+        "random_baseline": baseline,
+        "random_explanation": describe(baseline_rules, vocab),
         **split.record,
     }

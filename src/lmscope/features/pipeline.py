@@ -133,7 +133,7 @@ def explain_model(
     tokens: int = 32_768,
     seq_len: int = 128,
     units: list[int] | None = None,
-    explainer: str = "rules",
+    explainer="rules",
     seed: int = 0,
     progress=None,
 ) -> dict:
@@ -154,6 +154,9 @@ def explain_model(
     bad = [u for u in units if not 0 <= u < width]
     if bad:
         raise LmscopeError(f"unit {bad[0]} is out of range", f"use units 0..{width - 1}")
+    from .llm import explainer_from
+
+    explainer = explainer_from(explainer) or "rules"  # a local model loads once, not once per chunk
     ids, raw = harvest_windows(lm, site, corpus, scan_dir, tokens, seq_len)
     if ids.numel() < 4 * CONTEXT:
         raise LmscopeError(
