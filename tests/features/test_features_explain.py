@@ -127,3 +127,29 @@ def test_http_explainer_and_scorer_against_a_local_endpoint():
     assert u["explainer"] == url
     assert all(u["scores"]["detection"] >= 0.95 for u in units)
     assert abs(np.mean([u["random_baseline"]["detection"] for u in units]) - 0.5) <= 0.1
+
+
+class CasedTokenizer:
+    """Ids i and i + 30 are the same word in two spellings: ' w{i}' and 'W{i}' (i < 30)."""
+
+    def decode(self, ids):
+        return "".join(f" w{i}" if i < 30 else f"W{i - 30}" for i in ids)
+
+
+def test_a_word_in_any_spelling_and_a_token_shortly_before_are_found():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 60, (400, 64), generator=g)
+    word = ((ids == 4) | (ids == 34)).float()[..., None]  # unit 0: the word w4, either spelling
+    near = torch.zeros(400, 64)
+    for back in range(2, 6):  # unit 1: ' w3' with ' w7' 2..5 tokens before (never right before)
+        near[:, back:] += (
+            (ids[:, back:] == 3) & (ids[:, :-back] == 7) & (ids[:, back - 1 : -1] != 7)
+        ).float()
+    acts = torch.cat([word, (near > 0).float()[..., None]], dim=-1)
+    units = explain_units(ids, acts, CasedTokenizer(), [0, 1], site="s")
+    by_unit = {u["unit"]: u for u in units}
+    assert by_unit[0]["scores"]["detection"] >= 0.95 and "w4" in by_unit[0]["explanation"]
+    assert by_unit[1]["explanation"].startswith("fires on ' w3' with ' w7' shortly before"), by_unit[1][
+        "explanation"
+    ]
+    assert by_unit[1]["scores"]["detection"] >= 0.9
