@@ -32,9 +32,11 @@ import torch
 CONTEXT = 32
 ACTIVE = 0.2  # a token is active above this fraction of the unit's largest activation
 N_TOP, N_QUANTILE, N_RANDOM = 20, 20, 40
-MAX_RULES = 5  # chosen on development latents disjoint from the benchmark's reported ones (3 → 5: +0.025 median)
+# MAX_RULES was chosen on development latents disjoint from the benchmark's reported ones (3 -> 5: +0.025 median)
+MAX_RULES = 5
 N_CURRENT = 12  # candidate current tokens: the most frequent among the active ones
-DETECTION_WEIGHT = 1.0  # rule selection: token F1 + this × context-level balanced accuracy (explain half only)
+# rule selection: token F1 + DETECTION_WEIGHT x context-level balanced accuracy (explain half only)
+DETECTION_WEIGHT = 1.0
 
 
 # -- token classes ---------------------------------------------------------------------------------
