@@ -206,8 +206,15 @@ def test_compare_a_pruned_model_against_numpy(make_tiny):
             assert (f["status"] == "distorted") == (want < 0.8)
             checked += 1
     assert checked > 0
-    corr = [f["correlation"] for f in c.features if f["status"] != "new"]
-    assert corr == sorted(corr)  # worst first
+    listed = [f for f in c.features if f["status"] != "new"]
+    supported = [f["tokens_original"] >= 3 for f in listed]
+    assert supported == sorted(supported, reverse=True)  # well-supported features first, then one-token flips
+    for group in (True, False):
+        corr = [f["correlation"] for f, s in zip(listed, supported) if s == group]
+        assert corr == sorted(corr)  # worst first
+    changed = sum(fa[:, f["feature"]].sum() for f in listed if f["status"] in ("lost", "distorted"))
+    if len(listed) == c.summary["active"]:
+        assert c.summary["changed_mass_fraction"] == pytest.approx(changed / fa.sum(), rel=1e-4)
     assert c.summary["median_correlation"] < 0.99  # removing a block changes the features
     remove_layers(b, [0])  # now original block 1 itself is gone
     with pytest.raises(LmscopeError, match="removed block 1"):

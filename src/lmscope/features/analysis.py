@@ -381,7 +381,8 @@ class FeatureComparison:
         lines = [
             f"features at {self.site} on {self.n_tokens} tokens: {s['active']} active in the original, "
             f"median correlation {_fmt(s['median_correlation'])}, {s['lost']} lost, {s['distorted']} distorted, "
-            f"{s['new']} new; dictionary FVU {_fmt(s['fvu_original'])} -> {_fmt(s['fvu_compressed'])}"
+            f"{s['new']} new ({100 * s['changed_mass_fraction']:.1f}% of the activation mass in lost or distorted "
+            f"features); dictionary FVU {_fmt(s['fvu_original'])} -> {_fmt(s['fvu_compressed'])}"
         ]
         for f in self.features[:5]:
             e = f" ({f['explanation']})" if f.get("explanation") else ""
@@ -422,10 +423,22 @@ def _pruned_sites(lm_a, lm_b, sae) -> tuple[str, str]:
 
 
 def compare_features(
-    lm_a, lm_b, sae, texts, worst: int = 20, explanations: dict | None = None, truncate: bool = False
+    lm_a,
+    lm_b,
+    sae,
+    texts,
+    worst: int = 20,
+    explanations: dict | None = None,
+    truncate: bool = False,
+    min_tokens: int = 3,
 ) -> FeatureComparison:
     """Which features of ``sae`` the compressed ``lm_b`` lost or distorted relative to ``lm_a`` on ``texts``
-    (one text or a list): per-feature Pearson correlation of the two models' activations over the tokens."""
+    (one text or a list): per-feature Pearson correlation of the two models' activations over the tokens.
+
+    ``summary``: features active on the original, lost / distorted / new counts, median and mass-weighted
+    correlation, the fraction of the original's activation mass in lost or distorted features, and the
+    dictionary's FVU on each model. ``features``: the ``worst`` features (those active on at least
+    ``min_tokens`` original tokens first), then up to 5 new ones."""
     _check(lm_a, sae)
     sites_b = _pruned_sites(lm_a, lm_b, sae)
     renamed = copy.copy(sae)  # the width check of lm_b at the sites it has there
@@ -476,8 +489,11 @@ def compare_features(
             }
         )
     on_original = [r for r in rows if r["status"] != "new"]
-    # worst first: lowest correlation, ties (e.g. every lost feature at 0) by how much of the original it carried
-    on_original.sort(key=lambda r: (r["correlation"], -float(mass_a[r["feature"]])))
+    # worst first: lowest correlation, ties (e.g. every lost feature at 0) by how much of the original it carried;
+    # features active on fewer than min_tokens original tokens (a top-k flip on one token) come after the others
+    on_original.sort(
+        key=lambda r: (r["tokens_original"] < min_tokens, r["correlation"], -float(mass_a[r["feature"]]))
+    )
     corrs = torch.tensor([r["correlation"] for r in on_original], dtype=torch.float64)
     weights = torch.tensor([float(mass_a[r["feature"]]) for r in on_original], dtype=torch.float64)
     summary = {
@@ -489,6 +505,12 @@ def compare_features(
         "mass_weighted_correlation": round(float((corrs * weights).sum() / weights.sum()), 5)
         if len(corrs)
         else None,
+        "changed_mass_fraction": round(
+            float(
+                sum(float(mass_a[r["feature"]]) for r in on_original if r["status"] != "kept") / mass_a.sum()
+            ),
+            5,
+        ),
         "fvu_original": round(_fvu(sae, xa, ya), 5),
         "fvu_compressed": round(_fvu(sae, xb, yb), 5),
         "distorted_below": DISTORTED,
