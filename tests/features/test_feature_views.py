@@ -72,6 +72,10 @@ def test_active_features_match_a_hand_encoding(tiny_llama):
         assert [g[0] for g in got] == [w[0] for w in want]
         assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-4, abs=1e-5)
         assert act.l0[p] == int((pre[p - 1].topk(sae.cfg.k).values > 0).sum())
+        err = (x[p] - sae.decode(sae.encode(x[p : p + 1]))[0]).detach()
+        assert act.relative_error[p] == pytest.approx(
+            float(err.norm() / (x[p] - sae.b_dec.detach()).norm()), rel=1e-3
+        )
     peaks = [f["peak"] for f in act.features]
     assert peaks == sorted(peaks, reverse=True) and peaks[0] > 0
 

@@ -138,7 +138,7 @@ class FeatureActivity:
     ]  # per position: [{feature, activation, explanation?, detection?}], strongest first
     features: list[dict]  # the features active anywhere, by peak activation
     l0: list[int]  # active features per position (position 0: None, not encoded)
-    relative_error: list[float | None]  # |error| / |site - mean| per position
+    relative_error: list[float | None]  # |error| / |site − b_dec| per position
     activations: torch.Tensor = field(repr=False, default=None)  # [n, len(features)] for the heatmap
 
     def to_dict(self) -> dict:
@@ -149,7 +149,8 @@ class FeatureActivity:
             "features": self.features,
             "l0": self.l0,
             "relative_error": self.relative_error,
-            "note": "position 0 (the attention sink) is not encoded: dictionaries are trained without it",
+            "note": "position 0 (the attention sink) is not encoded: dictionaries are trained without it; "
+            "relative_error = |site − decode(encode(site))| / |site − b_dec|",
         }
 
 
@@ -174,7 +175,8 @@ def active_features(
     with torch.no_grad():
         parts = decompose(sae, x_in[1:], x_out[1:])
     codes = parts["codes"]  # [n-1, d_sae]
-    centred = (x_out[1:] - x_out[1:].mean(0)).norm(dim=-1).clamp_min(1e-12)
+    # the decoder bias stands for the mean activation (SAELens initializes it there): error against the rest
+    centred = (x_out[1:] - sae.b_dec.detach()).norm(dim=-1).clamp_min(1e-12)
     rel = (parts["error"].norm(dim=-1) / centred).tolist()
     per_token: list[list[dict]] = [[]]
     for row in codes:
