@@ -8,6 +8,7 @@ markdown, offline. One harvest pass captures ``blocks.L.resid_post`` and ``block
 
     .venv/bin/python benchmarks/features.py --stage train --tokens 30000
     .venv/bin/python benchmarks/features.py --stage explain
+    .venv/bin/python benchmarks/features.py --stage more --more-tokens 20000   # more tokens to explain from, then explain
 """
 
 from __future__ import annotations
@@ -152,6 +153,54 @@ def stage_train(args, work: Path) -> dict:
     }
 
 
+def stage_more(args, work: Path) -> dict:
+    """Harvest ``--more-tokens`` further training-part windows (after those the train stage used) for the
+    explanations only: more activating contexts per latent. The dictionary is not retrained."""
+    from safetensors.torch import load_file, save_file
+
+    import lmscope
+    from lmscope.features.activations import capture, corpus_windows, window_batches
+    from lmscope.scan import Corpus
+
+    lm = lmscope.load("smollm2", progress=False)
+    corpus = Corpus(corpus_paths(work / "corpus"))
+    site, neurons = f"blocks.{LAYER}.resid_post", f"blocks.{LAYER}.mlp.hidden"
+    used = json.loads((work / "train.json").read_text())["harvest_tokens"]
+    seen = n = 0
+    ids_all, resid, hidden = [], [], []
+    t = time.perf_counter()
+    for ids in window_batches(corpus_windows(lm, corpus, SEQ, "train"), 8):
+        if seen < used:  # the train stage's windows (its harvest stops at the first batch past --tokens)
+            seen += ids.numel()
+            continue
+        if ids.shape[1] != SEQ:
+            continue
+        got = capture(lm, ids, [site, neurons])
+        ids_all.append(ids)
+        resid.append(got[site].half())
+        hidden.append(got[neurons].half())
+        n += ids.numel()
+        print(f"\rharvest more: {n:,}/{args.more_tokens:,} tokens", end="", file=sys.stderr, flush=True)
+        if n >= args.more_tokens:
+            break
+    seconds = time.perf_counter() - t
+    print(file=sys.stderr)
+    old = load_file(str(work / "harvest.safetensors"))
+    save_file(
+        {
+            "ids": torch.cat([old["ids"], *ids_all]),
+            "resid": torch.cat([old["resid"], *resid]),
+            "neurons": torch.cat([old["neurons"], *hidden]),
+        },
+        str(work / "harvest.safetensors"),
+    )
+    return {
+        "more_tokens": n,
+        "harvest_tokens_per_s": n / seconds,
+        "windows_now": int(old["ids"].shape[0]) + sum(int(i.shape[0]) for i in ids_all),
+    }
+
+
 def stage_explain(args, work: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -204,7 +253,10 @@ def stage_explain(args, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=("train", "explain", "all"), default="all")
+    p.add_argument("--stage", choices=("train", "more", "explain", "all"), default="all")
+    p.add_argument(
+        "--more-tokens", type=int, default=20000, help="--stage more: tokens harvested for explaining"
+    )
     p.add_argument("--tokens", type=int, default=30000)
     p.add_argument("--latents", type=int, default=2304)
     p.add_argument("--k", type=int, default=32)
@@ -222,7 +274,10 @@ def main() -> None:
     if args.stage in ("train", "all"):
         out["train"] = stage_train(args, work)
         (work / "train.json").write_text(json.dumps(out["train"], indent=1))
-    if args.stage in ("explain", "all"):
+    if args.stage == "more":
+        out["more"] = stage_more(args, work)
+        (work / "more.json").write_text(json.dumps(out["more"], indent=1))
+    if args.stage in ("explain", "all", "more"):
         out["explain"] = stage_explain(args, work)
         (work / "explain.json").write_text(json.dumps(out["explain"], indent=1))
     print(json.dumps(out, indent=1))
