@@ -250,6 +250,8 @@ def test_explanations_found_beside_the_dictionary_and_unscored_ones_hidden(tmp_p
         for f in feats:
             assert ("explanation" in f) == (f["feature"] % 2 == 0)
             assert f.get("explanation") != "unscored"
+    attr = attribute_features(tiny_llama, sae, TEXT, explanations=found)
+    assert attr.features and all(("explanation" in f) == (f["feature"] % 2 == 0) for f in attr.features)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------

@@ -95,6 +95,13 @@ def test_bad_local_explainers(tmp_path):
         explainer_from("local:")
 
 
+def test_an_encoder_folder_is_no_explainer(tmp_path, build_tiny, encoder_tokenizer):
+    build_tiny("bert").save_pretrained(tmp_path / "bert")
+    encoder_tokenizer.save_pretrained(tmp_path / "bert")
+    with pytest.raises(LmscopeError, match="not a causal language model"):
+        explainer_from(f"local:{tmp_path / 'bert'}")
+
+
 def test_cli_local_explainer(tiny_dir, text_corpus, tmp_path, capsys):
     from lmscope.features import Dictionary, DictionaryConfig
 
