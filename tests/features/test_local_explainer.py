@@ -84,8 +84,17 @@ def test_a_tiny_local_model_explains_and_is_scored(tiny_dir):
     assert u["explainer"] == f"local:{tiny_dir}" and u["scorer"] == "rules simulator"
     assert isinstance(u["raw_explanation"], str) and len(u["raw_explanation"]) > 0
     assert u["scores"]["detection"] is not None and u["random_baseline"]["detection"] is not None
-    # greedy and deterministic: the same prompt gives the same answer
-    assert client.complete("sys", "user text", 8) == client.complete("sys", "user text", 8)
+    # greedy: the answer is the argmax continuation, token by token (a plain loop over the HF model, no cache)
+    prompt = client.prompt_ids("sys", "user text", 8)[None]
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = client.lm.model(input_ids=seq).logits[0, -1].argmax()
+            if int(nxt) == client.lm.tokenizer.eos_token_id:
+                break
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    want = client.lm.tokenizer.decode(seq[0, prompt.shape[1] :].tolist(), skip_special_tokens=True)
+    assert client.complete("sys", "user text", 8) == want
 
 
 def test_bad_local_explainers(tmp_path):

@@ -132,19 +132,18 @@ class LocalModel:
         import torch
 
         ids = self.prompt_ids(system, user, max_tokens)[None]
-        eos = self.lm.tokenizer.eos_token_id
-        out = []
-        with torch.no_grad():  # greedy decoding, one token at a time over the whole sequence: short answers
-            for _ in range(max_tokens):
-                logits = self.lm.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits
-                nxt = int(logits[0, -1].argmax())
-                if nxt == eos:
-                    break
-                out.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-                if ids.shape[1] >= self.lm.max_positions:
-                    break
-        return self.lm.tokenizer.decode(out, skip_special_tokens=True)
+        tok = self.lm.tokenizer
+        room = max(1, min(max_tokens, self.lm.max_positions - ids.shape[1]))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.no_grad():  # greedy, with the KV cache
+            out = self.lm.model.generate(
+                ids.to(self.lm.device),
+                attention_mask=torch.ones_like(ids).to(self.lm.device),
+                max_new_tokens=room,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        return tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
 def explainer_from(spec):
