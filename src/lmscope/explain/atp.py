@@ -73,7 +73,7 @@ def dropped_gradients(loss, acts: list, firsts: list[int], units: list):
     where u is not downstream of ``acts[i]`` (``firsts[i] > u``). A gradient is None where ``acts[i]``
     does not reach the loss. Uses chain rule: dropped = plain − (∂units[u]/∂acts[i])ᵀ · ∂loss/∂units[u]."""
     n = len(acts)
-    grads = torch.autograd.grad(loss, list(acts) + list(units), retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(loss, list(acts) + list(units), retain_graph=bool(units), allow_unused=True)
     plain, unit_grads = list(grads[:n]), grads[n:]
     yield None, plain
     for u, (out, g_out) in enumerate(zip(units, unit_grads)):
