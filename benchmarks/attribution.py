@@ -1,6 +1,13 @@
 """Benchmark: lmscope integrated gradients vs Captum's LayerIntegratedGradients on smollm2.
 
     .venv/bin/python benchmarks/attribution.py [--threads 1] [--skip-explain]
+    .venv/bin/python benchmarks/attribution.py --parts 2 [--before-src OTHER_CHECKOUT/src]
+
+``--parts N``: only the default explain's parts, each in a fresh process, N times (alternating with
+``--before-src``'s code when given, so both see the same machine load): wall and CPU seconds of
+importing torch + transformers (through lmscope), loading smollm2 from the conversion cache, each part
+of explain (methods, faithfulness curves, randomization check) and writing the report, with the load
+average. CPU seconds are the comparison that survives a shared machine (1 thread).
 
 Prints (and saves to benchmarks/results/attribution.txt) time and completeness error at 32 and 200
 uniform Gauss–Legendre steps for both (same baseline: the pad token embedding at every position, same
@@ -26,8 +33,95 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 TARGET = " Mary"
 
 
+#: one fresh process: the default explain, timed part by part (wall and CPU seconds)
+PARTS_SCRIPT = r"""
+import json, os, sys, time
+torch_threads = int(sys.argv[1])
+marks = [("start", time.perf_counter(), time.process_time())]
+def mark(name):
+    marks.append((name, time.perf_counter(), time.process_time()))
+import torch
+torch.set_num_threads(torch_threads)
+mark("import torch")
+import lmscope, lmscope.lm
+from lmscope.explain.api import explain
+mark("import transformers + lmscope")
+lm = lmscope.load("smollm2", progress=False)
+mark("load smollm2")
+parts = {}
+def timed_part(fn):
+    def run(*a, **k):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(*a, **k)
+        parts.setdefault(fn.__name__, [0.0, 0.0])
+        parts[fn.__name__][0] += time.perf_counter() - t
+        parts[fn.__name__][1] += time.process_time() - c
+        return out
+    return run
+import lmscope.explain.api as api
+api.faithfulness_many = timed_part(api.faithfulness_many)
+api.randomized_copy = timed_part(api.randomized_copy)
+res = explain(lm, sys.argv[2], target=sys.argv[3])
+mark("explain")
+res.write_json(os.devnull) if hasattr(res, "write_json") else None
+res.report(os.path.join(sys.argv[4], "report.html"))
+mark("report")
+out = {name: (t - t0, c - c0) for (name, t, c), (_, t0, c0) in zip(marks[1:], marks[:-1])}
+out["explain: " + "+".join(res.first.timings)] = tuple(res.first.timings.values())
+out["parts"] = parts
+out["total"] = (marks[-1][1] - marks[0][1], marks[-1][2] - marks[0][2])
+out["load_avg"] = os.getloadavg()[0]
+print(json.dumps(out))
+"""
+
+
+def explain_parts(runs: int, before_src: str | None, threads: int, say) -> None:
+    """The default explain in fresh processes, part by part (``--parts``)."""
+    import json
+    import subprocess
+    import tempfile
+
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    codes = [("after (this checkout)", here)] + ([("before", before_src)] if before_src else [])
+    rows: dict[str, list[dict]] = {label: [] for label, _ in codes}
+    for _ in range(runs):
+        for label, src in codes:
+            env = {**os.environ, "PYTHONPATH": src, "TOKENIZERS_PARALLELISM": "false"}
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run(
+                    [sys.executable, "-c", PARTS_SCRIPT, str(threads), PROMPT, TARGET, tmp],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
+            if proc.returncode:
+                say(f"{label}: failed: {proc.stderr.strip().splitlines()[-1]}")
+                continue
+            rows[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for label, got in rows.items():
+        for i, r in enumerate(got):
+            say(
+                f"{label}, run {i + 1} (load avg {r['load_avg']:.1f} at its end), {threads} thread(s): wall s / CPU s"
+            )
+            for key in ("import torch", "import transformers + lmscope", "load smollm2"):
+                say(f"  {key:40s} {r[key][0]:7.2f} / {r[key][1]:6.2f}")
+            ekey = next(k for k in r if k.startswith("explain: "))
+            names = ekey.removeprefix("explain: ").split("+")
+            say(f"  {'explain':40s} {r['explain'][0]:7.2f} / {r['explain'][1]:6.2f}")
+            for n, v in zip(names, r[ekey]):
+                say(f"    {n.removeprefix('method:'):38s} {v:7.2f}")
+            for n, (w, c) in r["parts"].items():
+                say(f"    of which {n:29s} {w:7.2f} / {c:6.2f}")
+            say(f"  {'report':40s} {r['report'][0]:7.2f} / {r['report'][1]:6.2f}")
+            say(f"  {'total (fresh process)':40s} {r['total'][0]:7.2f} / {r['total'][1]:6.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--parts", type=int, default=0, help="only the default explain, part by part, N fresh runs"
+    )
+    ap.add_argument("--before-src", default=None, help="with --parts: another checkout's src/ to compare")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: lmscope's choice)")
     ap.add_argument("--batch", type=int, default=32, help="internal_batch_size for both libraries")
     ap.add_argument("--skip-explain", action="store_true")
@@ -38,6 +132,20 @@ def main() -> None:
     args.threads = choose_threads(args.threads)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.parts:
+        lines: list[str] = []
+
+        def say_parts(s: str = "") -> None:
+            print(s, flush=True)
+            lines.append(s)
+
+        say_parts(f"default explain, part by part · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        say_parts(f"prompt {PROMPT!r}, target {TARGET!r}; load avg at start {os.getloadavg()[0]:.1f}")
+        explain_parts(args.parts, args.before_src, args.threads, say_parts)
+        out = Path(args.out).with_name("attribution-parts.txt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return
 
     import captum
     from captum.attr import LayerIntegratedGradients

@@ -1,12 +1,14 @@
 """Benchmark: head ablation and activation patching, exact vs attribution patching (AtP), and DLA, on smollm2.
 
-    .venv/bin/python benchmarks/heads.py [--threads N] [--skip-exact-heads]
+    .venv/bin/python benchmarks/heads.py [--threads N] [--skip-exact-heads] [--skip-graddrop]
 
 Prints (and saves to benchmarks/results/heads.txt): the exact zero/mean ablation of all 270 heads over
 64 tokens of the built-in text (what `lmscope heads` runs) against its AtP estimate (one forward +
 backward) — times and the Spearman rank correlation of the estimates with the exact scores; exact
 activation patching on the IOI pair against its AtP estimate (times, correlations per site); direct
-logit attribution's time and sum check; AtP with torch's default thread count against lmscope's choice.
+logit attribution's time and sum check; AtP with torch's default thread count against lmscope's choice;
+AtP with GradDrop (AtP*'s fix for cancelling paths; a magnitude estimate, so it is compared with
+|exact| beside |AtP|). Times are wall and CPU seconds (CPU: what survives a shared machine).
 No peer library is installed for these (TransformerLens is not a dependency); the exact path is the
 reference. Not a test: times depend on the machine and its load, which is printed.
 """
@@ -30,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: lmscope's choice)")
     ap.add_argument("--skip-exact-heads", action="store_true", help="skip the slow exact head ablation")
+    ap.add_argument("--skip-graddrop", action="store_true", help="skip AtP + GradDrop")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heads.txt"))
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
@@ -63,18 +66,35 @@ def main() -> None:
     say()
 
     def timed(fn):
-        t0 = time.perf_counter()
+        """(wall seconds, result); the CPU seconds of the call are left in ``timed.cpu``."""
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        timed.cpu = time.process_time() - c0
         return time.perf_counter() - t0, out
+
+    def top10(a: np.ndarray) -> set:
+        flat = np.where(np.isnan(a), -np.inf, a).ravel()
+        return {divmod(int(i), a.shape[1]) for i in np.argsort(-flat)[:10]}
 
     head_importance(lm, methods=("zero",), approx="atp", max_tokens=16, window=16)  # warm up
     t_atp, atp = timed(lambda: head_importance(lm, methods=("zero", "mean"), approx="atp"))
     say(f"heads, 64 tokens, all {lm.n_layers * lm.n_heads} heads, zero + mean ablation (load {load()})")
-    say(f"  AtP estimate (one forward + backward)      {t_atp:8.2f} s")
+    c_atp = timed.cpu
+    say(f"  AtP estimate (one forward + backward)      {t_atp:8.2f} s wall {c_atp:7.2f} s CPU")
+    if not args.skip_graddrop:
+        t_gd, gd = timed(lambda: head_importance(lm, methods=("zero", "mean"), approx="atp-graddrop"))
+        say(
+            f"  AtP + GradDrop (+60 partial backwards)     {t_gd:8.2f} s wall {timed.cpu:7.2f} s CPU  (load {load()})"
+        )
     if not args.skip_exact_heads:
         t_exact, exact = timed(lambda: head_importance(lm, methods=("zero", "mean")))
-        say(f"  exact ablation (540 ablated forwards)      {t_exact:8.2f} s   (load {load()})")
-        say(f"  speed-up AtP vs exact                      {t_exact / t_atp:8.1f}×")
+        c_exact = timed.cpu
+        say(
+            f"  exact ablation (540 ablated forwards)      {t_exact:8.2f} s wall {c_exact:7.2f} s CPU  (load {load()})"
+        )
+        say(
+            f"  speed-up AtP vs exact                      {t_exact / t_atp:8.1f}× wall {c_exact / c_atp:7.1f}× CPU"
+        )
         for mode in ("zero", "mean"):
             c = rank_correlation(atp[f"atp_{mode}"], exact[f"ablation_{mode}"])
             top_a = {tuple(p) for p in atp.ranking(f"atp_{mode}")[:10]}
@@ -84,15 +104,43 @@ def main() -> None:
                 f"  {mode}-ablation: Spearman {c['spearman']:.3f}, Pearson {c['pearson']:.3f}, "
                 f"top-10 overlap {len(top_a & top_e)}/10, mean cancellation {cancel:.2f}"
             )
+            if not args.skip_graddrop:
+                ex_abs = np.abs(exact[f"ablation_{mode}"])
+                plain = rank_correlation(np.abs(atp[f"atp_{mode}"]), ex_abs)
+                drop = rank_correlation(gd[f"atp_{mode}_graddrop"], ex_abs)
+                ov_plain = len(top10(np.abs(atp[f"atp_{mode}"])) & top10(ex_abs))
+                ov_drop = len(top10(gd[f"atp_{mode}_graddrop"]) & top10(ex_abs))
+                say(
+                    f"    vs |exact|: |AtP| Spearman {plain['spearman']:.3f} (top-10 {ov_plain}/10), "
+                    f"GradDrop Spearman {drop['spearman']:.3f} (top-10 {ov_drop}/10)"
+                )
     say()
     t_pe, exact_p = timed(lambda: patch(lm, CLEAN, CORRUPT, " Mary", " John"))
     t_pa, approx_p = timed(lambda: patch(lm, CLEAN, CORRUPT, " Mary", " John", approx="atp", exact=False))
+    c_pa = timed.cpu
     say(f"patching, IOI pair ({len(exact_p.tokens)} tokens), metric {exact_p.metric_name} (load {load()})")
     say(f"  exact ({exact_p.meta['patched_runs']} patched runs)                 {t_pe:8.2f} s")
     say(f"  AtP estimate (resid, heads, heads×pos, MLP) {t_pa:8.2f} s   speed-up {t_pe / t_pa:.1f}×")
     for site, grid in (("resid", exact_p.resid_raw), ("heads", exact_p.heads_raw), ("mlp", exact_p.mlp_raw)):
         c = rank_correlation(approx_p.approx[site], grid)
         say(f"  {site:6s} Spearman {c['spearman']:.3f}, Pearson {c['pearson']:.3f} over {c['n']} sites")
+    if not args.skip_graddrop:
+        t_pg, gd_p = timed(
+            lambda: patch(lm, CLEAN, CORRUPT, " Mary", " John", approx="atp-graddrop", exact=False)
+        )
+        say(f"  AtP + GradDrop {t_pg:.2f} s wall, {timed.cpu:.2f} s CPU (plain AtP {c_pa:.2f} s CPU)")
+        for site, grid, lin in (
+            ("resid", exact_p.resid_raw, "resid_linear"),
+            ("heads", exact_p.heads_raw, "heads"),
+            ("mlp", exact_p.mlp_raw, "mlp"),
+        ):
+            effect = np.abs(grid - exact_p.metric_corrupt)
+            plain = rank_correlation(np.abs(approx_p.approx[lin] - exact_p.metric_corrupt), effect)
+            drop = rank_correlation(gd_p.approx["graddrop"][site], effect)
+            say(
+                f"  {site:6s} vs |exact effect|: |AtP| Spearman {plain['spearman']:.3f}, "
+                f"GradDrop Spearman {drop['spearman']:.3f}"
+            )
     say()
     t_d, d = timed(lambda: dla(lm, CLEAN, target=" Mary", contrast=" John"))
     say(

@@ -128,3 +128,98 @@ def test_head_atp_compare_exact_and_labels(make_tiny):
     enc = make_tiny("bert")
     with pytest.raises(LmscopeError, match="causal"):
         head_importance(enc, input_ids=ids[:, :8], methods=("zero",), approx="atp")
+
+
+def test_graddrop_equals_dropping_each_sublayer_gradient_by_brute_force(make_tiny):
+    """GradDrop's per-sublayer gradients (full gradient minus a VJP) equal re-running the forward with that
+    sublayer's output detached; the score is (1/(U−1)) Σ_u |estimate_u| over U = 2·layers sublayers."""
+    from lmscope.capture.session import hooks
+    from lmscope.explain.heads import next_token_ce
+
+    lm = make_tiny("llama")
+    lm.model.double()
+    ids = torch.randint(1000, 20000, (2, 10), generator=torch.Generator().manual_seed(4))
+    scores = head_importance(lm, input_ids=ids, methods=("zero", "mean"), approx="atp-graddrop")
+    names = [f"blocks.{i}.attn.head_out" for i in range(lm.n_layers)]
+    units = [f"blocks.{i}.{s}" for i in range(lm.n_layers) for s in ("attn.out", "mlp.out")]
+
+    def head_grads(detach=None):
+        iv = {n: (lambda x, name: x.clone()) for n in names}
+        if detach is not None:
+            iv[detach] = lambda x, name: x.detach()
+        with torch.enable_grad(), hooks(lm, names, iv, keep_grad=True) as s:
+            logits = lm.model(input_ids=ids).logits
+            loss = next_token_ce(logits[:, :-1], ids[:, 1:]).mean(1).mean()
+            acts = [s.tensors[n] for n in names]
+            return [a.detach() for a in acts], torch.autograd.grad(loss, acts, allow_unused=True)
+
+    acts, plain = head_grads()
+    for mode in ("zero", "mean"):
+        expect = np.zeros((lm.n_layers, lm.n_heads))
+        for u, unit in enumerate(units):
+            _, dropped = head_grads(unit)
+            for layer, (a, g_plain, g_drop) in enumerate(zip(acts, plain, dropped)):
+                g = g_plain if u < 2 * layer + 1 else g_drop  # only sublayers after the head are dropped
+                target = torch.zeros_like(a) if mode == "zero" else a.mean(dim=(0, 1), keepdim=True)
+                expect[layer] += ((target - a) * g).sum(dim=(0, 1, 3)).abs().numpy()
+        expect /= len(units) - 1
+        # (float64 model; rotary tables stay float32 in HF, hence not 1e-12)
+        np.testing.assert_allclose(scores[f"atp_{mode}_graddrop"], expect, rtol=1e-6, atol=1e-12)
+        assert np.all(scores[f"atp_{mode}_graddrop"] >= 0)
+        # a different number from |AtP|: dropping paths changes the estimates
+        assert not np.allclose(scores[f"atp_{mode}_graddrop"], np.abs(scores[f"atp_{mode}"]), rtol=1e-2)
+    # the plain AtP estimates are unchanged by asking for GradDrop
+    plain_scores = head_importance(lm, input_ids=ids, methods=("zero", "mean"), approx="atp")
+    np.testing.assert_allclose(scores["atp_zero"], plain_scores["atp_zero"], rtol=1e-10)
+    data = scores.to_json()
+    assert "APPROXIMATE" in data["approximate"]["atp_zero_graddrop"]
+    assert data["heads"][0]["atp_mean_graddrop"] is not None
+
+
+def test_patch_graddrop_equals_brute_force_and_is_labelled(make_tiny):
+    from lmscope.capture.session import hooks
+
+    lm = make_tiny("llama")
+    lm.model.double()
+    res = patch(lm, CLEAN, CORRUPT, " Mary", " John", approx="atp-graddrop")
+    gd = res.approx["graddrop"]
+    L = lm.n_layers
+    nodes = [f"blocks.{i}.{s}" for i in range(L) for s in ("resid_pre", "attn.head_out", "mlp.out")]
+    units = [f"blocks.{i}.{s}" for i in range(L) for s in ("attn.out", "mlp.out")]
+    first = {"resid_pre": 0, "attn.head_out": 1, "mlp.out": 2}
+    clean_ids, corrupt_ids = (lm.encode(t)["input_ids"] for t in (CLEAN, CORRUPT))
+    with torch.no_grad(), hooks(lm, nodes) as s:
+        lm.model(input_ids=clean_ids)
+    clean = {n: s.tensors[n][0].double() for n in nodes}
+
+    def node_grads(detach=None):
+        iv = {n: (lambda x, name: x.clone()) for n in nodes}
+        if detach is not None:  # same value, no gradient through it (the site stays differentiable itself)
+            iv[detach] = lambda x, name: x.detach() + 0 * x
+        with torch.enable_grad(), hooks(lm, nodes, iv, keep_grad=True) as s:
+            logits = lm.model(input_ids=corrupt_ids).logits[0, -1]
+            m = logits[res.target_id] - logits[res.contrast_id]
+            acts = [s.tensors[n] for n in nodes]
+            grads = torch.autograd.grad(m, acts, allow_unused=True)
+        return {n: (a.detach()[0].double(), g) for n, a, g in zip(nodes, acts, grads)}
+
+    plain = node_grads()
+    expect = {"resid": np.zeros((L, len(res.tokens))), "heads": np.zeros((L, lm.n_heads)), "mlp": np.zeros(L)}
+    for u, unit in enumerate(units):
+        dropped = node_grads(unit)
+        for n in nodes:
+            layer, what = int(n.split(".")[1]), n.split(".", 2)[2]
+            a, g = plain[n] if u < 2 * layer + first[what] else dropped[n]
+            terms = (clean[n] - a) * (torch.zeros_like(a) if g is None else g[0].double())
+            if what == "attn.head_out":
+                expect["heads"][layer] += terms.sum(dim=(0, 2)).abs().numpy()
+            elif what == "mlp.out":
+                expect["mlp"][layer] += float(terms.sum().abs())
+            else:
+                expect["resid"][layer] += terms.sum(-1).abs().numpy()
+    for site, want in expect.items():
+        np.testing.assert_allclose(gd[site], want / (len(units) - 1), rtol=1e-6, atol=1e-10, err_msg=site)
+    np.testing.assert_allclose(gd["heads_pos"].sum(-1) >= gd["heads"] - 1e-12, True)  # |Σ| ≤ Σ|·|
+    data = json.loads(json.dumps(res.to_json()))
+    assert "APPROXIMATE" in data["approx"]["graddrop"]["label"] and data["approx"]["method"] == "atp-graddrop"
+    assert "heads_graddrop_vs_abs" in data["approx"]["correlation_with_exact"]

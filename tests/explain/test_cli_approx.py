@@ -48,6 +48,26 @@ def test_patch_approx_and_dla(tiny_dir, tmp_path):
     assert abs(sum(p["value"] for p in data["parts"]) + data["residual_error"] - data["logit"]) < 1e-9
 
 
+def test_graddrop_from_the_cli(tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The cat sat on the mat. The dog sat on the log. " * 4, encoding="utf-8")
+    out = tmp_path / "h"
+    args = ["heads", "--model", tiny_dir, "--text-file", str(text), "--max-tokens", "24", "--window", "24"]
+    assert (
+        main([*args, "--approx", "atp-graddrop", "--compare-exact", "--threads", "1", "--out", str(out)]) == 0
+    )
+    data = json.loads((out / "heads.json").read_text())
+    assert (
+        "APPROXIMATE" in data["metrics"]["atp_zero_graddrop"] and data["heads"][0]["atp_zero_graddrop"] >= 0
+    )
+    assert {"atp_zero_graddrop_vs_abs", "atp_zero_abs_vs_abs"} <= set(data["atp_vs_exact"])
+    out = tmp_path / "p"
+    args = ["patch", "--model", tiny_dir, "--clean", CLEAN, "--corrupt", CORRUPT, "--target", " Mary"]
+    assert main([*args, "--approx", "atp-graddrop", "--no-exact", "--out", str(out)]) == 0
+    gd = json.loads((out / "patching.json").read_text())["approx"]["graddrop"]
+    assert "APPROXIMATE" in gd["label"] and len(gd["heads"]) == len(gd["raw"]["mlp"])
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

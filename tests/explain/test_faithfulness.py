@@ -77,6 +77,9 @@ def test_spearman():
     from scipy.stats import spearmanr
 
     assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    ties_a, ties_b = np.round(a), np.round(b * 2) / 2  # many ties on both sides
+    assert spearman(ties_a, ties_b) == pytest.approx(spearmanr(ties_a, ties_b).statistic, abs=1e-12)
+    assert spearman(a, -a) == pytest.approx(-1.0)
 
 
 def test_randomized_copy_changes_top_layers_only(make_tiny):
@@ -88,6 +91,31 @@ def test_randomized_copy_changes_top_layers_only(make_tiny):
         assert torch.equal(v, before[k])  # the original is untouched
     changed = {k for k, v in rand.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_randomized_copy_shares_kept_tensors_and_draws_what_a_full_copy_draws(make_tiny, family):
+    import copy
+
+    lm = make_tiny(family)
+    rand, n_top = randomized_copy(lm, seed=3)
+    # the reference: the plain algorithm (a full deep copy, then re-draw the top blocks' matrices)
+    full = copy.deepcopy(lm.model)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in list(full.get_submodule(lm.family.blocks))[lm.n_layers - n_top :]:
+            for p in block.parameters():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.std())
+    ours, ref = rand.model.state_dict(), full.state_dict()
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    orig = lm.model.state_dict()
+    kept = [k for k in orig if torch.equal(orig[k], ours[k])]
+    assert kept and all(ours[k].data_ptr() == orig[k].data_ptr() for k in kept)  # shared, not copied
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(rand.model(ids).logits, full(ids).logits)
 
 
 def test_explain_json_ranks_methods_and_runs_the_sanity_check(make_tiny, tmp_path):

@@ -42,10 +42,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random sequences for the induction score")
     p.add_argument(
         "--approx",
-        choices=["atp"],
+        choices=["atp", "atp-graddrop"],
         default=None,
         help="estimate the zero/mean ablations by attribution patching (one forward + backward; "
-        "APPROXIMATE, labelled so in heads.json and the report) instead of running them",
+        "APPROXIMATE, labelled so in heads.json and the report) instead of running them; atp-graddrop "
+        "adds AtP*'s GradDrop magnitudes (robust to cancelling paths; ~one backward pass per layer)",
     )
     p.add_argument(
         "--compare-exact",

@@ -33,10 +33,11 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", default=None, help="patch only these layers, e.g. 0,10,29 (default: all)")
     p.add_argument(
         "--approx",
-        choices=["atp"],
+        choices=["atp", "atp-graddrop"],
         default=None,
         help="add attribution-patching estimates of every site and of each head at each position (one "
-        "forward + backward; APPROXIMATE, labelled so) beside the exact patching",
+        "forward + backward; APPROXIMATE, labelled so) beside the exact patching; atp-graddrop adds "
+        "AtP*'s GradDrop magnitudes (robust to cancelling paths; ~one backward pass per layer)",
     )
     p.add_argument(
         "--no-exact", action="store_true", help="with --approx: skip the exact patching (large prompts)"

@@ -135,30 +135,53 @@ def random_baseline(objective, n_orders: int = 3, seed: int = 0, max_points: int
 def spearman(a, b) -> float | None:
     """Spearman rank correlation; 1.0 for two identical sequences (even constant ones: nothing changed),
     None where it is undefined (under two values, or one side constant and the other not)."""
-    from scipy.stats import spearmanr
-
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) >= 1 and a.shape == b.shape and np.array_equal(a, b):
         return 1.0
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    return float(spearmanr(a, b).statistic)
+    # scipy.stats.spearmanr's definition (Pearson of average ranks) without importing scipy.stats
+    # (about a second of a fresh process's start; tests compare with scipy)
+    ra, rb = _average_ranks(a) - (len(a) + 1) / 2, _average_ranks(b) - (len(b) + 1) / 2
+    return float(np.clip((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)), -1.0, 1.0))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank (scipy.stats.rankdata's "average")."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.r_[True, xs[1:] != xs[:-1]]
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    ends = np.r_[first[1:], len(x)]
+    mean_rank = (first + ends + 1) / 2.0  # ranks first+1 .. ends, averaged
+    out = np.empty(len(x))
+    out[order] = mean_rank[group]
+    return out
 
 
 def randomized_copy(lm, n_top: int | None = None, seed: int = 0):
     """A copy of ``lm`` whose top ``n_top`` blocks (default: the top half) have re-initialized weight
-    matrices (normal, each with its original standard deviation); norms and biases are kept."""
+    matrices (normal, each with its original standard deviation); norms and biases are kept.
+
+    Only the re-initialized matrices are new tensors: every other parameter and buffer (embeddings,
+    the lower blocks, norms) is shared with ``lm`` — read-only here, and half the model's memory and
+    copy time saved. The random draws are those of a full copy (same generator, same order)."""
     from ..lm import LM
 
     n_top = max(1, lm.n_layers // 2) if n_top is None else n_top
-    model = copy.deepcopy(lm.model)
+    blocks = lm.model.get_submodule(lm.family.blocks)
+    renew = [p for block in list(blocks)[lm.n_layers - n_top :] for p in block.parameters() if p.dim() >= 2]
+    # deepcopy's memo maps each kept tensor to itself (the copy's modules reference the originals) and
+    # each renewed matrix to an uninitialized one of its shape (filled below: its old values are never copied)
+    memo = {id(t): t for t in (*lm.model.parameters(), *lm.model.buffers())}
+    fresh = [torch.nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad) for p in renew]
+    memo.update({id(p): q for p, q in zip(renew, fresh)})
+    model = copy.deepcopy(lm.model, memo)
     gen = torch.Generator().manual_seed(seed)
-    blocks = model.get_submodule(lm.family.blocks)
     with torch.no_grad():
-        for block in list(blocks)[lm.n_layers - n_top :]:
-            for p in block.parameters():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.std())
+        for p, q in zip(renew, fresh):  # the order of a full copy's loop: the same random draws
+            q.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.std())
     return LM(model, lm.tokenizer, name=f"{lm.name}+random-top-{n_top}"), n_top
 
 

@@ -36,12 +36,23 @@ PATTERNS = ("induction", "previous_token", "first_token", "self")
 METHODS = {"zero": "ablation_zero", "mean": "ablation_mean", "grad": "grad_importance"}
 #: approximate metrics (attribution patching): estimates of the ablation metrics, and how much their
 #: per-position terms cancel; present only when asked for (``approx="atp"``)
-APPROX = ("atp_zero", "atp_mean", "atp_zero_cancellation", "atp_mean_cancellation")
+APPROX = (
+    "atp_zero",
+    "atp_mean",
+    "atp_zero_cancellation",
+    "atp_mean_cancellation",
+    "atp_zero_graddrop",
+    "atp_mean_graddrop",
+)
+#: ``approx`` values: plain AtP, or AtP plus GradDrop's magnitudes (AtP*'s fix for cancelling paths)
+APPROX_MODES = (None, "atp", "atp-graddrop")
 APPROX_NOTES = {
     "atp_zero": "APPROXIMATE (attribution patching): first-order estimate of ablation_zero",
     "atp_mean": "APPROXIMATE (attribution patching): first-order estimate of ablation_mean",
     "atp_zero_cancellation": "1 − |Σ_pos e| / Σ_pos |e| of atp_zero's per-position terms (1 = they cancel)",
     "atp_mean_cancellation": "1 − |Σ_pos e| / Σ_pos |e| of atp_mean's per-position terms (1 = they cancel)",
+    "atp_zero_graddrop": "APPROXIMATE (AtP + GradDrop): estimate of |ablation_zero| robust to cancelling paths",
+    "atp_mean_graddrop": "APPROXIMATE (AtP + GradDrop): estimate of |ablation_mean| robust to cancelling paths",
 }
 
 
@@ -246,6 +257,8 @@ def head_importance(
     ``approx="atp"``: the zero/mean ablations are estimated by attribution patching (``atp_zero``,
     ``atp_mean``: one forward + backward, approximate; see ``explain.atp``) instead of run; with
     ``compare_exact`` they are also run exactly and ``meta["atp_vs_exact"]`` holds the rank correlation.
+    ``approx="atp-graddrop"``: also ``atp_zero_graddrop`` / ``atp_mean_graddrop``, AtP*'s GradDrop
+    magnitude estimates (about one extra backward pass per layer; ``explain.atp``).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -253,8 +266,11 @@ def head_importance(
             f"unknown head-importance method '{unknown[0] if unknown else ''}'",
             f"use some of: {', '.join(METHODS)}",
         )
-    if approx not in (None, "atp"):
-        raise LmscopeError(f"unknown approximation '{approx}'", "use --approx atp (or leave it out: exact)")
+    if approx not in APPROX_MODES:
+        raise LmscopeError(
+            f"unknown approximation '{approx}'",
+            "use --approx atp or --approx atp-graddrop (or leave it out: exact)",
+        )
     if approx and not lm.is_causal:
         raise LmscopeError(
             "--approx atp needs a causal LM: the encoder stand-in loss is at its minimum on the clean run, "
@@ -286,14 +302,19 @@ def head_importance(
     result.meta["clean_loss"] = round(float(clean.mean()), 6)
 
     ablate = [m for m in ("zero", "mean") if m in methods]
-    if approx == "atp" and ablate:
-        from .atp import LABEL, head_ablation_atp, rank_correlation
+    if approx and ablate:
+        from .atp import GRADDROP_LABEL, LABEL, head_ablation_atp, rank_correlation
 
-        est = head_ablation_atp(lm, ids, layers, lambda h, i: _row_losses(lm, h, i), ablate)
+        graddrop = approx == "atp-graddrop"
+        est = head_ablation_atp(lm, ids, layers, lambda h, i: _row_losses(lm, h, i), ablate, graddrop)
         for mode in ablate:
             result.scores[f"atp_{mode}"] = est[mode]
             result.scores[f"atp_{mode}_cancellation"] = est[f"cancellation_{mode}"]
+            if graddrop:
+                result.scores[f"atp_{mode}_graddrop"] = est[f"graddrop_{mode}"]
         result.meta["approximate"] = {f"atp_{mode}": LABEL for mode in ablate}
+        if graddrop:
+            result.meta["approximate"].update({f"atp_{mode}_graddrop": GRADDROP_LABEL for mode in ablate})
         if not compare_exact:
             for mode in ablate:
                 del result.scores[METHODS[mode]]
@@ -303,12 +324,21 @@ def head_importance(
             _ablate_layer(lm, result, layer, ablate, ids, inputs, blocks, acts, clean, reference)
         if progress is not None:
             progress(done + 1, len(layers))
-    if approx == "atp" and compare_exact:
+    if approx and compare_exact:
         result.meta["atp_vs_exact"] = {
             f"atp_{m}": rank_correlation(result.scores[f"atp_{m}"], result.scores[METHODS[m]])
             for m in ("zero", "mean")
             if m in methods
         }
+        for m in ("zero", "mean"):  # GradDrop estimates a magnitude: compared with |exact|, beside |AtP|
+            if f"atp_{m}_graddrop" in result.scores:
+                exact_abs = np.abs(result.scores[METHODS[m]])
+                result.meta["atp_vs_exact"][f"atp_{m}_graddrop_vs_abs"] = rank_correlation(
+                    result.scores[f"atp_{m}_graddrop"], exact_abs
+                )
+                result.meta["atp_vs_exact"][f"atp_{m}_abs_vs_abs"] = rank_correlation(
+                    np.abs(result.scores[f"atp_{m}"]), exact_abs
+                )
     if "grad" in methods:
         result.scores["grad_importance"][:] = _grad_importance(lm, ids, layers)
     return result

@@ -109,6 +109,15 @@ class PatchingResult:
                 "raw": {site: grid(self.approx[site]) for site in sites},
                 "correlation_with_exact": self.approx.get("correlation"),
             }
+            if "graddrop" in self.approx:  # magnitudes |Δm|, normalized by |m_clean − m_corrupt|
+                span = abs(self.metric_clean - self.metric_corrupt)
+                gd = self.approx["graddrop"]
+                approx["graddrop"] = {
+                    "approximate": True,
+                    "label": self.approx["graddrop_label"],
+                    **{site: grid(gd[site] / span) if span else None for site in gd},
+                    "raw": {site: grid(gd[site]) for site in gd},
+                }
         exact = {} if self.exact else {"exact_computed": False}
         return {
             "model": self.model,
@@ -163,8 +172,11 @@ def patch(
     correlation to the exact grids; ``exact=False`` (only with ``approx``) skips the exact runs.
     ``progress(done, total)`` is called after each layer of exact runs.
     """
-    if approx not in (None, "atp"):
-        raise LmscopeError(f"unknown approximation '{approx}'", "use --approx atp (or leave it out: exact)")
+    if approx not in (None, "atp", "atp-graddrop"):
+        raise LmscopeError(
+            f"unknown approximation '{approx}'",
+            "use --approx atp or --approx atp-graddrop (or leave it out: exact)",
+        )
     if not exact and not approx:
         raise LmscopeError(
             "nothing to compute: exact patching is off and no approximation is asked for", "add --approx atp"
@@ -278,21 +290,34 @@ def patch(
             progress(done + 1, len(layers))
 
     approx_grids = None
-    if approx == "atp":
-        from .atp import LABEL, patch_atp, rank_correlation
+    if approx:
+        from .atp import GRADDROP_LABEL, LABEL, patch_atp, rank_correlation
 
-        approx_grids = patch_atp(lm, clean_in, corrupt_in, layers, metric)
-        approx_grids.update(method="atp", label=LABEL)
+        graddrop = approx == "atp-graddrop"
+        approx_grids = patch_atp(lm, clean_in, corrupt_in, layers, metric, graddrop=graddrop)
+        approx_grids.update(method=approx, label=LABEL)
+        if graddrop:
+            approx_grids["graddrop_label"] = GRADDROP_LABEL
         if exact:
+            pairs = (
+                ("resid", resid_raw),
+                ("resid_linear", resid_raw),
+                ("heads", heads_raw),
+                ("mlp", mlp_raw),
+            )
             approx_grids["correlation"] = {
-                site: rank_correlation(approx_grids[site], grid)
-                for site, grid in (
-                    ("resid", resid_raw),
-                    ("resid_linear", resid_raw),
-                    ("heads", heads_raw),
-                    ("mlp", mlp_raw),
-                )
+                site: rank_correlation(approx_grids[site], grid) for site, grid in pairs
             }
+            if graddrop:  # magnitudes, compared with |exact effect| beside |plain AtP effect|
+                for site, grid in pairs[2:] + pairs[:1]:
+                    effect = np.abs(grid - m_corrupt)
+                    approx_grids["correlation"][f"{site}_graddrop_vs_abs"] = rank_correlation(
+                        approx_grids["graddrop"][site], effect
+                    )
+                    atp_site = "resid_linear" if site == "resid" else site
+                    approx_grids["correlation"][f"{site}_abs_vs_abs"] = rank_correlation(
+                        np.abs(approx_grids[atp_site] - m_corrupt), effect
+                    )
 
     return PatchingResult(
         model=lm.name,
