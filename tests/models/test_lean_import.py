@@ -1,4 +1,5 @@
-"""transformers starts without torchao / scipy (lmscope.models.lean), and the model still works."""
+"""The CLI starts transformers without torchao / scipy (lmscope.models.lean), and the model still works;
+a library user who imports lmscope gets transformers unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 SCRIPT = """
 import sys
 import torch
+from lmscope.models.lean import lean_transformers
+lean_transformers()  # what the CLI does first
 import lmscope.lm
 from lmscope.testing import tiny_model
 model = tiny_model("llama")
@@ -31,3 +34,14 @@ def _run(env_extra: dict) -> str:
 def test_transformers_starts_without_torchao_and_scipy_unless_asked():
     assert _run({"LMSCOPE_FULL_TRANSFORMERS": "0"}) == "False False"
     assert _run({"LMSCOPE_FULL_TRANSFORMERS": "1"}) == "True True"  # the hidden packages are installed here
+
+
+def test_importing_lmscope_leaves_transformers_alone():
+    script = SCRIPT.replace("lean_transformers()  # what the CLI does first", "")
+    env = {**os.environ, "LMSCOPE_FULL_TRANSFORMERS": "0"}
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True True"

@@ -14,15 +14,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import LmscopeError
-from ..models.lean import lean_transformers
 from .names import ATTENTION_INTERNALS, all_names, expand, split
-
-lean_transformers()  # before transformers.modeling_utils: skips optional imports lmscope never uses
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 ATTN_IMPL = "lmscope"
 

@@ -77,7 +77,10 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     from ..errors import LmscopeError
+    from ..models.lean import lean_transformers
     from .common import LOAD_OPTIONS
+
+    lean_transformers()  # the CLI's own process only: a library user's transformers is left as it is
 
     LOAD_OPTIONS.update(dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     try:

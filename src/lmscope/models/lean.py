@@ -7,6 +7,9 @@ transformers those two packages are absent — a configuration it supports — s
 when ``transformers.modeling_utils`` has not been imported yet (so transformers never sees two answers),
 and not when ``LMSCOPE_FULL_TRANSFORMERS=1`` is set (then transformers sees every package, e.g. to load
 a checkpoint quantized with torchao through transformers itself).
+
+Only the CLI calls it, first thing in its own process; ``import lmscope`` in a user's program leaves their
+transformers as it finds it.
 """
 
 from __future__ import annotations
