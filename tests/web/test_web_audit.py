@@ -25,26 +25,6 @@ OPTIONS = {"label_field": "label", "group_field": "group", "builtin": ["gender",
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, encoder_tokenizer, causal_tokenizer, build_tiny):
-    from lmscope.testing import tiny_model
-
-    clf = tmp_path_factory.mktemp("clf")
-    model = tiny_model(
-        "bert",
-        head="seq",
-        num_labels=2,
-        id2label={0: "deny", 1: "approve"},
-        label2id={"deny": 0, "approve": 1},
-    )
-    model.save_pretrained(clf)
-    encoder_tokenizer.save_pretrained(clf)
-    causal = tmp_path_factory.mktemp("causal")
-    build_tiny("llama").save_pretrained(causal)
-    causal_tokenizer.save_pretrained(causal)
-    return {"clf": str(clf), "causal": str(causal)}
-
-
-@pytest.fixture(scope="module")
 def uploads_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("uploads")
 

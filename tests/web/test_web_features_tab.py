@@ -12,28 +12,7 @@ import torch
 from lmscope.cli.main import main
 
 TEXT = "The cat sat on the mat because it was warm."
-SITE = "blocks.1.resid_post"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, build_tiny, causal_tokenizer):
-    """(model dir, dictionary dir, explanations dir): the CLI's own train and explain on a tiny llama."""
-    from lmscope.data import builtin_text
-
-    root = tmp_path_factory.mktemp("feat")
-    model_dir = root / "tiny"
-    build_tiny("llama").save_pretrained(model_dir)
-    causal_tokenizer.save_pretrained(model_dir)
-    (root / "doc.txt").write_text(builtin_text()[:12000])
-    train = ["features", "train", "--model", str(model_dir), "--site", SITE, "--corpus", str(root / "doc.txt"),
-             "--tokens", "2000", "--latents", "64", "--k", "4", "--batch-size", "128", "--seq-len", "32",
-             "--eval-tokens", "512", "--out", str(root / "sae")]  # fmt: skip
-    assert main(train) == 0
-    explain = ["features", "explain", "--model", str(model_dir), "--sae", str(root / "sae"), "--units",
-               ",".join(map(str, range(0, 64, 2))), "--corpus", str(root / "doc.txt"), "--seq-len", "64",
-               "--out", str(root / "feats")]  # fmt: skip
-    assert main(explain) == 0
-    return model_dir, root / "sae", root / "feats"
+SITE = "blocks.1.resid_post"  # the site the trained fixture (conftest) uses
 
 
 @pytest.fixture(scope="module")

@@ -298,7 +298,6 @@
       Object.keys(job.downloads || {}).forEach(function (name) {
         var a = el("a", "app-dl", "⤓ " + name); a.href = job.downloads[name]; a.setAttribute("download", ""); links.appendChild(a);
       });
-      box.scrollIntoView();
     }).catch(fail);
   }
 
