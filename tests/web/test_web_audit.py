@@ -273,3 +273,20 @@ def test_a_job_cancelled_while_queued_removes_its_upload(app_client, uploads_dir
     assert wait_job(app_client, r.json()["id"])["status"] == "cancelled"
     blocker.wait(30)
     assert list(uploads_dir.iterdir()) == []
+
+
+def test_unclaimed_uploads_expire_and_are_capped(app_client, uploads_dir, monkeypatch):
+    uploads = app_client.app.state.lmscope.uploads
+    first = upload(app_client, "a.jsonl", JSONL).json()
+    monkeypatch.setattr(uploads, "ttl", 0.0)  # the next upload sweeps every unclaimed one
+    second = upload(app_client, "b.jsonl", JSONL).json()
+    assert [p.name for p in uploads_dir.iterdir()] == [uploads._items[second["id"]].folder.name]
+    monkeypatch.setattr(uploads, "ttl", 900.0)
+    monkeypatch.setattr(uploads, "max_pending", 2)  # at most 2 waiting: the oldest goes
+    third = upload(app_client, "c.jsonl", JSONL).json()
+    fourth = upload(app_client, "d.jsonl", JSONL).json()
+    assert set(uploads._items) == {third["id"], fourth["id"]} and len(list(uploads_dir.iterdir())) == 2
+    r = app_client.post("/api/jobs", json={"kind": "audit", "model": "clf", "data": first["id"]})
+    assert r.status_code == 422 and "the dataset upload is gone" in r.json()["error"]
+    uploads.remove_all()
+    assert list(uploads_dir.iterdir()) == []

@@ -56,6 +56,13 @@ def open_page(browser, live_server):
         c.close()
 
 
+def _shot(page, name: str) -> None:
+    """With LMSCOPE_SCREENSHOTS=DIR, a full-page screenshot of the tab (for reviewing the layout)."""
+    folder = os.environ.get("LMSCOPE_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=os.path.join(folder, name), full_page=True)
+
+
 def _message(page) -> str:
     page.wait_for_selector("#msg:not([hidden])", timeout=60_000)
     return page.inner_text("#msg")
@@ -96,6 +103,9 @@ def test_audit_tab_uploads_runs_and_downloads(open_page, model_dirs, tmp_path):
     page.click("#run")
     page.wait_for_selector("#panel-audit .app-dl", timeout=240_000)
     assert page.is_hidden("#msg")
+    assert page.inner_text("#panel-audit .app-out > .app-dim").startswith(
+        "4 cases from cases.jsonl · classifier"
+    )
     titles = page.locator("#panel-audit .app-h2").all_inner_texts()
     assert titles[:2] == ["Findings", "Dataset summary"] and "Confusion matrix" in titles
     links = page.locator("#panel-audit .app-dl").all_inner_texts()
@@ -106,6 +116,7 @@ def test_audit_tab_uploads_runs_and_downloads(open_page, model_dirs, tmp_path):
     shown = page.locator("#panel-audit .app-out table.ls-table").first.inner_text()
     for finding in audit["findings"]:  # every finding of audit.json is in the page's findings table
         assert finding["text"] in shown
+    _shot(page, "serve-audit.png")
     with page.expect_download() as dl:
         page.click("#panel-audit .app-dl >> nth=2")
     path = dl.value.path()
@@ -174,6 +185,7 @@ def test_features_tab_tokens_features_and_a_dashboard(open_page, trained):
     if bare:  # a feature explanations.json lacks: what its decoder direction does, and no explanation
         page.click(f"#panel-features table.fe-table .fe-feat[data-unit='{bare[0]}']")
         page.wait_for_selector("#fe-dashboard .ls-note", timeout=60_000)
+        _shot(page, "serve-features.png")
         assert page.inner_text("#fe-dashboard h2") == f"Feature {bare[0]}"
         assert "no scored explanation" in page.inner_text("#fe-dashboard")
     assert with_expl and bare or len(units) == 1  # both kinds drawn (32 of the 64 features are explained)

@@ -163,7 +163,9 @@
         body.data = u.id;
         return swaps ? uploadFile(swaps).then(function (s) { body.swaps = s.id; }) : null;
       }).then(function () { return runJob(body); }, function (err) { setJob(null); throw err; }).then(function (job) {
-        renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
+        var out = p.querySelector(".app-out");
+        renderReport(job.result.report, out); downloads(p, job);
+        out.insertBefore(el("div", "app-dim", job.result.report.subtitle || ""), out.firstChild);  // cases, decider, time
       });
     },
     features: function () {
@@ -283,8 +285,8 @@
     var box = $("fe-dashboard"), p = panel("features");
     return runJob({ kind: "feature", model: model(), dictionary: $("fe-dict").value, unit: +unit }).then(function (job) {
       box.innerHTML = "";
-      box.appendChild(el("h2", "app-h2", "Feature " + unit));
       if (job.result.dashboard) {
+        box.appendChild(el("h2", "app-h2", "Feature " + unit));
         // the offline dashboard of views/features.py, isolated: scripts run, but it cannot reach this page
         var frame = el("iframe");
         frame.setAttribute("sandbox", "allow-scripts");
