@@ -226,6 +226,8 @@ def test_an_upload_is_used_once_and_a_missing_one_is_named(app_client, uploads_d
     assert again.status_code == 422 and "the dataset upload is gone" in again.json()["error"]
     r = app_client.post("/api/jobs", json={"kind": "audit", "model": "clf"})
     assert r.status_code == 422 and r.json()["error"].startswith("no dataset")
+    r = start_audit(app_client, model="nope")  # any refusal removes the uploads it names
+    assert r.status_code == 422 and r.json()["error"].startswith("unknown model 'nope'")
     assert list(uploads_dir.iterdir()) == []
 
 

@@ -17,11 +17,11 @@ from .uploads import Upload
 def audit_job(app, data: dict):
     from .server import BadRequest
 
-    entry = app.model(data)
     if not data.get("data"):
         raise BadRequest("no dataset: choose a .jsonl, .csv, .tsv or .parquet file to upload")
     owned: list[Upload] = [app.uploads.claim(data["data"], "dataset")]
     try:
+        entry = app.model(data)
         if data.get("swaps"):
             owned.append(app.uploads.claim(data["swaps"], "swap file"))
         try:
