@@ -1,4 +1,4 @@
-"""``lmscope serve``: explore models in the browser (inspect, explain, heads, compare) on 127.0.0.1."""
+"""``lmscope serve``: explore models in the browser (inspect, explain, heads, compare, audit, features) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from pathlib import Path
 from ..errors import LmscopeError
 from .common import add_model_arg, add_verb, load_model
 
-EXAMPLE = "lmscope serve --model smollm2 --model minilm --port 8765"
+EXAMPLE = (
+    "lmscope serve --model smollm2 --model minilm --port 8765\n"
+    "  lmscope serve --model smollm2 --sae sae/ --explanations feats/ --max-upload-mb 64"
+)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def add_parser(sub) -> None:
     p = add_verb(
-        sub, "serve", "explore models in the browser: inspect, explain, heads, compare", EXAMPLE, run
+        sub,
+        "serve",
+        "explore models in the browser: inspect, explain, heads, compare, audit a dataset, features",
+        EXAMPLE,
+        run,
     )
     add_model_arg(p, multiple=True)
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765)")
