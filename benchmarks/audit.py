@@ -147,6 +147,37 @@ def run(lm, data, n, n_explain, label, prompt=None, choices=None, sanity=False, 
     return out
 
 
+def ray_phases(lm, data, n: int = 32) -> None:
+    """Where a Ray row's time goes: the runtime's start, one actor's start (it opens the model), and a batch of
+    ``n`` cases (decisions only) on that actor, its threads set as ``--ray`` sets them."""
+    import ray
+
+    from lmscope.audit.data import Cases
+    from lmscope.audit.distributed import _auditor_class
+    from lmscope.scan.distributed import _start
+
+    batch = list(Cases(data, "text", "label", "group").cases())[:n]
+    settings = dict(swaps=[], explain=False, methods=None, granularity="word", sanity=False)
+    t = time.perf_counter()
+    _start(ray, "auto", 2)
+    print(f"ray phases: ray.init {time.perf_counter() - t:.1f} s", end="", flush=True)
+    threads = max(1, int(ray.available_resources().get("CPU", 2)) // 2)
+    t = time.perf_counter()
+    actor = _auditor_class(ray).remote(
+        lm.path, "float32", threads, dict(prompt=None, choices=None, batch_size=n)
+    )
+    ray.get(actor.run.remote(batch[:1], settings))
+    print(f", one actor started with the model loaded {time.perf_counter() - t:.1f} s", end="", flush=True)
+    t = time.perf_counter()
+    ray.get(actor.run.remote(batch, settings))
+    print(
+        f", {len(batch)} cases on it ({threads} thread) {time.perf_counter() - t:.1f} s", end="", flush=True
+    )
+    t = time.perf_counter()
+    ray.shutdown()
+    print(f", ray.shutdown {time.perf_counter() - t:.1f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=16)
@@ -165,7 +196,10 @@ def main():
     data = cases_file(args.cases)
     opts = dict(sanity=args.sanity, use_ray=args.ray, rows=args.rows.split(",") if args.rows else None)
     if not args.skip_minilm:
-        run(minilm_classifier(), data, args.cases, args.explain_cases, "minilm classifier", **opts)
+        clf = minilm_classifier()
+        run(clf, data, args.cases, args.explain_cases, "minilm classifier", **opts)
+        if args.ray:
+            ray_phases(clf, data)
     if not args.skip_smollm2:
         lm = lmscope.load("smollm2", progress=False)
         run(
