@@ -292,3 +292,19 @@ def test_unclaimed_uploads_expire_and_are_capped(app_client, uploads_dir, monkey
     assert r.status_code == 422 and "the dataset upload is gone" in r.json()["error"]
     uploads.remove_all()
     assert list(uploads_dir.iterdir()) == []
+
+
+def test_cancelling_a_running_audit_stops_it_and_removes_its_upload(app_client, uploads_dir, wait_job):
+    body = "".join(json.dumps(dict(r, id=f"{r['id']}-{k}")) + "\n" for k in range(8) for r in ROWS).encode()
+    assert len(body) < 4096  # 32 cases: two batches of 16
+    r = start_audit(app_client, body=body, **OPTIONS)
+    job_id = r.json()["id"]
+    for _ in range(600):  # until the first batch is reported (explaining 16 cases takes a while)
+        job = app_client.get(f"/api/jobs/{job_id}", params={"wait": 0.2}).json()
+        if "cases/s" in job["message"] or job["status"] != "running" and job["status"] != "queued":
+            break
+    assert job["status"] == "running" and job["message"].startswith("16/32 cases"), job
+    app_client.delete(f"/api/jobs/{job_id}")
+    assert wait_job(app_client, job_id)["status"] == "cancelled"
+    assert list(uploads_dir.iterdir()) == []
+    assert app_client.get(f"/api/jobs/{job_id}/files/audit.json").status_code == 409
