@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmscope.cli.main import main
+
 
 def _wait_job(client, job_id: str, limit: int = 600) -> dict:
     """Poll a job until it finishes (long-poll; bounded by a number of polls, not by a clock)."""
@@ -102,16 +104,62 @@ class LiveServer:
 
 @pytest.fixture()
 def live_server():
-    """``live_server(models, limits=None)`` -> a LiveServer on 127.0.0.1 (stopped after the test)."""
+    """``live_server(models, limits=None, dictionaries=None)`` -> a LiveServer on 127.0.0.1 (stopped after
+    the test)."""
     from lmscope.web.server import create_app
 
     servers = []
 
-    def start(models, limits=None):
-        s = LiveServer(create_app(models, limits))
+    def start(models, limits=None, dictionaries=None):
+        s = LiveServer(create_app(models, limits, dictionaries=dictionaries))
         servers.append(s)
         return s
 
     yield start
     for s in servers:
         s.stop()
+
+
+FEATURES_SITE = "blocks.1.resid_post"
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, encoder_tokenizer, causal_tokenizer, build_tiny):
+    """A tiny 2-class BERT classifier (deny / approve) and a tiny llama, saved as model folders."""
+    from lmscope.testing import tiny_model
+
+    clf = tmp_path_factory.mktemp("clf")
+    model = tiny_model(
+        "bert",
+        head="seq",
+        num_labels=2,
+        id2label={0: "deny", 1: "approve"},
+        label2id={"deny": 0, "approve": 1},
+    )
+    model.save_pretrained(clf)
+    encoder_tokenizer.save_pretrained(clf)
+    causal = tmp_path_factory.mktemp("causal")
+    build_tiny("llama").save_pretrained(causal)
+    causal_tokenizer.save_pretrained(causal)
+    return {"clf": str(clf), "causal": str(causal)}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, build_tiny, causal_tokenizer):
+    """(model dir, dictionary dir, explanations dir): the CLI's own train and explain on a tiny llama."""
+    from lmscope.data import builtin_text
+
+    root = tmp_path_factory.mktemp("feat")
+    model_dir = root / "tiny"
+    build_tiny("llama").save_pretrained(model_dir)
+    causal_tokenizer.save_pretrained(model_dir)
+    (root / "doc.txt").write_text(builtin_text()[:12000])
+    train = ["features", "train", "--model", str(model_dir), "--site", FEATURES_SITE, "--corpus", str(root / "doc.txt"),
+             "--tokens", "2000", "--latents", "64", "--k", "4", "--batch-size", "128", "--seq-len", "32",
+             "--eval-tokens", "512", "--out", str(root / "sae")]  # fmt: skip
+    assert main(train) == 0
+    explain = ["features", "explain", "--model", str(model_dir), "--sae", str(root / "sae"), "--units",
+               ",".join(map(str, range(0, 64, 2))), "--corpus", str(root / "doc.txt"), "--seq-len", "64",
+               "--out", str(root / "feats")]  # fmt: skip
+    assert main(explain) == 0
+    return model_dir, root / "sae", root / "feats"

@@ -1,4 +1,4 @@
-"""``lmscope serve``: explore models in the browser (inspect, explain, heads, compare) on 127.0.0.1."""
+"""``lmscope serve``: explore models in the browser (inspect, explain, heads, compare, audit, features) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from pathlib import Path
 from ..errors import LmscopeError
 from .common import add_model_arg, add_verb, load_model
 
-EXAMPLE = "lmscope serve --model smollm2 --model minilm --port 8765"
+EXAMPLE = (
+    "lmscope serve --model smollm2 --model minilm --port 8765\n"
+    "  lmscope serve --model smollm2 --sae sae/ --explanations feats/ --max-upload-mb 64"
+)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def add_parser(sub) -> None:
     p = add_verb(
-        sub, "serve", "explore models in the browser: inspect, explain, heads, compare", EXAMPLE, run
+        sub,
+        "serve",
+        "explore models in the browser: inspect, explain, heads, compare, audit a dataset, features",
+        EXAMPLE,
+        run,
     )
     add_model_arg(p, multiple=True)
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default: 8765)")
@@ -35,6 +42,29 @@ def add_parser(sub) -> None:
         type=int,
         default=4000,
         help="longest text a request may send, in characters (default: 4000)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=32,
+        help="largest file the Audit tab may upload, in MB (default: 32); it lives in a temporary folder "
+        "removed after its audit",
+    )
+    p.add_argument(
+        "--max-audit-cases", type=int, default=5000, help="most cases one audit may run (default: 5000)"
+    )
+    p.add_argument(
+        "--sae",
+        action="append",
+        metavar="DIR",
+        help="a dictionary for the Features tab (lmscope features train --out, or a SAELens folder); repeatable",
+    )
+    p.add_argument(
+        "--explanations",
+        action="append",
+        metavar="DIR",
+        help="the lmscope features explain --out folder of the matching --sae (same order; default: an "
+        "explanations.json inside the dictionary folder)",
     )
 
 
@@ -74,6 +104,14 @@ def run(args) -> int:
     specs = args.model or ["smollm2"]
     if args.max_tokens < 1 or args.max_chars < 1:
         raise LmscopeError("--max-tokens and --max-chars must be positive", "e.g. --max-tokens 256")
+    if args.max_upload_mb <= 0 or args.max_audit_cases < 1:
+        raise LmscopeError(
+            "--max-upload-mb and --max-audit-cases must be positive", "e.g. --max-upload-mb 32"
+        )
+    if len(args.explanations or []) > len(args.sae or []):
+        raise LmscopeError(
+            "more --explanations than --sae", "pass one --explanations per --sae, in the same order"
+        )
     check_port(args.host, args.port)
     if args.host not in LOCAL_HOSTS:
         print(
@@ -81,15 +119,27 @@ def run(args) -> int:
             "served models; the page has no login",
             file=sys.stderr,
         )
+    from ..web.features import load_dictionary
+
+    dictionaries = {}  # loaded before the models: a bad folder fails fast
+    explanations = list(args.explanations or [])
+    for k, (did, folder) in enumerate(zip(model_ids(args.sae or []), args.sae or [])):
+        dictionaries[did] = load_dictionary(folder, explanations[k] if k < len(explanations) else None, did)
     models = {}
     for mid, spec in zip(model_ids(specs), specs):
         lm = load_model(spec)
         models[mid] = lm
         print(f"{mid}: {lm!r}", file=sys.stderr)
     local = ["127.0.0.1", "localhost"] if args.host in ("127.0.0.1", "localhost") else None
-    app = create_app(
-        models, Limits(max_tokens=args.max_tokens, max_chars=args.max_chars), allowed_hosts=local
+    limits = Limits(
+        max_tokens=args.max_tokens,
+        max_chars=args.max_chars,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_audit_cases=args.max_audit_cases,
     )
+    for did, entry in dictionaries.items():
+        print(f"{did}: {entry.sae!r}, {entry.describe()['explained']} features explained", file=sys.stderr)
+    app = create_app(models, limits, allowed_hosts=local, dictionaries=dictionaries)
     import uvicorn
 
     shown = f"[{args.host}]" if ":" in args.host else args.host

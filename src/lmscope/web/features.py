@@ -29,6 +29,7 @@ class Result:
     report: Any = None  # views.html.Report, downloaded as report.html
     data: dict | None = None  # downloaded as result.json
     name: str = "result"
+    files: dict | None = None  # more downloads: {file name: (bytes, media type)}
 
 
 def status() -> dict:
@@ -190,3 +191,224 @@ def compare(ctx: JobContext, original, compressed, text: str) -> Result:
 
         structure_diff(original, compressed).add_to(report, changed_only=True)
     return Result(view={"report": report.data()}, report=report, data=result.to_dict(), name="compare")
+
+
+# -- Audit ----------------------------------------------------------------------------------------------
+#: the files an audit job offers for download, in the order the page lists them (what ``lmscope audit`` writes)
+AUDIT_FILES = {
+    "report.html": "text/html; charset=utf-8",
+    "audit.json": "application/json",
+    "cases.csv": "text/csv; charset=utf-8",
+}
+
+
+def audit(ctx: JobContext, lm, data_path, data_name: str, folder, options: dict) -> Result:
+    """``lmscope audit`` on an uploaded file: ``options`` are ``lmscope.audit.audit``'s keyword arguments.
+    The outputs are written by the audit's own writer into ``folder`` (the upload's temporary folder, which
+    the server removes after the job) and kept in memory for download."""
+    from pathlib import Path
+
+    from ..audit import audit as run_audit
+
+    def progress(done: int, total: int | None, rate: float) -> None:  # per batch: cancel lands there
+        line = f"{done}" + (f"/{total}" if total else "") + f" cases, {rate:.2f} cases/s"
+        if total and rate > 0:
+            line += f", ETA {(total - done) / rate:.0f} s"
+        ctx.progress(0.02 + 0.9 * (done / total if total else 0), line)
+
+    ctx.progress(0.01, "reading the cases")
+    result = run_audit(lm, str(data_path), progress=progress, **options)
+    # name the uploaded file, not the temporary folder it sat in (the size and sha256 identify it)
+    result.data["path"] = data_name
+    for source in result.data["fingerprint"]["sources"]:
+        source["path"] = data_name
+    ctx.progress(0.95, "writing audit.json, cases.csv and report.html")
+    out = Path(folder) / "audit"
+    result.write(out, report=False)
+    report = result.build_report()
+    report.write(out / "report.html")
+    files = {name: ((out / name).read_bytes(), kind) for name, kind in AUDIT_FILES.items()}
+    view = {"report": report.data(), "findings": result.findings, "n_cases": result.data["n_cases"]}
+    return Result(view=view, files=files, name="audit")
+
+
+def swap_lists() -> list[str]:
+    """The built-in counterfactual swap lists the Audit tab offers."""
+    from ..audit.counterfactuals import builtin_names
+
+    return builtin_names()
+
+
+# -- Features (sparse dictionaries) ---------------------------------------------------------------------
+@dataclass
+class DictionaryEntry:
+    """A dictionary the server was started with (``--sae DIR``) and its scored explanations, if any."""
+
+    id: str
+    sae: Any  # lmscope.features.Dictionary
+    folder: str
+    explanations: dict | None = None  # explanations.json of ``lmscope features explain`` for this dictionary
+
+    def __post_init__(self):
+        units = (self.explanations or {}).get("units", [])
+        self._by_unit = {int(u["unit"]): u for u in units}
+
+    def explained(self, unit: int) -> dict | None:
+        return self._by_unit.get(int(unit))
+
+    def describe(self) -> dict:
+        c = self.sae.cfg
+        return {
+            "id": self.id,
+            "kind": c.kind,
+            "site": c.site,
+            "out_site": c.out_site,
+            "d_in": c.d_in,
+            "d_sae": c.d_sae,
+            "k": c.k,
+            "explained": len(self._by_unit),
+        }
+
+
+def load_dictionary(folder, explanations=None, id: str | None = None) -> DictionaryEntry:
+    """A dictionary folder and its explanations: ``explanations`` (a folder holding explanations.json, or the
+    file), else an explanations.json inside the dictionary folder; refused if they are another dictionary's."""
+    import json
+    from pathlib import Path
+
+    from ..errors import LmscopeError
+    from ..features import load
+
+    sae = load(folder)
+    folder = Path(folder).expanduser()
+    path = Path(explanations).expanduser() if explanations else folder / "explanations.json"
+    if path.is_dir():
+        path = path / "explanations.json"
+    data = None
+    if explanations or path.is_file():
+        if not path.is_file():
+            raise LmscopeError(
+                f"'{path}' does not exist", "pass the --out folder of lmscope features explain --sae"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            units = data["units"]
+            bad = [u["unit"] for u in units if not 0 <= int(u["unit"]) < sae.d_sae]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise LmscopeError(
+                f"'{path}' is not an explanations.json ({type(e).__name__})",
+                "pass the --out folder of lmscope features explain",
+            ) from None
+        if data.get("kind") != "latents" or data.get("site") != sae.cfg.site or bad:
+            raise LmscopeError(
+                f"'{path}' explains {data.get('kind')} at {data.get('site')}, not this dictionary's "
+                f"{sae.d_sae} latents at {sae.cfg.site}",
+                "pass the explanations made with lmscope features explain --sae for this dictionary",
+            )
+    return DictionaryEntry(id or folder.resolve().name, sae, str(folder), data)
+
+
+def _explanation(entry: DictionaryEntry, unit: int) -> dict:
+    """What the page shows beside a feature: its scored explanation, or nothing (never an unscored one)."""
+    item = entry.explained(unit)
+    if item is None:
+        return {"unit": unit}
+    return {
+        "unit": unit,
+        "explanation": item["explanation"],
+        "scores": item["scores"],
+        "random_baseline": item.get("random_baseline"),
+    }
+
+
+def sae_features(ctx: JobContext, lm, entry: DictionaryEntry, text: str, top: int = 5) -> Result:
+    """The dictionary's features on each token of ``text``: the ``top`` active on each token, and every
+    feature active anywhere, strongest first, with its explanation and scores when the dictionary has them."""
+    import torch
+
+    site = entry.sae.cfg.site
+    ctx.progress(0.1, f"running the model to {site}")
+    run = lm.run(text, capture=[site])
+    x = run.tensors[site][0].float()  # [T, d_in]
+    ctx.progress(0.6, "encoding with the dictionary")
+    with torch.no_grad():
+        acts = entry.sae.encode(x)  # [T, d_sae]
+    per_token = []
+    for row in acts:
+        values, units = row.topk(min(top, row.shape[0]))
+        per_token.append([[int(u), round(float(v), 4)] for v, u in zip(values, units) if v > 0])
+    # the first position (the attention sink) is left out of the summary, as ``features explain`` leaves it out
+    body = acts[1:] if acts.shape[0] > 1 else acts
+    peak, where = body.max(0)
+    active = (body > 0).sum(0)
+    order = [int(u) for u in torch.argsort(peak, descending=True) if peak[u] > 0][:64]
+    listed = [
+        _explanation(entry, u)
+        | {"max": round(float(peak[u]), 4), "n_tokens": int(active[u]), "at": int(where[u]) + 1}
+        for u in order
+    ]
+    view = {
+        "dictionary": entry.id,
+        "site": site,
+        "tokens": run.tokens(0),
+        "per_token": per_token,
+        "features": listed,
+        "explanations": {
+            str(u): _explanation(entry, u) for tok in per_token for u, _ in tok if entry.explained(u)
+        },
+        "has_explanations": entry.explanations is not None,
+        "l0": round(float((acts > 0).sum(-1).float().mean()), 2),
+    }
+    return Result(view=view, data=view, name="features")
+
+
+def sae_feature(ctx: JobContext, lm, entry: DictionaryEntry, unit: int) -> Result:
+    """One feature's dashboard: views/features.py's (explanation and scores beside a random explanation's,
+    histogram, top contexts, logits, nearest) when explanations.json has it; else what the dictionary alone
+    tells: the tokens its decoder direction promotes and suppresses, and its nearest features."""
+    import torch
+
+    from ..features.pipeline import _directions, logit_effects
+    from ..views.features import features_html
+    from ..views.html import Report
+
+    item = entry.explained(unit)
+    title = f"{lm.name} · {entry.id} · feature {unit}"
+    if item is not None:
+        ctx.progress(0.5, "building the dashboard")
+        html = features_html({**entry.explanations, "units": [item]}, title=f"lmscope features: {title}")
+        return Result(
+            view={"unit": unit, "dashboard": html},
+            files={f"feature-{unit}.html": (html.encode("utf-8"), "text/html; charset=utf-8")},
+            name=f"feature-{unit}",
+        )
+    ctx.progress(0.3, "decoder direction through the unembedding")
+    sae = entry.sae
+    effects = logit_effects(lm, _directions(lm, sae, sae.cfg.site, [unit]))
+    with torch.no_grad():
+        w = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1)
+        cos = w @ w[unit]
+        cos[unit] = -2
+        near = cos.topk(min(5, w.shape[0] - 1))
+    report = Report(f"lmscope: {title}", "no scored explanation for this feature")
+    sec = report.section(
+        f"Feature {unit}",
+        "this dictionary has no scored explanation for it (run lmscope features explain --sae on it); "
+        "what its decoder direction does:",
+    )
+    eff = effects[0] if effects else {}
+    if eff:
+        sec.table(["promotes", "logit"], [[repr(t), round(v, 3)] for t, v in eff["promoted"]])
+        sec.table(["suppresses", "logit"], [[repr(t), round(v, 3)] for t, v in eff["suppressed"]])
+    sec.table(
+        ["nearest feature", "cosine"],
+        [[int(i), round(float(v), 3)] for v, i in zip(near.values, near.indices)],
+    )
+    data = {
+        "unit": unit,
+        "logits": eff,
+        "nearest": [[int(i), float(v)] for v, i in zip(near.values, near.indices)],
+    }
+    return Result(
+        view={"unit": unit, "report": report.data()}, report=report, data=data, name=f"feature-{unit}"
+    )

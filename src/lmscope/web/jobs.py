@@ -91,14 +91,21 @@ class JobManager:
         with self._lock:
             return self._model_locks.setdefault(model, threading.Lock())
 
-    def submit(self, kind: str, models: str | list[str], work: Callable[[JobContext], Any]) -> Job:
-        """Queue ``work(ctx)``; it runs holding the lock of every model in ``models`` (in sorted order)."""
+    def submit(
+        self,
+        kind: str,
+        models: str | list[str],
+        work: Callable[[JobContext], Any],
+        cleanup: Callable[[], None] | None = None,
+    ) -> Job:
+        """Queue ``work(ctx)``; it runs holding the lock of every model in ``models`` (in sorted order).
+        ``cleanup()`` runs once the job ends, however it ends (done, failed, or cancelled while queued)."""
         names = sorted({models} if isinstance(models, str) else set(models))
         job = Job(id=uuid.uuid4().hex[:12], kind=kind, model="+".join(names))
         with self._lock:
             self._jobs[job.id] = job
             self._trim()
-        self._pool.submit(self._run, job, names, work)
+        self._pool.submit(self._run, job, names, work, cleanup)
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -142,7 +149,7 @@ class JobManager:
             raise
         return held
 
-    def _run(self, job: Job, names: list[str], work: Callable[[JobContext], Any]) -> None:
+    def _run(self, job: Job, names: list[str], work: Callable[[JobContext], Any], cleanup=None) -> None:
         ctx = JobContext(job)
         held: list[threading.Lock] = []
         try:
@@ -164,5 +171,10 @@ class JobManager:
         finally:
             for lock in reversed(held):
                 lock.release()
+            if cleanup is not None:
+                try:
+                    cleanup()
+                except Exception:  # a cleanup that fails must not hide the job's own outcome
+                    traceback.print_exc()
             job.finished = time.time()
             job._done.set()

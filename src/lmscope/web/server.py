@@ -25,8 +25,9 @@ from ..errors import LmscopeError
 from . import features
 from .features import Result
 from .jobs import DONE, JobManager
+from .uploads import UploadError, Uploads
 
-KINDS = ("inspect", "explain", "heads", "dla", "pattern", "compare")
+KINDS = ("inspect", "explain", "heads", "dla", "pattern", "compare", "audit", "features", "feature")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Limits:
     max_chars: int = 4000
     max_tokens: int = 256
     max_generate: int = 16
+    max_upload_bytes: int = 32 * 2**20  # one uploaded file (Audit tab); over it: 413
+    max_audit_cases: int = 5000  # cases one audit may run
 
 
 @dataclass
@@ -169,6 +172,8 @@ class App:
         limits: Limits | None = None,
         workers: int = 4,
         allowed_hosts: list[str] | None = None,
+        dictionaries: dict[str, Any] | None = None,
+        upload_dir: str | None = None,
     ):
         if not models:
             raise LmscopeError("no model to serve", "pass --model NAME (e.g. --model smollm2)")
@@ -177,6 +182,8 @@ class App:
         self.jobs = JobManager(workers=workers)
         self.static = _static_files()
         self.allowed_hosts = allowed_hosts
+        self.uploads = Uploads(self.limits.max_upload_bytes, base=upload_dir)
+        self.dictionaries = dictionaries or {}  # id -> web.features.DictionaryEntry (the Features tab)
 
     # -- validation helpers -------------------------------------------------------------------------
     def model(self, data: dict, key: str = "model") -> ModelEntry:
@@ -224,6 +231,14 @@ class App:
             raise BadRequest(f"unknown job kind '{kind}'; use one of: {', '.join(KINDS)}")
         if kind == "compare":
             return self._compare_job(data)
+        if kind == "audit":
+            from .audit_tab import audit_job
+
+            return audit_job(self, data)
+        if kind in ("features", "feature"):
+            from .features_tab import features_job
+
+            return features_job(self, data, kind)
         entry = self.model(data)
         lm = entry.lm
         if kind == "heads":
@@ -325,6 +340,8 @@ class App:
             "models": [e.describe() for e in self.models.values()],
             "limits": asdict(self.limits),
             "features": features.status(),
+            "dictionaries": [e.describe() for e in self.dictionaries.values()],
+            "swap_lists": features.swap_lists(),
         }
 
     # -- the FastAPI app --------------------------------------------------------------------------
@@ -333,6 +350,7 @@ class App:
         async def lifespan(_app):
             yield
             self.jobs.shutdown()
+            self.uploads.remove_all()  # folders of jobs that never ran (cancelled at shutdown)
 
         app = FastAPI(
             title="lmscope",
@@ -352,6 +370,10 @@ class App:
 
         @app.exception_handler(BadRequest)
         async def _bad(_request, exc: BadRequest):
+            return _err(exc.message, exc.status)
+
+        @app.exception_handler(UploadError)
+        async def _upload_bad(_request, exc: UploadError):
             return _err(exc.message, exc.status)
 
         @app.exception_handler(StarletteHTTPException)
@@ -390,6 +412,18 @@ class App:
             data = await read_json(request, self.limits.max_body_bytes)
             job = self.create_job(data)
             return JSONResponse({**job.to_dict(), "notes": self.notes(data)}, status_code=202)
+
+        @app.post("/api/uploads", status_code=201)
+        async def api_upload(request: Request, name: str = ""):
+            upload = await self.uploads.receive(request, name)
+            return JSONResponse(upload.describe(), status_code=201)
+
+        @app.get("/api/jobs/{job_id}/files/{name}")
+        def api_file(job_id: str, name: str):
+            found = (self._result(job_id).files or {}).get(name)
+            if found is None:
+                return _err(f"this result has no file '{name}'", 404)
+            return Response(found[0], media_type=found[1], headers=_attachment(name))
 
         @app.get("/api/jobs/{job_id}")
         def api_job(job_id: str, wait: float = 0.0):
@@ -442,6 +476,8 @@ class App:
             out["report.html"] = f"/api/jobs/{job.id}/report.html"
         if job.result.data is not None:
             out["result.json"] = f"/api/jobs/{job.id}/result.json"
+        for name in job.result.files or {}:
+            out[name] = f"/api/jobs/{job.id}/files/{name}"
         return out
 
 
@@ -454,9 +490,12 @@ def create_app(
     limits: Limits | None = None,
     workers: int = 4,
     allowed_hosts: list[str] | None = None,
+    dictionaries: dict[str, Any] | None = None,
+    upload_dir: str | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``models`` ({id: LM}); run it with uvicorn or test it with TestClient.
 
     ``allowed_hosts``: Host header names accepted (None: any); ``lmscope serve`` on 127.0.0.1 passes the
-    loopback names."""
-    return App(models, limits, workers, allowed_hosts).build()
+    loopback names. ``dictionaries``: {id: web.features.DictionaryEntry} for the Features tab;
+    ``upload_dir``: where uploads get their temporary folders (default: the system's temporary directory)."""
+    return App(models, limits, workers, allowed_hosts, dictionaries, upload_dir).build()

@@ -29,6 +29,24 @@
     }, function () { throw new Error("cannot reach the lmscope server: is it still running?"); });
   }
 
+  // an uploaded file (Audit tab): the raw body, so the server streams it to disk under its size limit
+  function uploadFile(file) {
+    var limit = info.limits.max_upload_bytes;
+    if (file.size > limit) {
+      var shown = limit >= 1048576 ? (+(limit / 1048576).toPrecision(3)) + " MB" : limit + " bytes";
+      return Promise.reject(new Error("the file is over this server's upload limit of " + shown +
+        "; upload a smaller file (or start lmscope serve with a larger --max-upload-mb)"));
+    }
+    return fetch("/api/uploads?name=" + encodeURIComponent(file.name), {
+      method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file
+    }).then(function (r) {
+      return r.json().catch(function () { return null; }).then(function (data) {
+        if (!r.ok) throw new Error((data && data.error) || ("the server answered " + r.status + " " + r.statusText));
+        return data;
+      });
+    }, function () { throw new Error("cannot reach the lmscope server: is it still running?"); });
+  }
+
   // ---------- jobs ----------
   function setJob(job) {
     var box = $("job");
@@ -127,6 +145,36 @@
         renderReport(job.result.report, p.querySelector(".app-out")); downloads(p, job);
       });
     },
+    audit: function () {
+      var p = panel("audit"), file = $("au-file").files[0], swaps = $("au-swaps").files[0], m = modelInfo(model());
+      if (!file) return Promise.reject(new Error("choose a dataset file (.jsonl, .csv, .tsv or .parquet) to audit"));
+      var builtin = Array.prototype.map.call(document.querySelectorAll("#au-builtin input:checked"), function (c) { return c.value; });
+      var body = { kind: "audit", model: model(), text_field: opt("au-text"), label_field: opt("au-label"),
+        group_field: opt("au-group"), id_field: opt("au-id"), positive: opt("au-positive"), builtin: builtin,
+        explain: $("au-explain").checked, sanity: $("au-sanity").checked, max_cases: $("au-max").value ? +$("au-max").value : null };
+      if (m && m.causal) {
+        body.prompt = $("au-prompt").value;
+        body.choices = $("au-choices").value.split("|").filter(function (c) { return c.trim(); });
+      }
+      clearMsg();
+      p.querySelector(".app-out").innerHTML = ""; p.querySelector(".app-downloads").innerHTML = "";
+      setJob({ kind: "audit", message: "uploading " + file.name, progress: 0, status: "queued" });
+      return uploadFile(file).then(function (u) {
+        body.data = u.id;
+        return swaps ? uploadFile(swaps).then(function (s) { body.swaps = s.id; }) : null;
+      }).then(function () { return runJob(body); }, function (err) { setJob(null); throw err; }).then(function (job) {
+        var out = p.querySelector(".app-out");
+        renderReport(job.result.report, out); downloads(p, job);
+        out.insertBefore(el("div", "app-dim", job.result.report.subtitle || ""), out.firstChild);  // cases, decider, time
+      });
+    },
+    features: function () {
+      var p = panel("features");
+      $("fe-dashboard").innerHTML = "";
+      return runJob({ kind: "features", model: model(), dictionary: $("fe-dict").value, text: text() }).then(function (job) {
+        showFeatures(job.result, p.querySelector(".app-out")); downloads(p, job);
+      });
+    },
     compare: function () {
       var p = panel("compare");
       return runJob({ kind: "compare", original: $("cmp-a").value, compressed: $("cmp-b").value, text: text() }).then(function (job) {
@@ -143,6 +191,7 @@
     tab = name;
     document.querySelectorAll(".app-tab").forEach(function (b) { b.classList.toggle("active", b.getAttribute("data-tab") === name); });
     document.querySelectorAll(".app-panel").forEach(function (p) { p.hidden = p.id !== "panel-" + name; });
+    $("text").hidden = name === "audit";  // the audit reads its texts from the uploaded file
     clearMsg();
   }
 
@@ -174,6 +223,86 @@
     });
   }
 
+  // ---------- features: the dictionary's features on each token; a feature's dashboard ----------
+  function featureLabel(f) {
+    var s = "#" + f.unit;
+    if (f.explanation) s += " — " + f.explanation + " (detection " + fmt(f.scores.detection) + ", random " + fmt(f.random_baseline && f.random_baseline.detection) + ")";
+    return s;
+  }
+  function fmt(v) { return v === null || v === undefined ? "–" : (+v).toFixed(2); }
+  function featureLink(unit, label) {
+    var a = el("span", "fe-feat", label);
+    a.setAttribute("data-unit", unit);
+    a.addEventListener("click", function () { showFeature(unit); });
+    return a;
+  }
+  function showFeatures(r, out) {
+    out.innerHTML = "";
+    out.appendChild(el("div", "app-dim", r.dictionary + " at " + r.site + " · " + r.features.length + " features active on the text (first position left out) · mean " + r.l0 + " active per token" + (r.has_explanations ? "" : " · no explanations.json: features are shown without explanations")));
+    var row = el("div", "fe-tokens"), detail = el("div", "fe-detail");
+    var peak = 0;
+    r.per_token.forEach(function (t) { if (t.length) peak = Math.max(peak, t[0][1]); });
+    r.tokens.forEach(function (tok, i) {
+      var chip = el("span", "fe-tok", tok), top = r.per_token[i];
+      var a = top.length && peak > 0 ? top[0][1] / peak : 0;
+      chip.style.background = "rgba(234,88,12," + (0.6 * a).toFixed(3) + ")";
+      chip.title = top.length + " of the top features active";
+      chip.addEventListener("click", function () {
+        row.querySelectorAll(".fe-tok").forEach(function (c) { c.classList.remove("active"); });
+        chip.classList.add("active");
+        detail.innerHTML = "";
+        detail.appendChild(el("h2", "app-h2", "Token " + i + ": " + JSON.stringify(tok)));
+        if (!top.length) detail.appendChild(el("div", "app-dim", "no feature active"));
+        top.forEach(function (ua) {
+          var d = el("div"), info = r.explanations[String(ua[0])] || { unit: ua[0] };
+          d.appendChild(el("span", "app-dim", ua[1].toFixed(3) + "  "));
+          d.appendChild(featureLink(ua[0], featureLabel(info)));
+          detail.appendChild(d);
+        });
+      });
+      row.appendChild(chip);
+    });
+    out.appendChild(row); out.appendChild(detail);
+    out.appendChild(el("h2", "app-h2", "Features active on the text"));
+    var table = el("table", "ls-table fe-table"), head = el("tr");
+    ["feature", "max activation", "tokens", "explanation", "detection", "random"].forEach(function (h) { head.appendChild(el("th", null, h)); });
+    var thead = el("thead"); thead.appendChild(head); table.appendChild(thead);
+    var body = el("tbody");
+    r.features.forEach(function (f) {
+      var tr = el("tr"), cell = el("td");
+      cell.appendChild(featureLink(f.unit, "#" + f.unit));
+      tr.appendChild(cell);
+      tr.appendChild(el("td", null, f.max.toFixed(3)));
+      tr.appendChild(el("td", null, String(f.n_tokens)));
+      tr.appendChild(el("td", null, f.explanation || "—"));
+      tr.appendChild(el("td", null, f.scores ? fmt(f.scores.detection) : "—"));
+      tr.appendChild(el("td", null, f.random_baseline ? fmt(f.random_baseline.detection) : "—"));
+      body.appendChild(tr);
+    });
+    table.appendChild(body); out.appendChild(table);
+  }
+  function showFeature(unit) {
+    var box = $("fe-dashboard"), p = panel("features");
+    return runJob({ kind: "feature", model: model(), dictionary: $("fe-dict").value, unit: +unit }).then(function (job) {
+      box.innerHTML = "";
+      if (job.result.dashboard) {
+        box.appendChild(el("h2", "app-h2", "Feature " + unit));
+        // the offline dashboard of views/features.py, isolated: scripts run, but it cannot reach this page
+        var frame = el("iframe");
+        frame.setAttribute("sandbox", "allow-scripts");
+        frame.setAttribute("title", "feature " + unit + " dashboard");
+        frame.srcdoc = job.result.dashboard;
+        box.appendChild(frame);
+      } else {
+        var inner = el("div"); box.appendChild(inner); renderReport(job.result.report, inner);
+      }
+      var links = el("div", "app-downloads"); box.appendChild(links);
+      Object.keys(job.downloads || {}).forEach(function (name) {
+        var a = el("a", "app-dl", "⤓ " + name); a.href = job.downloads[name]; a.setAttribute("download", ""); links.appendChild(a);
+      });
+    }).catch(fail);
+  }
+
   // ---------- explain: one step per generated token, picked from a row of buttons ----------
   function showSteps(result) {
     var box = $("steps"), out = panel("explain").querySelector(".app-out");
@@ -199,6 +328,7 @@
     $("model-info").textContent = m.family + " · " + m.n_layers + " layers · " + m.n_heads + " heads" +
       (m.n_kv_heads !== m.n_heads ? " (" + m.n_kv_heads + " KV)" : "") + " · " + (m.n_params / 1e6).toFixed(1) + "M params";
     $("pair-label").hidden = m.causal;
+    $("au-lm").hidden = !m.causal;  // a causal LM decides through a prompt and choices; a classifier by its labels
     $("generate").disabled = !m.causal;
     fillHeadPickers();
   }
@@ -220,6 +350,25 @@
       var why = unavailable(name), box = panel(name).querySelector(".app-unavailable");
       box.hidden = !why; box.textContent = why ? "Not available: " + why : "";
     });
+    (data.swap_lists || []).forEach(function (name) {
+      var c = el("input"); c.type = "checkbox"; c.value = name; c.checked = true;
+      var l = el("label", "app-method"); l.appendChild(c); l.appendChild(document.createTextNode(" builtin:" + name));
+      $("au-builtin").appendChild(l);
+    });
+    var up = data.limits.max_upload_bytes;
+    $("au-limits").textContent = "Limits: " + (up >= 1048576 ? (+(up / 1048576).toPrecision(3)) + " MB" : up + " bytes") +
+      " per file, " + data.limits.max_audit_cases + " cases per audit.";
+    (data.dictionaries || []).forEach(function (d) {
+      var o = el("option", null, d.id); o.value = d.id; $("fe-dict").appendChild(o);
+    });
+    function dictInfo() {
+      var d = data.dictionaries.filter(function (x) { return x.id === $("fe-dict").value; })[0];
+      $("fe-info").textContent = d ? d.kind + " · " + d.site + " · " + d.d_sae + " features" + (d.k ? " · k " + d.k : "") + " · " + d.explained + " explained" : "";
+    }
+    $("fe-dict").addEventListener("change", dictInfo); dictInfo();
+    var noDict = (data.dictionaries || []).length ? null : "this server has no dictionary: start it with lmscope serve --sae DIR (a lmscope features train --out folder, or a SAELens folder) [--explanations FEATS_DIR]";
+    panel("features").querySelector(".app-unavailable").hidden = !noDict;
+    panel("features").querySelector(".app-unavailable").textContent = noDict ? "Not available: " + noDict : "";
     var checked = data.features.explain.default_methods || [];
     (data.features.explain.methods || []).forEach(function (name) {
       var c = el("input"); c.type = "checkbox"; c.value = name; c.checked = checked.indexOf(name) >= 0;
