@@ -60,7 +60,8 @@ def test_features_on_each_token_equal_a_brute_force_encoding_of_hf_hidden_states
         v, i = pre.topk(4, dim=-1)
         dense = torch.zeros_like(pre).scatter(-1, i, v.relu())
     assert len(view["tokens"]) == ids.shape[1] == len(view["per_token"])
-    for t, row in enumerate(view["per_token"]):
+    assert view["per_token"][0] == []  # the first position (the attention sink) is never encoded
+    for t, row in enumerate(view["per_token"][1:], start=1):
         want = [
             (int(u), float(dense[t, u])) for u in dense[t].argsort(descending=True)[:4] if dense[t, u] > 0
         ]

@@ -324,40 +324,29 @@ def _explanation(entry: DictionaryEntry, unit: int) -> dict:
 def sae_features(ctx: JobContext, lm, entry: DictionaryEntry, text: str, top: int = 5) -> Result:
     """The dictionary's features on each token of ``text``: the ``top`` active on each token, and every
     feature active anywhere, strongest first, with its explanation and scores when the dictionary has them."""
-    import torch
+    from ..features import active_features
 
     site = entry.sae.cfg.site
-    ctx.progress(0.1, f"running the model to {site}")
-    run = lm.run(text, capture=[site])
-    x = run.tensors[site][0].float()  # [T, d_in]
-    ctx.progress(0.6, "encoding with the dictionary")
-    with torch.no_grad():
-        acts = entry.sae.encode(x)  # [T, d_sae]
-    per_token = []
-    for row in acts:
-        values, units = row.topk(min(top, row.shape[0]))
-        per_token.append([[int(u), round(float(v), 4)] for v, u in zip(values, units) if v > 0])
-    # the first position (the attention sink) is left out of the summary, as ``features explain`` leaves it out
-    body = acts[1:] if acts.shape[0] > 1 else acts
-    peak, where = body.max(0)
-    active = (body > 0).sum(0)
-    order = [int(u) for u in torch.argsort(peak, descending=True) if peak[u] > 0][:64]
+    ctx.progress(0.1, f"running the model to {site} and encoding with the dictionary")
+    # the same numbers as inspect --sae; position 0 (the attention sink) is never encoded, as in training
+    found = active_features(lm, entry.sae, text, top=top, max_features=64)
+    per_token = [[[f["feature"], round(f["activation"], 4)] for f in row] for row in found.per_token]
     listed = [
-        _explanation(entry, u)
-        | {"max": round(float(peak[u]), 4), "n_tokens": int(active[u]), "at": int(where[u]) + 1}
-        for u in order
+        _explanation(entry, f["feature"])
+        | {"max": round(f["peak"], 4), "n_tokens": f["tokens_active"], "at": f["peak_token"]}
+        for f in found.features
     ]
     view = {
         "dictionary": entry.id,
         "site": site,
-        "tokens": run.tokens(0),
+        "tokens": found.tokens,
         "per_token": per_token,
         "features": listed,
         "explanations": {
             str(u): _explanation(entry, u) for tok in per_token for u, _ in tok if entry.explained(u)
         },
         "has_explanations": entry.explanations is not None,
-        "l0": round(float((acts > 0).sum(-1).float().mean()), 2),
+        "l0": round(sum(found.l0[1:]) / max(len(found.l0) - 1, 1), 2),
     }
     return Result(view=view, data=view, name="features")
 

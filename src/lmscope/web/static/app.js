@@ -252,7 +252,7 @@
         chip.classList.add("active");
         detail.innerHTML = "";
         detail.appendChild(el("h2", "app-h2", "Token " + i + ": " + JSON.stringify(tok)));
-        if (!top.length) detail.appendChild(el("div", "app-dim", "no feature active"));
+        if (!top.length) detail.appendChild(el("div", "app-dim", i === 0 ? "not encoded: dictionaries are trained without the first position (the attention sink)" : "no feature active"));
         top.forEach(function (ua) {
           var d = el("div"), info = r.explanations[String(ua[0])] || { unit: ua[0] };
           d.appendChild(el("span", "app-dim", ua[1].toFixed(3) + "  "));
