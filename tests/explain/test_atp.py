@@ -174,6 +174,10 @@ def test_graddrop_equals_dropping_each_sublayer_gradient_by_brute_force(make_tin
     data = scores.to_json()
     assert "APPROXIMATE" in data["approximate"]["atp_zero_graddrop"]
     assert data["heads"][0]["atp_mean_graddrop"] is not None
+    from lmscope.views.heads import heads_report
+
+    page = json.dumps(heads_report(scores, "heads").data(), ensure_ascii=False)
+    assert "GradDrop (approximate |Δ loss|)" in page and "APPROXIMATE |Δ loss| of zero ablation" in page
 
 
 def test_patch_graddrop_equals_brute_force_and_is_labelled(make_tiny):
@@ -223,3 +227,10 @@ def test_patch_graddrop_equals_brute_force_and_is_labelled(make_tiny):
     data = json.loads(json.dumps(res.to_json()))
     assert "APPROXIMATE" in data["approx"]["graddrop"]["label"] and data["approx"]["method"] == "atp-graddrop"
     assert "heads_graddrop_vs_abs" in data["approx"]["correlation_with_exact"]
+    from lmscope.views.patching import patching_report
+
+    html = patching_report(res, "patch").render()
+    assert (
+        "Attention heads (approximate, AtP + GradDrop)" in html
+        and "MLPs (approximate, AtP + GradDrop)" in html
+    )

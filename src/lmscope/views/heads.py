@@ -28,6 +28,8 @@ def heads_report(scores, title: str):
         "atp_zero": "APPROXIMATE Δ loss of zero ablation (attribution patching, first order)",
         "atp_mean_cancellation": "how much atp_mean's per-position terms cancel (0 none … 1 all)",
         "atp_zero_cancellation": "how much atp_zero's per-position terms cancel (0 none … 1 all)",
+        "atp_mean_graddrop": "APPROXIMATE |Δ loss| of mean ablation (AtP + GradDrop, robust to cancelling paths)",
+        "atp_zero_graddrop": "APPROXIMATE |Δ loss| of zero ablation (AtP + GradDrop, robust to cancelling paths)",
     }
 
     def maps(metrics, diverging):
@@ -61,6 +63,9 @@ def heads_report(scores, title: str):
         cancel = maps(("atp_mean_cancellation", "atp_zero_cancellation"), False)
         if cancel:
             sec.choice(cancel, label="cancellation")
+        graddrop = maps(("atp_mean_graddrop", "atp_zero_graddrop"), False)  # magnitudes: no sign
+        if graddrop:
+            sec.choice(graddrop, label="GradDrop (approximate |Δ loss|)")
     pat = maps(("induction", "previous_token", "first_token", "self"), False)
     if pat:
         sec = rep.section("What each head does", note="mean attention weight on the named position (0..1)")

@@ -96,3 +96,19 @@ def _approx_sections(rep, result, x_tokens, y_layers, note) -> None:
     rep.section("MLPs (approximate, attribution patching)", note=approx_note).bars(
         y_layers, result.approx_normalized("mlp")
     )
+    gd, span = result.approx.get("graddrop"), abs(result.metric_clean - result.metric_corrupt)
+    if gd is not None and span:
+        gd_note = (
+            f"APPROXIMATE ({result.approx['graddrop_label']}); magnitudes |Δ metric| / |clean − corrupted| "
+            "(no sign), robust to paths that cancel"
+        )
+        rep.section("Attention heads (approximate, AtP + GradDrop)", note=gd_note).heatmap(
+            np.asarray(gd["heads"]) / span,
+            x_labels=[f"h{h}" for h in range(heads.shape[1])],
+            y_labels=y_layers,
+            x_title="head",
+            y_title="layer",
+        )
+        rep.section("MLPs (approximate, AtP + GradDrop)", note=gd_note).bars(
+            y_layers, np.asarray(gd["mlp"]) / span
+        )

@@ -249,8 +249,10 @@ class App:
                 )
             text = self.text(data, entry) if scored_on == "text" else None
             approx = _str_field(data, "approx")
-            if approx not in (None, "", "atp"):
-                raise BadRequest("'approx' must be 'atp' (attribution patching) or left out (exact)")
+            if approx not in (None, "", "atp", "atp-graddrop"):
+                raise BadRequest(
+                    "'approx' must be 'atp' or 'atp-graddrop' (attribution patching) or left out (exact)"
+                )
             approx = approx or None
             return self.jobs.submit(kind, entry.id, lambda ctx: features.heads(ctx, lm, text, approx))
         text = self.text(data, entry)
