@@ -154,31 +154,38 @@ class StructuredSpace:
         return heads, neurons, sorted(dropped)
 
     def recipe(self, config):
-        from ..recipe import Recipe
-        from ..steps import KeepHeads, KeepNeurons, PruneLayers
-
-        heads, neurons, dropped = self.structure(config)
-        steps = []
-        if heads:
-            steps.append(KeepHeads(layers={str(i): v for i, v in heads.items()}))
-        if neurons:
-            steps.append(KeepNeurons(layers={str(i): v for i, v in neurons.items()}))
-        if dropped:  # last: the head and neuron steps use the original layer numbering
-            steps.append(PruneLayers(layers=tuple(dropped)))
-        if not steps:
-            raise LmscopeError("the configuration keeps every head, neuron and block", "nothing to compress")
-        return Recipe(tuple(steps))
+        return recipe_of(*self.structure(config))
 
     def describe(self, config) -> str:
-        heads, neurons, dropped = self.structure(config)
-        parts = []
-        if "heads" in self.spaces:
-            parts.append(f"heads cut in {len(heads)} layers")
-        if "neurons" in self.spaces:
-            parts.append(f"neurons cut in {len(neurons)} layers")
-        if "layers" in self.spaces:
-            parts.append(f"dropped {dropped}" if dropped else "no block dropped")
-        return ", ".join(parts)
+        return describe_structure(self.spaces, *self.structure(config))
+
+
+def recipe_of(heads: dict, neurons: dict, dropped) -> object:
+    """The Recipe removing exactly this structure (kept heads / neurons by original layer, dropped layers)."""
+    from ..recipe import Recipe
+    from ..steps import KeepHeads, KeepNeurons, PruneLayers
+
+    steps = []
+    if heads:
+        steps.append(KeepHeads(layers={str(i): list(v) for i, v in heads.items()}))
+    if neurons:
+        steps.append(KeepNeurons(layers={str(i): list(v) for i, v in neurons.items()}))
+    if dropped:  # last: the head and neuron steps use the original layer numbering
+        steps.append(PruneLayers(layers=tuple(dropped)))
+    if not steps:
+        raise LmscopeError("the configuration keeps every head, neuron and block", "nothing to compress")
+    return Recipe(tuple(steps))
+
+
+def describe_structure(spaces, heads: dict, neurons: dict, dropped) -> str:
+    parts = []
+    if "heads" in spaces:
+        parts.append(f"heads cut in {len(heads)} layers")
+    if "neurons" in spaces:
+        parts.append(f"neurons cut in {len(neurons)} layers")
+    if "layers" in spaces:
+        parts.append(f"dropped blocks {list(dropped)}" if dropped else "no block dropped")
+    return ", ".join(parts)
 
 
 def compute_priors(lm, spaces, calib=None) -> dict:
@@ -497,11 +504,16 @@ def check_params_budget(evolution: StructuredEvolution, budget, reference: int) 
         )
 
 
-def uniform_baselines(db: StructureDatabase, budget: int) -> dict[str, list[tuple]]:
+def uniform_baselines(
+    db: StructureDatabase, budget: int, configs: dict | None = None
+) -> dict[str, list[tuple]]:
     """Uniform importance-ordered pruning at the budget's parameters, off the level grid: every layer loses
-    the same number of neurons (the fewest that fit), alone and beside uniformly pruned heads."""
+    the same number of neurons (the fewest that fit), alone and beside uniformly pruned heads. Returns block
+    states by label; ``configs`` (if given) receives each one's per-unit description (neuron fractions
+    off the level grid)."""
     space = db.space
     out: dict[str, list[tuple]] = {}
+    configs = {} if configs is None else configs
     n = space.n_layers
     if "neurons" not in space.spaces:
         return out
@@ -519,7 +531,12 @@ def uniform_baselines(db: StructureDatabase, budget: int) -> dict[str, list[tupl
         d = len(space.priors["neurons"][0])
         for keep in range(d - 1, 0, -1):  # counted with stand-in lists; the kept neurons chosen once it fits
             if db.params_of_states([(heads.get(i), range(keep), False) for i in range(n)]) <= budget:
-                out[f"uniform {label}neurons {keep}/{d}"] = [
+                name = f"uniform {label}neurons {keep}/{d}"
+                configs[name] = {
+                    **({f"{i}.attn": head_level(len(h)) for i, h in heads.items()}),
+                    **{f"{i}.mlp": neuron_level(round(keep / d, 6)) for i in range(n)},
+                }
+                out[name] = [
                     (
                         heads.get(i),
                         sorted(
@@ -667,13 +684,19 @@ def search_structure(
         points[i]["ppl"] = perplexity(db.assemble(config), heldout)
     # uniform pruning at the budget's parameters off the level grid, scored the same way
     with torch.no_grad():
-        for label, states in uniform_baselines(db, budget_params).items():
+        baseline_recipes, baseline_configs = {}, {}
+        for label, states in uniform_baselines(db, budget_params, baseline_configs).items():
+            baseline_recipes[label] = recipe_of(
+                {i: h for i, (h, _, _) in enumerate(states) if h is not None},
+                {i: n for i, (_, n, _) in enumerate(states) if n is not None},
+                [i for i, (_, _, d) in enumerate(states) if d],
+            )
             params = db.params_of_states(states)
             work = db.assemble_states(states)
             kl, _ = fitness.kl(work, last)
             points.append(
                 {
-                    "config": {},
+                    "config": baseline_configs[label],
                     "describe": label,
                     "params": params,
                     "params_fraction": round(params / db.reference_params, 6),
@@ -728,6 +751,7 @@ def search_structure(
         head_roles=roles,
         unit_levels={u.name: list(lvs) for u, lvs in zip(space.units, space.unit_levels)},
         head_keep={f"{i}:{lv}": v for (i, lv), v in space.head_keep.items()},
+        baseline_recipes=baseline_recipes,
     )
 
 
@@ -782,6 +806,7 @@ def _structured_result_class():
         head_roles: dict | None = None
         unit_levels: dict = field(default_factory=dict)
         head_keep: dict = field(default_factory=dict)
+        baseline_recipes: dict = field(default_factory=dict)  # label -> Recipe (not serialized)
 
         def to_dict(self) -> dict:
             d = super().to_dict()
