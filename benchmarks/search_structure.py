@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--prior-tokens", type=int, default=1024, help="calibration tokens for the priors")
+    ap.add_argument("--store", default=None, help="optuna SQLite file for the evaluations (with --resume)")
+    ap.add_argument("--resume", action="store_true", help="continue the search stored in --store")
     ap.add_argument("--out", default=None, help="also write pareto.json / recipe.json / report.html here")
     args = ap.parse_args()
 
@@ -79,6 +82,9 @@ def main() -> None:
         time_limit=args.time_limit,
         seed=args.seed,
         offspring=args.offspring,
+        structure={"prior_tokens": args.prior_tokens},
+        store=args.store,
+        resume=args.resume,
         on_eval=lambda n: (
             n % 25
             or print(

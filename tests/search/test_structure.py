@@ -158,11 +158,13 @@ def _phi3_dir(tmp_path, tokenizer):
 def test_cli_structured_errors(tiny, tmp_path, capsys, causal_tokenizer):
     path = _phi3_dir(tmp_path, causal_tokenizer)
     out = tmp_path / "found"
+    capsys.readouterr()
     code = main(
         ["search", "--model", str(path), "--budget", "params=0.8", "--space", "heads", "--out", str(out)]
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "head pruning is not supported for phi3" in err[0]
+    assert "--space neurons,layers" in err[0]
     assert not out.exists()
     code = main(
         ["search", "--model", "smollm2", "--budget", "bytes=0.5", "--space", "heads", "--out", str(out)]

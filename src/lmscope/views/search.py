@@ -240,62 +240,8 @@ def structure_pareto_figure(result):
     return fig
 
 
-def kept_structure(result, point) -> dict:
-    """For a structured point: per layer the kept heads (original numbering), neuron fraction, dropped."""
-    config = point["config"]
-    n_layers = max(u["block"] for u in result.units) + 1
-    heads_of = {}
-    for i in range(n_layers):
-        lv = config.get(f"{i}.attn")
-        heads_of[i] = None if lv is None else result.head_keep.get(f"{i}:{lv}")
-    dropped = {i for i in range(n_layers) if config.get(f"{i}.block") == "drop"}
-    neurons = {
-        i: float(config[f"{i}.mlp"][3:]) / 100 if f"{i}.mlp" in config else 1.0 for i in range(n_layers)
-    }
-    return {"heads": heads_of, "dropped": dropped, "neurons": neurons, "n_layers": n_layers}
-
-
-def role_summary(result, point) -> list[dict]:
-    """Per head role (induction, previous-token, sink, self): how many such heads the point keeps."""
-    roles = (result.head_roles or {}).get("roles") or {}
-    if not roles:
-        return []
-    k = kept_structure(result, point)
-    names = {
-        "induction": "induction",
-        "previous_token": "previous-token",
-        "first_token": "sink",
-        "self": "self",
-    }
-    out = []
-    for role, name in names.items():
-        heads = [h for h, rs in roles.items() if role in rs]
-        if not heads:
-            continue
-        removed = []
-        for h in heads:
-            i, j = (int(x) for x in h.split("."))
-            kept = k["heads"].get(i)
-            if i in k["dropped"] or (kept is not None and j not in kept):
-                removed.append(h)
-        out.append({"role": name, "heads": sorted(heads), "removed": sorted(removed)})
-    return out
-
-
-def role_sentence(summary: list[dict]) -> str:
-    parts = []
-    for r in summary:
-        n, gone = len(r["heads"]), len(r["removed"])
-        if gone == 0:
-            parts.append(f"kept {n}/{n} {r['role']} heads")
-        elif gone == n:
-            parts.append(f"removed all {n} {r['role']} heads")
-        else:
-            parts.append(f"kept {n - gone}/{n} {r['role']} heads (removed {gone / n:.0%})")
-    return "; ".join(parts)
-
-
 def structure_report(result) -> Report:
+    from ..compress.search.structure import kept_structure, role_sentence, role_summary
     from .plots import plt  # noqa: F401  (Agg backend set up once)
 
     c = result.chosen_point

@@ -64,7 +64,15 @@ class StructuredSpace:
 
     name = "structure"
 
-    def __init__(self, lm, spaces, calib=None, neuron_fractions=NEURON_FRACTIONS, priors: dict | None = None):
+    def __init__(
+        self,
+        lm,
+        spaces,
+        calib=None,
+        neuron_fractions=NEURON_FRACTIONS,
+        priors: dict | None = None,
+        prior_tokens: int = 1024,
+    ):
         from ..prune.heads import _layer_options, check_head_surgery, layer_layout
 
         spaces = tuple(spaces)
@@ -79,8 +87,13 @@ class StructuredSpace:
                 f"family '{fam.name}' shares one block across depths: its structure cannot differ by layer",
                 "search --space quant",
             )
-        if "heads" in spaces:
-            check_head_surgery(lm)  # one line, exit 2, for families whose heads cannot be sliced exactly
+        if "heads" in spaces:  # one line, exit 2, for families whose heads cannot be sliced exactly
+            try:
+                check_head_surgery(lm)
+            except LmscopeError as e:
+                raise LmscopeError(
+                    e.problem, "search --space neurons,layers instead, or --space quant"
+                ) from None
         if "neurons" in spaces and fam.mlp_out is None:
             raise LmscopeError(
                 f"family '{fam.name}' has mixture-of-experts MLPs: the neurons space needs a dense MLP",
@@ -88,7 +101,7 @@ class StructuredSpace:
             )
         self.spaces = spaces
         self.n_layers = lm.n_layers
-        self.priors = priors if priors is not None else compute_priors(lm, spaces, calib)
+        self.priors = priors if priors is not None else compute_priors(lm, spaces, calib, prior_tokens)
         self.units: list[Unit] = []
         self.unit_levels: list[tuple[str, ...]] = []
         self.head_keep: dict[tuple[int, str], list[int]] = {}  # (layer, level) -> kept heads
@@ -188,12 +201,17 @@ def describe_structure(spaces, heads: dict, neurons: dict, dropped) -> str:
     return ", ".join(parts)
 
 
-def compute_priors(lm, spaces, calib=None) -> dict:
-    """Per-layer head importance, neuron scores and block influence, once (higher = more worth keeping)."""
+def compute_priors(lm, spaces, calib=None, tokens: int = 1024, window: int = 128) -> dict:
+    """Per-layer head importance, neuron scores and block influence, once (higher = more worth keeping), on
+    the first ``tokens`` tokens of the calibration text."""
+    from ...data import token_windows
     from ..prune.heads import gradient_importance
     from ..prune.layers import block_influence
     from ..prune.neurons import neuron_scores
 
+    if calib is None or isinstance(calib, str):
+        rows = token_windows(lm, calib, max_tokens=tokens, window=window)
+        calib = [{"input_ids": r[None], "attention_mask": torch.ones_like(r[None])} for r in rows]
     out: dict = {}
     if "heads" in spaces:
         out["heads"] = [s.tolist() for s in gradient_importance(lm, calib)]
@@ -347,7 +365,28 @@ class StructuredEvolution(Evolution):
         if child is None:
             return None
         child = self.space.canonical(child)
-        return child if child != tuple(parent) and self._total(self._index(child)) <= self.budget else None
+        if (
+            child == tuple(parent)
+            or self._total(self._index(child)) > self.budget
+            or self._all_dropped(child)
+        ):
+            return None
+        return child
+
+    def _all_dropped(self, config) -> bool:
+        blocks = [lv for u, lv in zip(self.space.units, config) if u.kind == "block"]
+        return bool(blocks) and all(lv == "drop" for lv in blocks)
+
+    def minimum_bytes(self) -> int:
+        """The fewest block parameters of the space (one block must stay: a model without blocks is refused)."""
+        low = [len(lv) - 1 for lv in self.levels]
+        if "layers" not in self.space.spaces:
+            return self._total(low)
+        best = None
+        for b in range(self.space.n_layers):
+            idx = [0 if u.kind == "block" and u.block == b else k for u, k in zip(self.space.units, low)]
+            best = self._total(idx) if best is None else min(best, self._total(idx))
+        return best
 
     # -- seeds --------------------------------------------------------------------------------------------
     def uniform_seeds(self) -> dict[tuple, str]:
@@ -423,11 +462,13 @@ class StructuredEvolution(Evolution):
             low = self._total_with(idx, k, len(self.levels[k]) - 1)
             span.append(max(top - low, 1))
 
+        full_total = self._total([0] * len(idx))
+        removed_memo: dict[tuple[int, int], int] = {}
+
         def loss(k, level_index, total_now):
-            removed = self._total_with([0] * len(idx), k, 0) - self._total_with(
-                [0] * len(idx), k, level_index
-            )
-            return weights[self.space.units[k].name] * (removed / span[k]) ** 2
+            if (k, level_index) not in removed_memo:
+                removed_memo[(k, level_index)] = full_total - self._total_with([0] * len(idx), k, level_index)
+            return weights[self.space.units[k].name] * (removed_memo[(k, level_index)] / span[k]) ** 2
 
         while self._total(idx) > self.budget:
             total = self._total(idx)
@@ -574,6 +615,7 @@ def search_structure(
     neuron_fractions=NEURON_FRACTIONS,
     priors=None,
     head_roles=True,
+    prior_tokens=1024,
 ):
     """``search`` for the structured spaces (heads, neurons, layers) under ``params=F``: F of the block
     parameters kept. Returns a ``StructuredResult``."""
@@ -594,7 +636,7 @@ def search_structure(
     _optuna()
     calib = calibration_text or default_calibration_text()
     start = time.perf_counter()
-    space = StructuredSpace(lm, spaces, calib, neuron_fractions, priors)
+    space = StructuredSpace(lm, spaces, calib, neuron_fractions, priors, prior_tokens)
     db = StructureDatabase(lm, space)
     budget_params = int(budget.fraction * db.reference_params)
     fitness = KLFitness(lm, calib, calibration_tokens, window, stages)
@@ -612,7 +654,8 @@ def search_structure(
         "seed": seed,
         "offspring": offspring,
         "prior": prior,
-        "priors": "head importance (gradient), neuron activation x |W_down|, block influence",
+        "priors": f"head importance (gradient), neuron activation x |W_down|, block influence; {prior_tokens} "
+        "calibration tokens",
     }
     if before_store is not None:
         before_store()
@@ -775,6 +818,61 @@ def head_role_table(lm) -> dict:
     return {"roles": roles, "scores": scores, "threshold": dict(PATTERN_THRESHOLD)}
 
 
+def kept_structure(result, point) -> dict:
+    """For a structured point: per layer the kept heads (original numbering), neuron fraction, dropped."""
+    config = point["config"]
+    n_layers = max(u["block"] for u in result.units) + 1
+    heads_of = {}
+    for i in range(n_layers):
+        lv = config.get(f"{i}.attn")
+        heads_of[i] = None if lv is None else result.head_keep.get(f"{i}:{lv}")
+    dropped = {i for i in range(n_layers) if config.get(f"{i}.block") == "drop"}
+    neurons = {
+        i: float(config[f"{i}.mlp"][3:]) / 100 if f"{i}.mlp" in config else 1.0 for i in range(n_layers)
+    }
+    return {"heads": heads_of, "dropped": dropped, "neurons": neurons, "n_layers": n_layers}
+
+
+def role_summary(result, point) -> list[dict]:
+    """Per head role (induction, previous-token, sink, self): how many such heads the point keeps."""
+    roles = (result.head_roles or {}).get("roles") or {}
+    if not roles:
+        return []
+    k = kept_structure(result, point)
+    names = {
+        "induction": "induction",
+        "previous_token": "previous-token",
+        "first_token": "sink",
+        "self": "self",
+    }
+    out = []
+    for role, name in names.items():
+        heads = [h for h, rs in roles.items() if role in rs]
+        if not heads:
+            continue
+        removed = []
+        for h in heads:
+            i, j = (int(x) for x in h.split("."))
+            kept = k["heads"].get(i)
+            if i in k["dropped"] or (kept is not None and j not in kept):
+                removed.append(h)
+        out.append({"role": name, "heads": sorted(heads), "removed": sorted(removed)})
+    return out
+
+
+def role_sentence(summary: list[dict]) -> str:
+    parts = []
+    for r in summary:
+        n, gone = len(r["heads"]), len(r["removed"])
+        if gone == 0:
+            parts.append(f"kept {n}/{n} {r['role']} heads")
+        elif gone == n:
+            parts.append(f"removed all {n} {r['role']} heads")
+        else:
+            parts.append(f"kept {n - gone}/{n} {r['role']} heads (removed {gone / n:.0%})")
+    return "; ".join(parts)
+
+
 def _result_base():
     from . import SearchResult
 
@@ -837,6 +935,10 @@ def _structured_result_class():
                     f"ppl {p['ppl']:.3f}"
                     + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
                 )
+            if self.chosen_point is not None and self.head_roles:
+                summary = role_summary(self, self.chosen_point)
+                if summary:
+                    lines.append("what the search kept: " + role_sentence(summary))
             return "\n".join(lines)
 
     StructuredResult.__module__ = __name__
