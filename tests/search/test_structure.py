@@ -181,3 +181,42 @@ def test_cli_structured_errors(tiny, tmp_path, capsys, causal_tokenizer):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown search space" in err[0]
     assert not out.exists()
+
+
+def test_cli_structured_search_then_compress(make_tiny, tmp_path, capsys):
+    lm = make_tiny("llama")
+    d = tmp_path / "tiny"
+    lm.model.save_pretrained(d, safe_serialization=True)
+    lm.tokenizer.save_pretrained(d)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB)
+    out = tmp_path / "found"
+    args = ["search", "--model", str(d), "--budget", "params=0.75", "--space", "heads,neurons,layers"]
+    rc = main(
+        [
+            *args,
+            "--out",
+            str(out),
+            "--quiet",
+            "--max-evals",
+            "20",
+            "--calibration-file",
+            str(calib),
+            "--calibration-tokens",
+            "32",
+            "--heldout-tokens",
+            "32",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "block parameters" in text and "recipe.json" in text
+    pareto = json.loads((out / "pareto.json").read_text())
+    chosen = pareto["points"][pareto["chosen"]]
+    assert chosen["params"] <= pareto["budget"]["params"]
+    small = tmp_path / "small"
+    assert (
+        main(["compress", "--model", str(d), "--recipe", str(out / "recipe.json"), "--out", str(small)]) == 0
+    )
+    back = lmscope.load(str(small), progress=False)
+    assert _block_params(back) == chosen["params"]

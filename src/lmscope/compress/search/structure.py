@@ -257,7 +257,11 @@ class StructureDatabase:
             for (i, lv), kept in space.head_keep.items():
                 self._set(i, (kept, None, False))
                 self.attn_delta[(i, lv)] = block_params(self.blocks[i]) - self.full_params[i]
+            smallest: dict[int, tuple[str, list[int]]] = {}
             for (i, lv), kept in space.neuron_keep.items():
+                if i not in smallest or len(kept) < len(smallest[i][1]):
+                    smallest[i] = (lv, kept)
+            for i, (lv, kept) in smallest.items():  # one slicing per layer: the rest is affine in the count
                 self._set(i, (None, kept, False))
                 self.mlp_delta[(i, lv)] = block_params(self.blocks[i]) - self.full_params[i]
             for i in range(n):
@@ -322,15 +326,16 @@ class StructureDatabase:
         raise LmscopeError(f"layer {i}: head layout {heads} is not one of the search's", "internal")
 
     def _mlp_delta(self, i, n_keep) -> int:
-        """Block-parameter change for keeping ``n_keep`` neurons: affine in the count (rows and columns)."""
+        """Block-parameter change for keeping ``n_keep`` neurons: affine in the count (each neuron is one row
+        of every input projection, with its bias, and one column of the output projection)."""
         d = len(self.space.priors["neurons"][i])
-        lv = min(
-            (lv for (j, lv) in self.mlp_delta if j == i and len(self.space.neuron_keep[(i, lv)]) < d),
-            key=lambda lv: len(self.space.neuron_keep[(i, lv)]),
-        )
+        lv = next(lv for (j, lv) in self.mlp_delta if j == i)
         k = len(self.space.neuron_keep[(i, lv)])
-        per = self.mlp_delta[(i, lv)] / (k - d)
-        return round(per * (n_keep - d)) if n_keep != d else 0
+        if n_keep == d or k == d:
+            return 0
+        per, rest = divmod(self.mlp_delta[(i, lv)], k - d)
+        assert rest == 0, "MLP parameters are not a whole number per neuron"
+        return per * (n_keep - d)
 
     def total_bytes(self, config) -> int:
         """The cost the budget counts, named as the quantization database's: here, block parameters."""
