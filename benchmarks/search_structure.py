@@ -53,6 +53,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument(
+        "--prior",
+        default="priors",
+        help="priors (seeds placed by head/neuron/block priors, no measurement: for a loaded machine) or "
+        "sensitivity (one KL probe per unit first)",
+    )
     ap.add_argument("--prior-tokens", type=int, default=1024, help="calibration tokens for the priors")
     ap.add_argument("--store", default=None, help="optuna SQLite file for the evaluations (with --resume)")
     ap.add_argument("--resume", action="store_true", help="continue the search stored in --store")
@@ -82,6 +88,7 @@ def main() -> None:
         time_limit=args.time_limit,
         seed=args.seed,
         offspring=args.offspring,
+        prior=args.prior,
         structure={"prior_tokens": args.prior_tokens},
         store=args.store,
         resume=args.resume,
@@ -108,10 +115,13 @@ def main() -> None:
     held = heldout_windows(lm, evaluation_text()[0], args.heldout_tokens)
     recipes = {"searched": res.recipe()}
     recipes.update(res.baseline_recipes)
-    for p in res.points:
-        if p["origin"] == "uniform" and p.get("ppl") is not None:
-            config = tuple(p["config"][u["name"]] for u in res.units)
-            recipes[p["label"]] = res.space.recipe(config)
+    grid = sorted(
+        (p for p in res.points if p["origin"] == "uniform" and p.get("ppl") is not None),
+        key=lambda p: p["ppl"],
+    )
+    for p in grid[:1] + [p for p in grid[1:] if "blocks" in p["label"]]:  # the best grid point, layer drop
+        config = tuple(p["config"][u["name"]] for u in res.units)
+        recipes[p["label"]] = res.space.recipe(config)
     models, rows = {"original": lm.model}, []
     for name, recipe in recipes.items():
         done = compress(lm, recipe)

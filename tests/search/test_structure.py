@@ -220,3 +220,20 @@ def test_cli_structured_search_then_compress(make_tiny, tmp_path, capsys):
     )
     back = lmscope.load(str(small), progress=False)
     assert _block_params(back) == chosen["params"]
+
+
+def test_prior_seeds_keep_each_kinds_parameters(tiny):
+    """prior='priors' (no probes): each uniform seed redistributed by the priors keeps the kind's parameters,
+    and the whole search still respects the budget."""
+    from lmscope.compress.search.structure import StructuredEvolution
+
+    space = StructuredSpace(tiny, ("heads", "neurons"), CALIB)
+    db = StructureDatabase(tiny, space)
+    evo = StructuredEvolution(db, int(0.75 * db.reference_params), None, 2)
+    weights = evo.prior_weights()
+    assert sorted(weights) == sorted(u.name for u in space.units)
+    for config in evo.uniform_seeds():
+        moved = evo.redistribute(config, weights)
+        assert db.total_bytes(moved) <= db.total_bytes(config)
+    res = search(tiny, "params=0.75", "heads,neurons", max_evals=15, prior="priors", **FAST)
+    assert res.chosen_point["params"] <= res.budget_bytes and not res.sensitivity

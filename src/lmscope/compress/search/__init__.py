@@ -175,8 +175,8 @@ def search(
     for name, value, low in (("max_evals", max_evals, 1), ("calibration_tokens", calibration_tokens, 2)):
         if not isinstance(value, int) or value < low:
             raise LmscopeError(f"{name} must be an integer >= {low}, got {value!r}", f"e.g. {name} 100")
-    if prior not in ("sensitivity", "error"):
-        raise LmscopeError(f"unknown prior '{prior}'", "use sensitivity or error")
+    if prior not in ("sensitivity", "error", "priors"):
+        raise LmscopeError(f"unknown prior '{prior}'", "use sensitivity, error or priors (structured spaces)")
     if spaces and "quant" not in spaces:  # heads, neurons, layers: the structured search
         from .structure import search_structure
 
@@ -201,6 +201,11 @@ def search(
             on_eval=on_eval,
             before_store=before_store,
             **(structure or {}),
+        )
+    if prior == "priors":
+        raise LmscopeError(
+            "prior 'priors' (head, neuron and block priors) applies to the structured spaces",
+            "use prior sensitivity or error with --space quant",
         )
     if spaces != ("quant",):
         raise LmscopeError(

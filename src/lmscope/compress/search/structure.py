@@ -456,10 +456,19 @@ class StructuredEvolution(Evolution):
             out[unit.name] = self.evaluate(config, 0, "sensitivity")
         return out
 
-    def greedy(self, weights: dict[str, float]) -> tuple[str, ...]:
-        """From the full model, lower one unit a level at a time, the one whose estimated loss (its measured
-        sensitivity x (share of its removable parameters removed)^2) grows least per parameter saved,
-        until the budget holds; then spend what is left."""
+    def greedy(
+        self,
+        weights: dict[str, float],
+        start: list[int] | None = None,
+        movable=None,
+        budget: int | None = None,
+    ) -> tuple[str, ...]:
+        """From the full model (or ``start``, with only the ``movable`` units lowered), lower one unit a level at
+        a time, the one whose estimated loss (its weight x (share of its removable parameters removed)^2) grows
+        least per parameter saved, until ``budget`` (default: the search's) holds; then spend what is left."""
+        budget = self.budget if budget is None else budget
+        movable = set(range(len(self.levels))) if movable is None else set(movable)
+        start = [0] * len(self.levels) if start is None else list(start)
         idx = [0] * len(self.levels)
         span = []
         for k in range(len(self.levels)):
@@ -475,10 +484,11 @@ class StructuredEvolution(Evolution):
                 removed_memo[(k, level_index)] = full_total - self._total_with([0] * len(idx), k, level_index)
             return weights[self.space.units[k].name] * (removed_memo[(k, level_index)] / span[k]) ** 2
 
-        while self._total(idx) > self.budget:
+        idx = [start[k] if k not in movable else 0 for k in range(len(idx))]
+        while self._total(idx) > budget:
             total = self._total(idx)
             best, best_cost = None, math.inf
-            for k in range(len(idx)):
+            for k in sorted(movable):
                 if idx[k] == len(self.levels[k]) - 1:
                     continue
                 saved = total - self._total_with(idx, k, idx[k] + 1)
@@ -491,6 +501,40 @@ class StructuredEvolution(Evolution):
                 break
             idx[best] += 1
         idx = self._refill(idx, sorted(range(len(idx)), key=lambda k: -weights[self.space.units[k].name]))
+        return self.space.canonical(self._config(idx))
+
+    def prior_weights(self) -> dict[str, float]:
+        """Cheap, unmeasured weights per unit from the priors (mean 1 within a kind): a layer's summed head
+        importance, its summed neuron scores (its MLP's expected write to the residual stream), its block
+        influence. Layers with more prior mass keep more."""
+        pri = self.space.priors
+        raw = {}
+        for u in self.space.units:
+            if u.kind == "attn":
+                raw[u.name] = float(sum(abs(x) for x in pri["heads"][u.block]))
+            elif u.kind == "mlp":
+                raw[u.name] = float(sum(abs(x) for x in pri["neurons"][u.block]))
+            else:
+                raw[u.name] = float(abs(pri["layers"][u.block]))
+        out = {}
+        for kind in {u.kind for u in self.space.units}:
+            names = [u.name for u in self.space.units if u.kind == kind]
+            mean = sum(raw[n] for n in names) / len(names) or 1.0
+            out.update({n: max(raw[n] / mean, 1e-6) for n in names})
+        return out
+
+    def redistribute(self, config, weights: dict[str, float]) -> tuple[str, ...]:
+        """A uniform seed with each kind's removed parameters moved between layers by ``weights``, kind by
+        kind, keeping each kind's parameters: the same amount of heads / neurons removed, placed by priors."""
+        idx = self._index(config)
+        for kind in ("attn", "mlp"):
+            movable = [k for k, u in enumerate(self.space.units) if u.kind == kind]
+            if not movable:
+                continue
+            target = self._total(idx)
+            idx = self._index(self.greedy(weights, idx, movable, budget=target))
+            if self._total(idx) > target:
+                return tuple(config)
         return self.space.canonical(self._config(idx))
 
     def _total_with(self, idx, k, level_index) -> int:
@@ -507,6 +551,10 @@ class StructuredEvolution(Evolution):
         if prior == "sensitivity":
             self.sensitivity = self.measure_sensitivity()
             weights = {k: max(v, 1e-12) for k, v in self.sensitivity.items()}
+        elif prior == "priors":  # no measurement: the priors' mass per layer (for slow machines)
+            weights = self.prior_weights()
+            for config in list(seeds):
+                seeds.append(self.redistribute(config, weights))
         else:
             weights = {u.name: 1.0 for u in self.space.units}
         seeds.append(self.greedy(weights))
