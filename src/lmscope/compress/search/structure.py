@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ...errors import LmscopeError
+from . import SearchResult
 from .space import Unit
 from .strategy import Evolution
 
@@ -676,7 +678,7 @@ def search_structure(
 
     from ..calibration import default_calibration_text
     from ..evaluate import evaluation_text
-    from . import SearchResult, pareto_front  # noqa: F401
+    from . import pareto_front
     from .fitness import KLFitness, heldout_windows, perplexity
     from .store import TrialStore, _optuna
     from .strategy import Evaluator, StopSearch
@@ -926,78 +928,48 @@ def role_sentence(summary: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def _result_base():
-    from . import SearchResult
+@dataclass
+class StructuredResult(SearchResult):
+    """A structured search's result: points carry block parameters (``params``); the priors, each head's
+    role and the head layouts behind every level, for the report's "what the search kept"."""
 
-    return SearchResult
+    priors: dict = field(default_factory=dict)
+    head_roles: dict | None = None
+    unit_levels: dict = field(default_factory=dict)
+    head_keep: dict = field(default_factory=dict)
+    baseline_recipes: dict = field(default_factory=dict)  # label -> Recipe (not serialized)
 
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["budget"] = {"kind": "params", "fraction": self.budget.fraction, "params": self.budget_bytes}
+        d["reference"] = {"block_params": self.reference_params, "ppl": self.reference_ppl}
+        d["unit_levels"] = self.unit_levels
+        d["priors"] = self.priors
+        d["head_roles"] = self.head_roles
+        d["head_keep"] = self.head_keep
+        return d
 
-def __getattr__(name):  # StructuredResult subclasses SearchResult, defined in the package (lazy: no cycle)
-    if name == "StructuredResult":
-        return _structured_result_class()
-    raise AttributeError(name)
-
-
-_CLASS = {}
-
-
-def _structured_result_class():
-    if "cls" in _CLASS:
-        return _CLASS["cls"]
-    from dataclasses import dataclass, field
-
-    base = _result_base()
-
-    @dataclass
-    class StructuredResult(base):
-        """A structured search's result: points carry block parameters (``params``); the priors, each head's
-        role and the head layouts behind every level, for the report's "what the search kept"."""
-
-        priors: dict = field(default_factory=dict)
-        head_roles: dict | None = None
-        unit_levels: dict = field(default_factory=dict)
-        head_keep: dict = field(default_factory=dict)
-        baseline_recipes: dict = field(default_factory=dict)  # label -> Recipe (not serialized)
-
-        def to_dict(self) -> dict:
-            d = super().to_dict()
-            d["budget"] = {"kind": "params", "fraction": self.budget.fraction, "params": self.budget_bytes}
-            d["reference"] = {"block_params": self.reference_params, "ppl": self.reference_ppl}
-            d["unit_levels"] = self.unit_levels
-            d["priors"] = self.priors
-            d["head_roles"] = self.head_roles
-            d["head_keep"] = self.head_keep
-            return d
-
-        def to_text(self) -> str:
-            lines = [
-                f"search {self.model}: budget {self.budget} = {self.budget_bytes:,} of "
-                f"{self.reference_params:,} block parameters"
-            ]
-            s = self.stats
+    def to_text(self) -> str:
+        lines = [
+            f"search {self.model}: budget {self.budget} = {self.budget_bytes:,} of "
+            f"{self.reference_params:,} block parameters"
+        ]
+        s = self.stats
+        lines.append(
+            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
+            f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
+        )
+        ref = f" (original {self.reference_ppl:.3f})" if self.reference_ppl else ""
+        lines.append(f"held-out perplexity{ref}:")
+        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["params"]):
+            tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
             lines.append(
-                f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
-                f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
+                f"  {tag:<44} {p['params_fraction']:.4f} of block params  KL {p['kl']:.4f}  "
+                f"ppl {p['ppl']:.3f}"
+                + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
             )
-            ref = f" (original {self.reference_ppl:.3f})" if self.reference_ppl else ""
-            lines.append(f"held-out perplexity{ref}:")
-            for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["params"]):
-                tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
-                lines.append(
-                    f"  {tag:<44} {p['params_fraction']:.4f} of block params  KL {p['kl']:.4f}  "
-                    f"ppl {p['ppl']:.3f}"
-                    + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
-                )
-            if self.chosen_point is not None and self.head_roles:
-                summary = role_summary(self, self.chosen_point)
-                if summary:
-                    lines.append("what the search kept: " + role_sentence(summary))
-            return "\n".join(lines)
-
-    StructuredResult.__module__ = __name__
-    _CLASS["cls"] = StructuredResult
-    return StructuredResult
-
-
-def StructuredResult(*args, **kwargs):  # noqa: N802  (constructs the lazily defined class)
-    return _structured_result_class()(*args, **kwargs)
+        if self.chosen_point is not None and self.head_roles:
+            summary = role_summary(self, self.chosen_point)
+            if summary:
+                lines.append("what the search kept: " + role_sentence(summary))
+        return "\n".join(lines)
