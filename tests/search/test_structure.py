@@ -191,7 +191,17 @@ def test_cli_structured_search_then_compress(make_tiny, tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB)
     out = tmp_path / "found"
-    args = ["search", "--model", str(d), "--budget", "params=0.75", "--space", "heads,neurons,layers"]
+    args = [
+        "search",
+        "--model",
+        str(d),
+        "--budget",
+        "params=0.75",
+        "--space",
+        "heads,neurons,layers",
+        "--prior",
+        "priors",
+    ]
     rc = main(
         [
             *args,

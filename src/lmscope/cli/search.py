@@ -51,6 +51,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--offspring", type=int, default=8, help="children per generation (default 8)")
     p.add_argument(
+        "--prior",
+        default="sensitivity",
+        help="how seeds are placed: sensitivity (one KL probe per unit first, default), error (quant: weight "
+        "error only), priors (structured: head/neuron/block priors, no probes; for slow machines)",
+    )
+    p.add_argument(
         "--simulate",
         action="store_true",
         help="score candidates with fp32 layers holding the de-quantized weights (faster on CPUs without bf16 "
@@ -136,6 +142,7 @@ def run(args) -> int:
             time_limit=time_limit,
             seed=args.seed,
             offspring=args.offspring,
+            prior=args.prior,
             store=store,
             resume=args.resume,
             before_store=make_store_dir,
