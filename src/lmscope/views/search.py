@@ -191,7 +191,7 @@ def structure_pareto_figure(result):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
     pts = [p for p in result.points if p["final_stage"]]
     probes = [p for p in result.points if not p["final_stage"] and p["origin"] == "sensitivity"]
     early = [
@@ -234,7 +234,7 @@ def structure_pareto_figure(result):
     ax.set_yscale("log")
     ax.set_xlabel("block parameters kept / original")
     ax.set_ylabel(f"KL to the original (nats/token, {result.stats.get('stage_tokens', ['?'])[-1]} tokens)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: labels stay readable
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
