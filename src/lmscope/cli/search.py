@@ -90,7 +90,9 @@ def run(args) -> int:
 
     budget = Budget.parse(args.budget)  # every bad value fails here, before the model loads
     spaces = parse_spaces(args.space)
-    structured = "quant" not in spaces
+    from ..compress.search.structure import STRUCT_SPACES
+
+    structured = set(spaces) <= set(STRUCT_SPACES)
     if structured and budget.kind != "params":
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to --space {args.space}",

@@ -177,7 +177,9 @@ def search(
             raise LmscopeError(f"{name} must be an integer >= {low}, got {value!r}", f"e.g. {name} 100")
     if prior not in ("sensitivity", "error", "priors"):
         raise LmscopeError(f"unknown prior '{prior}'", "use sensitivity, error or priors (structured spaces)")
-    if spaces and "quant" not in spaces:  # heads, neurons, layers: the structured search
+    from .structure import STRUCT_SPACES
+
+    if set(spaces) <= set(STRUCT_SPACES):  # heads, neurons, layers: the structured search
         from .structure import search_structure
 
         return search_structure(
