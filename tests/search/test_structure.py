@@ -247,3 +247,20 @@ def test_prior_seeds_keep_each_kinds_parameters(tiny):
         assert db.total_bytes(moved) <= db.total_bytes(config)
     res = search(tiny, "params=0.75", "heads,neurons", max_evals=15, prior="priors", **FAST)
     assert res.chosen_point["params"] <= res.budget_bytes and not res.sensitivity
+
+
+def test_keep_steps_refuse_bad_recipes(tiny):
+    from lmscope.compress.recipe import Recipe
+    from lmscope.compress.steps import KeepHeads, KeepNeurons
+
+    with pytest.raises(LmscopeError, match="out of range"):
+        compress(tiny, Recipe((KeepHeads(layers={"7": [0, 1]}),)))
+    with pytest.raises(LmscopeError, match="out of range"):
+        compress(tiny, Recipe((KeepNeurons(layers={"0": [0, 999]}),)))
+    with pytest.raises(LmscopeError, match="non-empty list"):
+        KeepNeurons(layers={"0": []})
+    # a layout that breaks the KV grouping (2 heads of group 0, 1 of group 1) is refused, the model unchanged
+    before = _block_params(tiny)
+    with pytest.raises(LmscopeError, match="same number of query heads"):
+        compress(tiny, Recipe((KeepHeads(layers={"0": [0, 1, 2]}),)))
+    assert _block_params(tiny) == before
