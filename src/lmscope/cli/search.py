@@ -18,9 +18,17 @@ def add_parser(sub) -> None:
     )
     add_model_arg(p)
     p.add_argument(
-        "--budget", required=True, help="KIND=FRACTION of the original: bytes=0.16 (of fp32 bytes)"
+        "--budget",
+        required=True,
+        help="KIND=FRACTION of the original: bytes=0.16 (of fp32 bytes, --space quant) or params=0.75 (of the "
+        "block parameters, --space heads,neurons,layers)",
     )
-    p.add_argument("--space", default="quant", help="what each layer chooses: quant (precision levels)")
+    p.add_argument(
+        "--space",
+        default="quant",
+        help="what each layer chooses: quant (precision levels), or any of heads,neurons,layers (heads kept, "
+        "MLP neurons kept, block kept or dropped)",
+    )
     p.add_argument(
         "--levels",
         default="float,int8,int4-g32,int4-g64,int4-g128",
@@ -42,6 +50,12 @@ def add_parser(sub) -> None:
         "--heldout-tokens", type=int, default=1024, help="held-out tokens for perplexity (default 1024)"
     )
     p.add_argument("--offspring", type=int, default=8, help="children per generation (default 8)")
+    p.add_argument(
+        "--prior",
+        default="sensitivity",
+        help="how seeds are placed: sensitivity (one KL probe per unit first, default), error (quant: weight "
+        "error only), priors (structured: head/neuron/block priors, no probes; for slow machines)",
+    )
     p.add_argument(
         "--simulate",
         action="store_true",
@@ -76,12 +90,21 @@ def run(args) -> int:
 
     budget = Budget.parse(args.budget)  # every bad value fails here, before the model loads
     spaces = parse_spaces(args.space)
-    if spaces != ("quant",):
+    from ..compress.search.structure import STRUCT_SPACES
+
+    structured = set(spaces) <= set(STRUCT_SPACES)
+    if structured and budget.kind != "params":
         raise LmscopeError(
-            f"search space '{args.space}' is not built yet (only the quantization space is)",
-            "use --space quant",
+            f"a {budget.kind} budget does not apply to --space {args.space}",
+            "use --budget params=FRACTION (of the block parameters kept)",
         )
-    if budget.kind != "bytes":
+    if not structured and spaces != ("quant",):
+        raise LmscopeError(
+            f"search space '{args.space}' is not built yet (quant cannot be combined with heads/neurons/layers "
+            "in one search)",
+            "use --space quant, or --space heads,neurons,layers",
+        )
+    if not structured and budget.kind != "bytes":
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to --space quant", "use --budget bytes=FRACTION"
         )
@@ -111,7 +134,7 @@ def run(args) -> int:
         result = search(
             lm,
             budget,
-            "quant",
+            ",".join(spaces),
             levels=levels,
             granularity=args.granularity,
             calibration_text=calib,
@@ -121,6 +144,7 @@ def run(args) -> int:
             time_limit=time_limit,
             seed=args.seed,
             offspring=args.offspring,
+            prior=args.prior,
             store=store,
             resume=args.resume,
             before_store=make_store_dir,

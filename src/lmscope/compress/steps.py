@@ -359,6 +359,80 @@ class PruneLayers(StepConfig):
                 )
 
 
+def _keep_lists(name: str, value) -> dict[str, list[int]]:
+    """{layer: [kept indices]} with string keys (JSON), non-empty lists of distinct non-negative ints."""
+    if not isinstance(value, dict) or not value:
+        raise LmscopeError(
+            f"{name} must map layer indices to kept indices", f'e.g. "{name}": {{"0": [0, 1]}}'
+        )
+    out = {}
+    for k, v in value.items():
+        try:
+            layer, kept = int(k), sorted(int(i) for i in v)
+        except (TypeError, ValueError):
+            raise LmscopeError(
+                f"{name}: layer {k!r} -> {v!r} is not a list of indices", "fix the recipe"
+            ) from None
+        if layer < 0 or not kept or kept[0] < 0 or len(set(kept)) != len(kept):
+            raise LmscopeError(
+                f"{name}: layer {k} must keep a non-empty list of distinct indices", "fix the recipe"
+            )
+        out[str(layer)] = kept
+    return out
+
+
+@dataclass(frozen=True)
+class KeepHeads(StepConfig):
+    """Keep exactly the listed query heads of each listed layer (original numbering; GQA: every kept KV group
+    keeps the same count). Written by ``lmscope search`` so a searched architecture reproduces exactly."""
+
+    layers: dict = field(default_factory=dict)
+
+    kind: ClassVar[str] = "keep_heads"
+    stage: ClassVar[int] = STAGE_PRUNE
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "layers", _keep_lists("keep_heads layers", self.layers))
+
+    def check(self, lm) -> None:
+        from .prune.heads import check_head_surgery
+
+        check_head_surgery(lm)
+        for k, kept in self.layers.items():
+            if int(k) >= lm.n_layers or kept[-1] >= lm.n_heads_at(int(k)):
+                raise LmscopeError(
+                    f"keep_heads: layer {k} / heads {kept} out of range for this model",
+                    "use the model the recipe was searched on",
+                )
+
+
+@dataclass(frozen=True)
+class KeepNeurons(StepConfig):
+    """Keep exactly the listed MLP hidden units of each listed layer (original numbering)."""
+
+    layers: dict = field(default_factory=dict)
+
+    kind: ClassVar[str] = "keep_neurons"
+    stage: ClassVar[int] = STAGE_PRUNE
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "layers", _keep_lists("keep_neurons layers", self.layers))
+
+    def check(self, lm) -> None:
+        for k, kept in self.layers.items():
+            if int(k) >= lm.n_layers or kept[-1] >= lm.d_mlp_at(int(k)):
+                raise LmscopeError(
+                    f"keep_neurons: layer {k} / neuron {kept[-1]} out of range for this model",
+                    "use the model the recipe was searched on",
+                )
+
+    def describe(self) -> str:
+        kept = sum(len(v) for v in self.layers.values())
+        return f"{self.kind}({len(self.layers)} layers, {kept} neurons kept)"
+
+
 @dataclass(frozen=True)
 class LowRank(StepConfig):
     """Factor linear layers by SVD into two thinner ones: a fixed ``rank`` or the rank keeping ``energy``."""

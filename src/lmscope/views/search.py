@@ -65,6 +65,9 @@ def pareto_figure(result):
 def search_report(result) -> Report:
     from .plots import plt  # noqa: F401  (Agg backend set up once)
 
+    if result.settings.get("space", "quant") != "quant":
+        return structure_report(result)
+
     c = result.chosen_point
     rep = Report(
         f"Search: {result.model}",
@@ -178,3 +181,201 @@ def _log10(v: float) -> float:
     import math
 
     return math.log10(v)
+
+
+# -- the structured search (heads, neurons, layers under params=F) --------------------------------------------
+def structure_pareto_figure(result):
+    """Block parameters kept vs KL: every evaluated point, the front, the uniform baselines, the chosen one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
+    pts = [p for p in result.points if p["final_stage"]]
+    probes = [p for p in result.points if not p["final_stage"] and p["origin"] == "sensitivity"]
+    early = [
+        p for p in result.points if not p["final_stage"] and p["origin"] not in ("sensitivity", "baseline")
+    ]
+    floor = min([p["kl"] for p in result.points if p["kl"] > 0] or [1e-9]) / 2
+    y = lambda p: max(p["kl"], floor)  # noqa: E731
+    for group, color, label in (
+        (early, "#cccccc", f"stopped at an early stage ({len(early)}; KL on fewer tokens)"),
+        (probes, "#e3c9a8", f"sensitivity probes ({len(probes)}; one unit at its smallest, rest full)"),
+    ):
+        if group:
+            ax.scatter(
+                [p["params_fraction"] for p in group], [y(p) for p in group], s=8, c=color, label=label
+            )
+    ax.scatter([p["params_fraction"] for p in pts], [y(p) for p in pts], s=12, c="#7a9cc6", label="evaluated")
+    front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p["params"])
+    ax.step(
+        [p["params_fraction"] for p in front],
+        [y(p) for p in front],
+        where="post",
+        c="#1f4e8c",
+        lw=1.2,
+        label="Pareto front",
+    )
+    for p in result.baselines():
+        ax.scatter([p["params_fraction"]], [y(p)], marker="s", s=46, c="#d9822b", zorder=3)
+        ax.annotate(
+            p.get("label") or p.get("describe", ""),
+            (p["params_fraction"], y(p)),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+            color="#a0521a",
+        )
+    c = result.chosen_point
+    if c is not None:
+        ax.scatter([c["params_fraction"]], [y(c)], marker="*", s=180, c="#c0392b", zorder=4, label="chosen")
+    ax.axvline(result.budget.fraction, color="#c0392b", ls="--", lw=0.8, label=f"budget {result.budget}")
+    ax.set_yscale("log")
+    ax.set_xlabel("block parameters kept / original")
+    ax.set_ylabel(f"KL to the original (nats/token, {result.stats.get('stage_tokens', ['?'])[-1]} tokens)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: labels stay readable
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def structure_report(result) -> Report:
+    from ..compress.search.structure import kept_structure, role_sentence, role_summary
+    from .plots import plt  # noqa: F401  (Agg backend set up once)
+
+    c = result.chosen_point
+    rep = Report(
+        f"Search: {result.model} (structure)",
+        subtitle=f"budget {result.budget} of the block parameters — "
+        + (c["describe"] if c else "no configuration within the budget"),
+    )
+    sec = rep.section(
+        "Summary",
+        note="block parameters kept (attention, MLP and norms of the transformer blocks; embeddings and head "
+        "excluded) as a fraction of the original; KL on calibration tokens; perplexity on held-out text disjoint "
+        "from calibration. Uniform baselines: the same priors, the same amount removed in every layer",
+    )
+    rows = []
+    ref = result.reference_ppl
+    for p in sorted((p for p in result.points if p.get("ppl") is not None), key=lambda p: p["params"]):
+        tag = "chosen" if p is c else (p.get("label") or "front")
+        rows.append(
+            [
+                tag,
+                p["describe"],
+                f"{p['params_fraction']:.4f}",
+                f"{p['kl']:.4g}",
+                f"{p['ppl']:.3f}",
+                f"{p['ppl'] / ref - 1:+.1%}" if ref else "",
+            ]
+        )
+    if ref:
+        rows.insert(0, ["original", "every head, neuron and block", "1.0000", "0", f"{ref:.3f}", ""])
+    sec.table(
+        ["point", "configuration", "block params kept", "KL", "held-out ppl", "Δppl"],
+        rows,
+        highlight=[i for i, r in enumerate(rows) if r[0] == "chosen"],
+    )
+    s = result.stats
+    sec.text(
+        f"{s.get('evaluations')} evaluations ({s.get('computed')} computed in this run, "
+        f"{s.get('eval_seconds')} s of fitness), {len(result.points)} configurations, "
+        f"{s.get('generations')} generations ({s.get('accepted')} improved the parent); "
+        f"KL stages of {s.get('stage_tokens')} tokens; seed {result.settings.get('seed')}; "
+        f"priors: {result.settings.get('priors')}."
+    )
+    rep.section(
+        "Pareto front",
+        note="every evaluated configuration; squares: uniform baselines; star: the chosen configuration "
+        "(lowest KL within the budget)",
+    ).image(structure_pareto_figure(result), alt="block parameters vs KL")
+    if c is None:
+        return rep
+    k = kept_structure(result, c)
+    cols = []
+    kinds = {u["kind"] for u in result.units}
+    if "attn" in kinds:
+        cols.append("heads kept")
+    if "mlp" in kinds:
+        cols.append("neurons kept")
+    if "block" in kinds:
+        cols.append("block")
+    z, text = [], []
+    for i in range(k["n_layers"]):
+        row, trow = [], []
+        gone = i in k["dropped"]
+        for col in cols:
+            if col == "heads kept":
+                n_all = len((result.priors.get("heads") or [[]])[i]) or 1
+                kept = k["heads"][i]
+                n = 0 if gone else (n_all if kept is None else len(kept))
+                row.append(n / n_all)
+                trow.append("—" if gone else f"{n}/{n_all}")
+            elif col == "neurons kept":
+                f = 0.0 if gone else k["neurons"][i]
+                row.append(f)
+                trow.append("—" if gone else f"{f:.1%}".replace(".0%", "%"))
+            else:
+                row.append(0.0 if gone else 1.0)
+                trow.append("dropped" if gone else "kept")
+        z.append(row)
+        text.append(trow)
+    rep.section(
+        "Architecture map",
+        note="the chosen structure per layer: share of heads and MLP neurons kept, blocks dropped (0 = removed)",
+    ).heatmap(
+        z,
+        x_labels=cols,
+        y_labels=[str(i) for i in range(k["n_layers"])],
+        x_title="choice",
+        y_title="layer",
+        cell_text=text,
+    )
+
+    kept_sec = rep.section(
+        "What the search kept",
+        note="each head's role from `lmscope heads` on the original (induction: on repeated random tokens; "
+        "previous-token, sink = first token, self: on text; a head has a role when its mean attention there "
+        f"passes {((result.head_roles or {}).get('threshold') or {})}); the chosen point and the uniform baselines",
+    )
+    if result.head_roles is not None:
+        summary = role_summary(result, c)
+        if summary:
+            kept_sec.text("Chosen: " + role_sentence(summary) + ".")
+            for p in result.baselines():
+                if p.get("config"):
+                    kept_sec.text(f"{p['label']}: " + role_sentence(role_summary(result, p)) + ".")
+            kept_sec.table(
+                ["role", "heads", "removed by the search"],
+                [[r["role"], ", ".join(r["heads"]), ", ".join(r["removed"]) or "none"] for r in summary],
+            )
+        else:
+            kept_sec.text("No head passes a role threshold in this model.")
+    if result.sensitivity:
+        names = [u["name"] for u in result.units]
+        sens = [result.sensitivity.get(n) for n in names]
+        order = sorted(range(len(names)), key=lambda i: -(sens[i] or 0))
+        kept_sec.text(
+            "Where the parameters went, beside sensitivity (KL to the original when only this unit is at its "
+            "smallest level, everything else full, on the first stage's tokens): the search should keep "
+            "the sensitive units whole."
+        )
+        levels = result.unit_levels
+        kept_sec.table(
+            ["unit", "sensitivity (KL)", "rank", "chosen level", "of its levels"],
+            [
+                [
+                    names[i],
+                    f"{sens[i]:.4g}" if sens[i] is not None else "",
+                    r + 1,
+                    "— (block dropped)"
+                    if not names[i].endswith(".block") and int(names[i].split(".")[0]) in k["dropped"]
+                    else c["config"][names[i]],
+                    " ".join(levels.get(names[i], [])),
+                ]
+                for r, i in enumerate(order)
+            ],
+            highlight=list(range(min(5, len(order)))),
+        )
+    return rep

@@ -6,7 +6,7 @@ Importing this package registers the recipe step handlers with ``lmscope.compres
 from __future__ import annotations
 
 from ..registry import register_step
-from ..steps import PruneHeads, PruneLayers, PruneNeurons, PruneUnstructured
+from ..steps import KeepHeads, KeepNeurons, PruneHeads, PruneLayers, PruneNeurons, PruneUnstructured
 from .heads import head_scores, plan_heads, prune_heads, rebuild_heads, remove_heads
 from .layers import block_influence, prune_layers, rebuild_layers, remove_layers
 from .neurons import neuron_scores, prune_neurons, rebuild_neurons, remove_neurons
@@ -38,6 +38,33 @@ class NeuronPruner:
         return prune_neurons(
             lm, step.fraction, step.method, calib, step.seed, layers=step.selected_layers(lm)
         )
+
+    def rebuild(self, model, step, info) -> None:
+        rebuild_neurons(model, info)
+
+
+@register_step(KeepHeads)
+class HeadKeeper:
+    """Explicit kept heads per layer (a searched architecture), checked against masking like prune_heads."""
+
+    def apply(self, lm, step, calib) -> dict:
+        from .heads import _check_exact, _masked_reference
+
+        keep = {int(k): v for k, v in step.layers.items() if len(v) < lm.n_heads_at(int(k))}
+        probe, masked = _masked_reference(lm, keep)
+        layers = remove_heads(lm, keep)
+        _check_exact(lm, probe, masked)
+        return {"n_layers": lm.n_layers, "layers": layers}
+
+    def rebuild(self, model, step, info) -> None:
+        rebuild_heads(model, info)
+
+
+@register_step(KeepNeurons)
+class NeuronKeeper:
+    def apply(self, lm, step, calib) -> dict:
+        keep = {int(k): v for k, v in step.layers.items() if len(v) < lm.d_mlp_at(int(k))}
+        return {"n_layers": lm.n_layers, "layers": remove_neurons(lm, keep)}
 
     def rebuild(self, model, step, info) -> None:
         rebuild_neurons(model, info)

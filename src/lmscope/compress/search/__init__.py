@@ -156,6 +156,7 @@ def search(
     before_store=None,
     baselines: dict | None = None,
     simulate: bool = False,
+    structure: dict | None = None,
 ) -> SearchResult:
     """Search per-unit precision levels for ``lm`` under ``budget`` (e.g. ``"bytes=0.16"``: bytes of the
     state dict as a fraction of the fp32 model). ``store``: an SQLite file for the optuna storage (``--resume``
@@ -171,20 +172,53 @@ def search(
 
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     spaces = parse_spaces(space)
+    for name, value, low in (("max_evals", max_evals, 1), ("calibration_tokens", calibration_tokens, 2)):
+        if not isinstance(value, int) or value < low:
+            raise LmscopeError(f"{name} must be an integer >= {low}, got {value!r}", f"e.g. {name} 100")
+    if prior not in ("sensitivity", "error", "priors"):
+        raise LmscopeError(f"unknown prior '{prior}'", "use sensitivity, error or priors (structured spaces)")
+    from .structure import STRUCT_SPACES
+
+    if set(spaces) <= set(STRUCT_SPACES):  # heads, neurons, layers: the structured search
+        from .structure import search_structure
+
+        return search_structure(
+            lm,
+            budget,
+            spaces,
+            calibration_text=calibration_text,
+            calibration_tokens=calibration_tokens,
+            window=window,
+            stages=stages,
+            heldout_text=heldout_text,
+            heldout_tokens=heldout_tokens,
+            max_evals=max_evals,
+            time_limit=time_limit,
+            seed=seed,
+            offspring=offspring,
+            prior=prior,
+            finalists=finalists,
+            store=store,
+            resume=resume,
+            on_eval=on_eval,
+            before_store=before_store,
+            **(structure or {}),
+        )
+    if prior == "priors":
+        raise LmscopeError(
+            "prior 'priors' (head, neuron and block priors) applies to the structured spaces",
+            "use prior sensitivity or error with --space quant",
+        )
     if spaces != ("quant",):
         raise LmscopeError(
-            f"search space '{','.join(spaces)}' is not built yet (only the quantization space is)",
-            "use --space quant",
+            f"search space '{','.join(spaces)}' is not built yet (quant cannot be combined with "
+            "heads/neurons/layers in one search)",
+            "use --space quant, or --space heads,neurons,layers",
         )
     if budget.kind != "bytes":
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to the quantization space", "use --budget bytes=FRACTION"
         )
-    for name, value, low in (("max_evals", max_evals, 1), ("calibration_tokens", calibration_tokens, 2)):
-        if not isinstance(value, int) or value < low:
-            raise LmscopeError(f"{name} must be an integer >= {low}, got {value!r}", f"e.g. {name} 100")
-    if prior not in ("sensitivity", "error"):
-        raise LmscopeError(f"unknown prior '{prior}'", "use sensitivity or error")
     _optuna()  # a missing extra fails before any work
     qspace = QuantSpace(lm, levels, granularity)
     reference_bytes = fp32_bytes(lm.model)
