@@ -85,6 +85,8 @@ def test_rules_are_executable_simulators():
 
 
 def test_http_explainer_and_scorer_against_a_local_endpoint():
+    from lmscope.features.llm import explainer_from
+
     """An OpenAI-compatible server on 127.0.0.1: it explains with a fixed sentence and scores honestly (1 when the
     quoted previous+current tokens of the explanation occur in the text), so the planted explanation scores
     high and the random one ≈ 0.5; the raw answer is kept."""
@@ -99,6 +101,11 @@ def test_http_explainer_and_scorer_against_a_local_endpoint():
             system, user = body["messages"][0]["content"], body["messages"][1]["content"]
             if "Explanation:" not in system:
                 answer = "fires on ' w3' right after ' w7'\nbecause it is planted"
+            elif (
+                "marked" in system
+            ):  # fuzzing: is a marked token the quoted current token after the previous one
+                quoted = re.findall(r"'([^']*)'", system.split("Explanation:", 1)[1])
+                answer = "1" if len(quoted) >= 2 and f"{quoted[1]}<<{quoted[0]}>>" in user else "0"
             else:
                 quoted = re.findall(r"'([^']*)'", system.split("Explanation:", 1)[1])
                 answer = "1" if "".join(reversed(quoted[:2])) in user else "0"
@@ -120,13 +127,23 @@ def test_http_explainer_and_scorer_against_a_local_endpoint():
         )  # one planted unit, explained six times with different random baselines
         url = f"http:http://127.0.0.1:{server.server_port}/v1"
         units = explain_units(ids, acts, WordTokenizer(), list(range(6)), site="s", explainer=url)
+        by_rules = explain_units(
+            ids, acts, WordTokenizer(), [0], site="s", explainer=explainer_from(url, scorer="rules")
+        )[0]
     finally:
         server.shutdown()
     u = units[0]
     assert u["explanation"] == "fires on ' w3' right after ' w7'" and "planted" in u["raw_explanation"]
-    assert u["explainer"] == url
+    assert u["explainer"] == url and u["scorer"] == "explainer endpoint"
     assert all(u["scores"]["detection"] >= 0.95 for u in units)
     assert abs(np.mean([u["random_baseline"]["detection"] for u in units]) - 0.5) <= 0.1
+    # fuzzing by the endpoint: the planted explanation tells the right marks from random ones, a random one cannot
+    assert all(u["scores"]["fuzzing"] >= 0.95 for u in units)
+    assert abs(np.mean([u["random_baseline"]["fuzzing"] for u in units]) - 0.5) <= 0.1
+    assert u["scores"]["simulation"] is None  # an endpoint gives no per-token prediction
+    # the user may have the rules simulator score the endpoint's explanation instead: all three scores
+    assert by_rules["scorer"] == "rules simulator" and by_rules["explanation"] == u["explanation"]
+    assert by_rules["scores"]["detection"] >= 0.95 and by_rules["scores"]["simulation"] > 0.9
 
 
 class CasedTokenizer:

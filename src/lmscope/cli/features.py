@@ -100,7 +100,15 @@ def add_parser(sub) -> None:
         "--explainer",
         default="rules",
         help="rules (offline, default); local:DIR, a causal LM folder lmscope loads (scored by the rules "
-        "simulator); or http:URL of an OpenAI-compatible server (explains and scores)",
+        "simulator); or http:URL of an OpenAI-compatible server (explains and, by default, scores)",
+    )
+    e.add_argument(
+        "--scorer",
+        choices=("explainer", "rules"),
+        default="explainer",
+        help="who scores an http: explainer's explanations: the endpoint itself (detection, fuzzing; default) or "
+        "the offline rules simulator (detection, fuzzing, simulation). rules and local: are always scored by "
+        "the rules simulator",
     )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="output folder (explanations.json, features.html)")
@@ -213,7 +221,7 @@ def run_explain(args) -> int:
     from ..features.pipeline import explain_model
     from ..views.features import features_html
 
-    explainer = explainer_from(args.explainer)  # a bad explainer fails before the model loads
+    explainer = explainer_from(args.explainer, scorer=args.scorer)  # a bad one fails before the model loads
     _positive(args.tokens, "--tokens")
     if (args.sae is None) == (args.neurons is None):
         raise LmscopeError("explain needs one of --sae or --neurons", "pass --sae DIR or --neurons SITE")

@@ -5,11 +5,17 @@ Nothing leaves the machine unless the user passes a URL. A local model is opened
 (safetensors / GGUF only, never remote code) and answers greedily; its explanations are scored by the ``rules``
 simulator: the tokens it quotes (or names), the token classes it names and an "after X" become executable rules,
 scored on the held-out half exactly as the ``rules`` explainer's are (detection, fuzzing, simulation), beside a
-random explanation of the same shape. The endpoint is its own scorer (detection only). Delphi/OpenAI-style prompts: the explainer sees the
-explain half's activating contexts with the active tokens marked ``<<like this>>`` and answers with one short
-explanation (its raw answer is kept); the scorer — the same endpoint — reads the explanation and one held-out
-context at a time and answers 1 (the feature fires here) or 0. Detection (balanced accuracy) is scored for the
-explanation and, beside it, for a random explanation (rules over random tokens, as for ``rules``).
+random explanation of the same shape. An endpoint is its own scorer by default (``scorer="explainer"``), or the
+user picks the rules simulator for it too (``scorer="rules"``, ``--scorer rules``). Delphi/OpenAI-style prompts:
+the explainer sees the explain half's activating contexts with the active tokens marked ``<<like this>>`` and
+answers with one short explanation (its raw answer is kept). The endpoint as scorer answers 1 or 0 to:
+- detection: one held-out context at a time, does the feature fire somewhere in it (balanced accuracy);
+- fuzzing: one held-out activating context at a time with tokens marked ``<<like this>>`` — either the tokens
+  where the feature fires, or as many random tokens where it does not — are the marked tokens the ones it fires
+  on (balanced accuracy over the correctly and the wrongly marked copies).
+Simulation needs a per-token prediction an endpoint does not give: it is reported as None. Each score is
+computed for the explanation and, beside it, for a random explanation (rules over random tokens, as for
+``rules``).
 """
 
 from __future__ import annotations
@@ -43,14 +49,18 @@ SCORE_SYSTEM = (
     "We are studying a feature of a language model, explained as follows. Given a text, answer 1 if the feature "
     "fires somewhere in the text, 0 if it does not. Answer with the digit only."
 )
+FUZZ_SYSTEM = (
+    "We are studying a feature of a language model, explained as follows. In the text, some tokens are marked "
+    "<<like this>>. Answer 1 if the feature fires on the marked tokens, 0 if it does not. Answer with the digit only."
+)
+SCORERS = ("explainer", "rules")
 
 
 class HttpModel:
     """A chat-completions endpoint: ``http://host:port/v1`` (``/chat/completions`` is appended)."""
 
-    scores_itself = True  # the endpoint also answers the detection questions
-
-    def __init__(self, url: str, model: str = "default", timeout: float = 60.0):
+    def __init__(self, url: str, model: str = "default", timeout: float = 60.0, scorer: str = "explainer"):
+        self.scores_itself = scorer == "explainer"  # else the rules simulator scores its explanations
         self.spec = f"http:{url}"
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
@@ -146,19 +156,22 @@ class LocalModel:
         return tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
-def explainer_from(spec):
+def explainer_from(spec, scorer: str = "explainer"):
     """``rules`` -> None; ``http:URL`` -> an HttpModel; ``local:DIR`` -> a LocalModel (loaded here, once); an
-    explainer object passes through; anything else is refused."""
+    explainer object passes through; anything else is refused. ``scorer``: ``explainer`` (an endpoint scores its
+    own explanations; a local model's are scored by the rules simulator) or ``rules`` (the rules simulator)."""
+    if scorer not in SCORERS:
+        raise LmscopeError(f"unknown scorer '{scorer}'", "use --scorer explainer or --scorer rules")
     if not isinstance(spec, str):
         return spec
     if spec == "rules":
         return None
     client = None
     if spec.startswith("https://"):
-        client = HttpModel(spec)
+        client = HttpModel(spec, scorer=scorer)
     elif spec.startswith("http:"):
         rest = spec[len("http:") :]
-        client = HttpModel(rest if rest.startswith(("http://", "https://")) else spec)
+        client = HttpModel(rest if rest.startswith(("http://", "https://")) else spec, scorer=scorer)
     elif spec.startswith("local:") and spec[len("local:") :].strip():
         client = LocalModel(spec[len("local:") :])
     if client is not None:
@@ -252,24 +265,46 @@ def explain_unit_llm(client: HttpModel, ids, acts, vocab: Vocab, classes, seed: 
         return _scored_by_rules(explanation, raw, ids, acts, vocab, classes, split, rng)
     baseline_text = describe(random_rules([], ids[np.concatenate([ex, ho])], rng), vocab)
 
-    def detect(expl: str) -> dict:
+    # fuzzing: each held-out activating context twice, its active tokens marked (right) and as many random
+    # inactive tokens marked (wrong); the scorer says whether the marked tokens are where the feature fires
+    fuzz = []
+    for c in ho[activating_ho]:
+        on = np.flatnonzero(
+            acts[c] > threshold
+        )  # acts [contexts, T]; ids carry one token before: [contexts, T + 1]
+        off = np.flatnonzero(acts[c] <= threshold)
+        wrong = np.zeros(len(acts[c]))
+        if len(off):
+            wrong[rng.sample(list(off), min(len(on), len(off)))] = 1.0
+        right = np.zeros(len(acts[c]))
+        right[on] = 1.0
+        fuzz += [(c, right, True), (c, wrong, False)]
+
+    def ask(expl: str) -> dict:
         votes = []
         for c in ho:
             answer = client.complete(f"{SCORE_SYSTEM}\nExplanation: {expl}", "".join(text(c)), max_tokens=2)
             votes.append(answer.strip()[:1] == "1")
         pred = np.array(votes)
+        fuzz_votes = [
+            client.complete(f"{FUZZ_SYSTEM}\nExplanation: {expl}", _marked(text(c), marks, 0.5), max_tokens=2)
+            for c, marks, _ in fuzz
+        ]
+        fuzz_pred = np.array([a.strip()[:1] == "1" for a in fuzz_votes])
+        fuzz_true = np.array([truth for _, _, truth in fuzz])
         return {
             "detection": _balanced(pred, activating_ho),
             "auroc": auroc(pred.astype(float), activating_ho),
-            "fuzzing": None,
-            "simulation": None,
+            "fuzzing": _balanced(fuzz_pred, fuzz_true) if len(fuzz) else None,
+            "simulation": None,  # an endpoint gives no per-token prediction
         }
 
     return {
         "explanation": explanation,
         "raw_explanation": raw,
-        "scores": detect(explanation),
-        "random_baseline": detect(baseline_text),
+        "scorer": "explainer endpoint",
+        "scores": ask(explanation),
+        "random_baseline": ask(baseline_text),
         "random_explanation": baseline_text,
         **split.record,
     }
