@@ -40,6 +40,25 @@ def _evaluator_class(ray):
     return CandidateScorer
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address that refuses a TCP connection fails in seconds, not after
+    Ray's minute of retries."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # let Ray judge other forms
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise LmscopeError(
+            f"cannot reach the Ray cluster at '{address}': {e.strerror or e}",
+            "check --ray ADDRESS, or use --ray auto for a local runtime",
+        ) from None
+
+
 class RayScorers:
     """``map(jobs)`` -> [(kl, window sums)] in the order of ``jobs`` (each job: config, stage, done)."""
 
@@ -52,6 +71,7 @@ class RayScorers:
                 "save it with save_pretrained and search the directory",
             )
         self.ray = require_ray()
+        _check_reachable(address)
         try:
             self.started = _start(self.ray, address, workers)
         except LmscopeError:
