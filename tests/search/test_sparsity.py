@@ -57,6 +57,7 @@ def test_sparsity_search_keeps_the_budget(make_tiny):
     assert searched and all(p["kept_weights"] <= budget for p in searched)
     chosen = res["points"][res["chosen"]]
     uniform = next(p for p in res["points"] if p["label"] == "uniform 0.7")
+    assert uniform["within_budget"] and uniform["ppl"] > 1  # the uniform target is always a feasible seed
     assert chosen["kl"] <= uniform["kl"] and chosen["sparsity"] >= 0.7 - 1e-6
     owl = next(p for p in res["points"] if p["label"] == "OWL")
     assert owl["ppl"] > 1 and abs(owl["sparsity"] - 0.7) < 0.01

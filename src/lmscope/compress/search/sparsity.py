@@ -239,6 +239,9 @@ def search_sparsity(
     db = SparsityDatabase(lm, space, calib_text)
     fitness = KLFitness(lm, calib_text, calibration_tokens, window, stages)
     budget = int(round(db.total_weights * (1 - sparsity)))
+    target = f"{sparsity:g}"
+    if target in space.levels:  # per-row rounding: uniform at the target keeps a few weights more or less
+        budget = max(budget, db.total_bytes(space.uniform(target)))
     evolution = Evolution(db, budget, None, fitness.n_stages, seed=seed, offspring=offspring)
     if evolution.minimum_bytes() > budget:
         raise LmscopeError(
