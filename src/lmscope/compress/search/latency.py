@@ -3,9 +3,10 @@
 counted: on a CPU without bf16 matmul units an int4 layer's prefill is *slower* than fp32 (it unpacks to bf16),
 while its decode is faster (the int4 kernel reads fewer bytes) -- FLOPs say neither.
 
-A candidate's latency = the fixed part (embedding, attention arithmetic, norms, LM head: the working model's
-all-float time minus its float units' time) + the sum of its units' times. Units with the same layer shapes
-share their measurement (same kernels on the same shapes; what differs between them is noise). The budget is
+A candidate's latency = the working model's measured all-float time (int8 embedding and head, as in every
+configuration) + the sum of its units' measured changes: for each group of units with the same layer shapes and
+each level, the whole model is timed with that group at the level and the rest float, and each unit gets its
+share of the change (exact for configurations uniform per group, additive in between). The budget is
 ``latency=F``: the mean of the prefill and decode ratios to the original model's measured times is at most F.
 """
 
@@ -125,36 +126,38 @@ class LatencyTable:
         work = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
         C.quantize_embeddings(work)  # every configuration has the int8 embedding (and tied head)
         work_float = model_times(work.model)
-        x_prefill = {}
-        shared: dict[tuple, tuple[float, float]] = {}
-        units: dict[str, dict[str, list[float]]] = {}
+        from ..targets import set_module
+
+        # per group of units with the same shapes and per level: the whole working model measured with that
+        # group at the level (the rest float); a unit's entry is its share of the change from all-float.
+        # (Timing layers in isolation was tried first: it overstated them 2-50x against whole-model runs.)
+        groups: dict[tuple, list[int]] = {}
         for i, unit in enumerate(space.units):
-            shape = _shape(lm, unit)
-            units[str(i)] = {}
+            groups.setdefault(_shape(lm, unit), []).append(i)
+        units: dict[str, dict[str, list[float]]] = {str(i): {} for i in range(len(space.units))}
+        done = 0
+        for members in groups.values():
+            floats = {p: work.module(p) for i in members for p in space.units[i].paths}
             for lv in space.levels:
-                key = (shape, lv)
-                if key not in shared:
-                    floats = [(p, work.module(p)) for p in unit.paths]
-                    if LEVELS[lv] is None:
-                        mods = [m for _, m in floats]
-                    else:
-                        scheme, group = LEVELS[lv]
-                        step = Quantize(scheme, group_size=group)
-                        mods = [q.module for q in SCHEMES[scheme](work, step, None, floats)]
-                    xs = []
-                    for m in mods:
-                        n_in = m.in_features
-                        if n_in not in x_prefill:
-                            x_prefill[n_in] = torch.randn(1, PREFILL_TOKENS, n_in)
-                        xs.append((m, x_prefill[n_in], x_prefill[n_in][:, :1]))
-                    prefill = _best_time(lambda xs=xs: [m(x) for m, x, _ in xs], reps)
-                    decode = _best_time(lambda xs=xs: [m(x) for m, _, x in xs], reps * 3)
-                    shared[key] = (prefill, decode)
-                units[str(i)][lv] = list(shared[key])
+                delta = [0.0, 0.0]
+                if LEVELS[lv] is not None:
+                    scheme, group = LEVELS[lv]
+                    step = Quantize(scheme, group_size=group)
+                    built = SCHEMES[scheme](work, step, None, list(floats.items()))
+                    try:
+                        for q in built:
+                            set_module(work.model, q.name, q.module)
+                        t = model_times(work.model)
+                    finally:
+                        for path, m in floats.items():
+                            set_module(work.model, path, m)
+                    delta = [(t[k] - work_float[k]) / len(members) for k in (0, 1)]
+                for i in members:
+                    units[str(i)][lv] = list(delta)
+            done += len(members)
             if progress is not None:
-                progress(i + 1, len(space.units))
-        float_sum = [sum(units[str(i)]["float"][k] for i in range(len(space.units))) for k in (0, 1)]
-        fixed = [max(work_float[k] - float_sum[k], 0.0) for k in (0, 1)]
+                progress(done, len(space.units))
+        fixed = list(work_float)
         data = {
             "version": VERSION,
             "key": table_key(lm, space),
@@ -168,7 +171,8 @@ class LatencyTable:
             "reference": list(reference),
             "working_float": list(work_float),
             "measured_seconds": round(time.perf_counter() - start, 1),
-            "how": "min of timed calls after a warm-up; units of the same shapes share one measurement",
+            "how": "whole working model timed (min of calls after a warm-up) with each group of same-shape "
+            "units at each level; a unit's entry = its share of the change from all-float (float = 0)",
         }
         return cls(data, space)
 
