@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import LmscopeError
 from .common import add_model_arg, add_verb, check_out_dir, load_model, read_text_file, show_path
 
+QUANT_LEVELS = "float,int8,int4-g32,int4-g64,int4-g128"
 EXAMPLE = "lmscope search --model smollm2 --budget bytes=0.16 --space quant --out found/"
 
 
@@ -20,18 +21,25 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--budget",
         required=True,
-        help="KIND=FRACTION of the original: bytes=0.16 (of fp32 bytes, --space quant) or params=0.75 (of the "
-        "block parameters, --space heads,neurons,layers)",
+        help="KIND=FRACTION of the original: bytes=0.16 (of fp32 bytes, --space quant); latency=0.9 (--space "
+        "quant: mean of the measured prefill and decode ratios, from a per-layer latency table measured once on "
+        "this machine and cached); params=0.75 (of the block parameters: kept by --space heads,neurons,layers, "
+        "non-zero by --space sparsity)",
+    )
+    p.add_argument(
+        "--latency-table",
+        help="a latency table JSON measured earlier for this model, levels, threads and CPU",
     )
     p.add_argument(
         "--space",
         default="quant",
-        help="what each layer chooses: quant (precision levels), or any of heads,neurons,layers (heads kept, "
-        "MLP neurons kept, block kept or dropped)",
+        help="what each layer chooses: quant (precision levels); any of heads,neurons,layers (heads kept, MLP "
+        "neurons kept, block kept or dropped); or sparsity (Wanda level per block, with --budget params=F: F of "
+        "the block weights kept; --levels default 0.5,0.55,...,0.9)",
     )
     p.add_argument(
         "--levels",
-        default="float,int8,int4-g32,int4-g64,int4-g128",
+        default=QUANT_LEVELS,
         help="precision levels a layer may take (default: float,int8,int4-g32,int4-g64,int4-g128)",
     )
     p.add_argument("--granularity", default="kind", help="kind (block x attention/MLP, default) or block")
@@ -65,6 +73,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--baseline-gptq", action="store_true", help="also run uniform GPTQ int4 g64 as a baseline (slow)"
     )
+    p.add_argument(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="score candidates on Ray actors: auto (a local runtime) or a cluster address (extra lmscope[scale])",
+    )
+    p.add_argument("--workers", type=int, default=2, help="Ray actors with --ray (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
@@ -83,6 +97,69 @@ def _baselines(args) -> dict:
     return {"gptq4-g64": Recipe((Quantize("gptq4", group_size=64),))} if args.baseline_gptq else {}
 
 
+def _run_sparsity(args, budget) -> int:
+    """``--space sparsity --budget params=F``: per-block Wanda levels keeping F of the block weights non-zero."""
+    import json
+
+    from ..compress.search import STORE_FILE
+    from ..compress.search.sparsity import DEFAULT_SPARSITY_LEVELS, search_sparsity
+    from ..compress.search.store import _optuna
+    from ..fsutil import atomic_directory
+
+    if budget.kind != "params" or budget.fraction >= 1:
+        raise LmscopeError(
+            f"a {budget} budget does not apply to --space sparsity",
+            "use --budget params=F (F of the block weights kept non-zero, e.g. params=0.3 for 70% sparsity)",
+        )
+    if args.ray is not None or args.latency_table is not None:
+        raise LmscopeError(
+            "--space sparsity runs in-process and has no latency budget", "drop --ray/--latency-table"
+        )
+    levels = DEFAULT_SPARSITY_LEVELS if args.levels == QUANT_LEVELS else tuple(args.levels.split(","))
+    time_limit = parse_duration(args.time_limit)
+    if args.max_evals < 1:
+        raise LmscopeError(f"--max-evals must be at least 1, got {args.max_evals}", "e.g. --max-evals 200")
+    store = Path(args.out) / STORE_FILE
+    if args.resume and not store.is_file():
+        raise LmscopeError(f"there is no search to resume in '{args.out}'", "run it first without --resume")
+    if not args.resume and store.exists():
+        raise LmscopeError(f"'{args.out}' already holds a search", "pass --resume, or choose another --out")
+    check_out_dir(args.out)
+    calib = read_text_file(args.calibration_file) if args.calibration_file else None
+    _optuna()
+    lm = load_model(args.model)
+    from .. import progress
+
+    with progress.enabled(not args.quiet):
+        result = search_sparsity(
+            lm,
+            round(1 - budget.fraction, 9),
+            levels=levels,
+            calibration_text=calib,
+            calibration_tokens=args.calibration_tokens,
+            heldout_tokens=args.heldout_tokens,
+            max_evals=args.max_evals,
+            time_limit=time_limit,
+            seed=args.seed,
+            offspring=args.offspring,
+            store=store,
+            resume=args.resume,
+            before_store=lambda: Path(args.out).mkdir(parents=True, exist_ok=True),
+        )
+    with atomic_directory(Path(args.out) / "sparsity") as tmp:
+        (tmp / "pareto.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    ref, chosen = result["reference"]["ppl"], result["chosen"]
+    for i, p in enumerate(result["points"]):
+        if p.get("ppl") is not None:
+            tag = "chosen" if i == chosen else (p["label"] or p["origin"])
+            print(
+                f"  {tag:<14} sparsity {p['sparsity']:.4f}  KL {p['kl']:.4f}  ppl {p['ppl']:.3f} "
+                f"({p['ppl'] / ref - 1:+.1%})"
+            )
+    print(f"wrote {show_path(args.out)}/sparsity/pareto.json, {STORE_FILE}")
+    return 0
+
+
 def run(args) -> int:
     from ..compress.search import STORE_FILE, Budget, search
     from ..compress.search.space import parse_spaces
@@ -90,6 +167,13 @@ def run(args) -> int:
 
     budget = Budget.parse(args.budget)  # every bad value fails here, before the model loads
     spaces = parse_spaces(args.space)
+    if spaces == ("sparsity",):
+        return _run_sparsity(args, budget)
+    if "sparsity" in spaces:
+        raise LmscopeError(
+            "the sparsity space is searched on its own (its budget is the non-zero weights kept)",
+            "use --space sparsity --budget params=0.3 (70% sparsity)",
+        )
     from ..compress.search.structure import STRUCT_SPACES
 
     structured = set(spaces) <= set(STRUCT_SPACES)
@@ -104,9 +188,15 @@ def run(args) -> int:
             "in one search)",
             "use --space quant, or --space heads,neurons,layers",
         )
-    if not structured and budget.kind != "bytes":
+    if not structured and budget.kind not in ("bytes", "latency"):
         raise LmscopeError(
-            f"a {budget.kind} budget does not apply to --space quant", "use --budget bytes=FRACTION"
+            f"a {budget.kind} budget does not apply to --space quant",
+            "use --budget bytes=FRACTION or latency=FRACTION",
+        )
+    if args.latency_table is not None and not Path(args.latency_table).is_file():
+        raise LmscopeError(
+            f"there is no latency table at '{args.latency_table}'",
+            "drop --latency-table to measure one on this machine (cached for the next run)",
         )
     time_limit = parse_duration(args.time_limit)
     if args.max_evals < 1:
@@ -124,6 +214,12 @@ def run(args) -> int:
             f"calibration file '{args.calibration_file}' is empty", "pass a file with some text"
         )
     _optuna()
+    if args.ray is not None:
+        from ..scan.distributed import require_ray
+
+        require_ray()
+        if args.workers < 1:
+            raise LmscopeError(f"--workers must be at least 1, got {args.workers}", "e.g. --workers 2")
     lm = load_model(args.model)
     from .. import progress
 
@@ -150,6 +246,9 @@ def run(args) -> int:
             before_store=make_store_dir,
             baselines=_baselines(args),
             simulate=args.simulate,
+            latency_table=args.latency_table,
+            ray=args.ray,
+            workers=args.workers,
         )
     result.write(args.out)
     print(result.to_text())

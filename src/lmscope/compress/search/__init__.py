@@ -24,9 +24,10 @@ __all__ = ["LEVELS", "Budget", "QuantSpace", "SearchResult", "bits_per_weight", 
 STORE_FILE = "search.db"
 
 
-def pareto_front(points: list[dict]) -> list[int]:
-    """Indices of the points no other point beats on both bytes and KL (lower is better for both)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i]["bytes"], points[i]["kl"]))
+def pareto_front(points: list[dict], cost: str = "bytes") -> list[int]:
+    """Indices of the points no other point beats on both ``cost`` (bytes, latency_fraction) and KL (lower is
+    better for both)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][cost], points[i]["kl"]))
     front, best = [], float("inf")
     for i in order:
         if points[i]["kl"] < best:
@@ -93,7 +94,12 @@ class SearchResult:
         }
 
     def to_text(self) -> str:
-        lines = [f"search {self.model}: budget {self.budget} = {self.budget_bytes / 2**20:.2f} MB"]
+        size = (
+            "of the original's measured latency"
+            if self.budget.kind == "latency"
+            else f"= {self.budget_bytes / 2**20:.2f} MB"
+        )
+        lines = [f"search {self.model}: budget {self.budget} {size}"]
         s = self.stats
         lines.append(
             f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, {s.get('eval_seconds', 0):.0f} s), "
@@ -157,10 +163,16 @@ def search(
     baselines: dict | None = None,
     simulate: bool = False,
     structure: dict | None = None,
+    latency_table: str | os.PathLike | None = None,
+    ray: str | None = None,
+    workers: int = 2,
 ) -> SearchResult:
     """Search per-unit precision levels for ``lm`` under ``budget`` (e.g. ``"bytes=0.16"``: bytes of the
     state dict as a fraction of the fp32 model). ``store``: an SQLite file for the optuna storage (``--resume``
-    continues from it). Bad inputs raise ``LmscopeError`` before any output exists."""
+    continues from it). ``"latency=0.9"``: the mean of the prefill and decode ratios to the original, from a
+    per-unit latency table measured on this machine (cached; ``latency_table``: a given table file).
+    ``ray``: "auto" (a local runtime) or a cluster address: candidates are scored on ``workers`` Ray actors
+    (same results as in-process). Bad inputs raise ``LmscopeError`` before any output exists."""
     import torch
 
     from ..calibration import default_calibration_text
@@ -181,6 +193,12 @@ def search(
 
     if set(spaces) <= set(STRUCT_SPACES):  # heads, neurons, layers: the structured search
         from .structure import search_structure
+
+        if ray is not None or latency_table is not None:
+            raise LmscopeError(
+                "the structured search (heads, neurons, layers) runs in-process under a params budget",
+                "drop --ray / --latency-table, or search --space quant",
+            )
 
         return search_structure(
             lm,
@@ -215,14 +233,22 @@ def search(
             "heads/neurons/layers in one search)",
             "use --space quant, or --space heads,neurons,layers",
         )
-    if budget.kind != "bytes":
+    if budget.kind not in ("bytes", "latency"):
         raise LmscopeError(
-            f"a {budget.kind} budget does not apply to the quantization space", "use --budget bytes=FRACTION"
+            f"a {budget.kind} budget does not apply to the quantization space",
+            "use --budget bytes=FRACTION or latency=FRACTION",
         )
     _optuna()  # a missing extra fails before any work
     qspace = QuantSpace(lm, levels, granularity)
     reference_bytes = fp32_bytes(lm.model)
     budget_bytes = int(budget.fraction * reference_bytes)
+    table = cost = None
+    if latency_table is not None or budget.kind == "latency":
+        from .latency import LatencyCost, LatencyTable
+
+        table = LatencyTable.cached(lm, qspace, latency_table)
+    if budget.kind == "latency":
+        cost = LatencyCost(table)
     settings = {
         "model": lm.name,
         "budget": str(budget),
@@ -238,23 +264,48 @@ def search(
         "prior": prior,
         "simulate": simulate,
     }
+    if table is not None:
+        settings["latency_table"] = table.data["key"]
     start = time.perf_counter()
     db = LevelDatabase(lm, qspace, max_bytes=max_cache_bytes, simulate=simulate)
     fitness = KLFitness(
         lm, calibration_text or default_calibration_text(), calibration_tokens, window, stages
     )
-    evolution = Evolution(db, budget_bytes, None, fitness.n_stages, seed=seed, offspring=offspring)
+    limit = budget.fraction if cost is not None else budget_bytes
+    evolution = Evolution(db, limit, None, fitness.n_stages, seed=seed, offspring=offspring, cost=cost)
     check_budget(evolution, budget, reference_bytes)  # before the store file exists
-    if before_store is not None:  # the inputs are good: the caller may now create the output folder
-        before_store()
-    trials = TrialStore(store, qspace, settings, resume=resume)
-    evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-    evolution.evaluate = evaluator
-    with torch.no_grad():
-        try:
-            evolution.run(prior)
-        except StopSearch:
-            pass
+    scorers = None
+    if ray is not None:  # an unreachable address or a missing extra fails here, before any output
+        from .distributed import RayScorers
+
+        scorers = RayScorers(
+            lm,
+            ray,
+            workers,
+            {"levels": tuple(levels), "granularity": granularity},
+            {
+                "text": calibration_text or default_calibration_text(),
+                "tokens": calibration_tokens,
+                "window": window,
+                "stages": stages,
+            },
+            simulate,
+        )
+    try:
+        if before_store is not None:  # the inputs are good: the caller may now create the output folder
+            before_store()
+        trials = TrialStore(store, qspace, settings, resume=resume)
+        evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
+        evaluator.scorers = scorers
+        evolution.evaluate = evaluator
+        with torch.no_grad():
+            try:
+                evolution.run(prior)
+            except StopSearch:
+                pass
+    finally:
+        if scorers is not None:
+            scorers.close()
     search_seconds = time.perf_counter() - start
     sensitivity = evolution.sensitivity or {
         u.name: r["kl"]
@@ -273,6 +324,7 @@ def search(
     for config, (stage, r) in best.items():
         points.append(
             {
+                **_latency_fields(table, config),
                 "config": qspace.as_dict(config),
                 "describe": qspace.describe(config),
                 "bytes": r["bytes"],
@@ -282,14 +334,14 @@ def search(
                 "kl_tokens": fitness.stage_tokens[stage],
                 "stage": stage,
                 "final_stage": stage == last,
-                "within_budget": r["bytes"] <= budget_bytes,
+                "within_budget": evolution.cost.total(config) <= evolution.budget,
                 "origin": r["origin"],
                 "label": _uniform_label(config),
             }
         )
     points.sort(key=lambda p: (p["bytes"], p["kl"]))
     finals = [p for p in points if p["final_stage"]]
-    for i in pareto_front(finals):
+    for i in pareto_front(finals, "latency_fraction" if budget.kind == "latency" else "bytes"):
         finals[i]["pareto"] = True
     feasible = [
         i for i, p in enumerate(points) if p["final_stage"] and p["within_budget"] and p["label"] != "float"
@@ -321,13 +373,42 @@ def search(
                 "kl_tokens": fitness.stage_tokens[last],
                 "stage": last,
                 "final_stage": False,  # not a point of this space: drawn as a baseline, never on the front
-                "within_budget": done.bytes_after <= budget_bytes,
+                "within_budget": done.bytes_after <= budget_bytes if budget.kind == "bytes" else None,
                 "origin": "baseline",
                 "baseline": True,
                 "label": label,
                 "ppl": perplexity(done.lm, heldout),
             }
         )
+    latency_stats = {}
+    if table is not None:
+        latency_stats["latency_table"] = {
+            k: table.data.get(k)
+            for k in (
+                "path",
+                "key",
+                "prefill_tokens",
+                "threads",
+                "cpu",
+                "reference",
+                "fixed",
+                "measured_seconds",
+            )
+        }
+        if (
+            chosen is not None and budget.kind == "latency"
+        ):  # the estimate checked on the real compressed model
+            from ..apply import compress
+            from .latency import measure_model
+
+            real = compress(lm, qspace.recipe(tuple(points[chosen]["config"][u.name] for u in qspace.units)))
+            p, d = measure_model(real.lm.model, lm.vocab_size)
+            ref_p, ref_d = table.reference
+            latency_stats["chosen_measured"] = {
+                "prefill_s": round(p, 5),
+                "decode_s": round(d, 5),
+                "latency_fraction": round(0.5 * (p / ref_p + d / ref_d), 5),
+            }
     return SearchResult(
         model=lm.name,
         budget=budget,
@@ -355,10 +436,23 @@ def search(
             "evals_per_hour": round(3600 * evaluator.computed / evaluator.seconds)
             if evaluator.seconds
             else None,
+            **latency_stats,
+            "workers": f"ray {ray} x{workers}" if ray is not None else "in-process",
         },
         reference_ppl=reference_ppl,
         space=qspace,
     )
+
+
+def _latency_fields(table, config) -> dict:
+    if table is None:
+        return {}
+    p, d = table.seconds(config)
+    return {
+        "prefill_s": round(p, 5),
+        "decode_s": round(d, 5),
+        "latency_fraction": round(table.fraction(config), 5),
+    }
 
 
 def _uniform_label(config) -> str:
@@ -366,7 +460,7 @@ def _uniform_label(config) -> str:
 
 
 def _sensitivity_config(evolution, qspace, unit):
-    top = [lv[0] for lv in evolution.levels]
+    top = [evolution._by_error(u)[0] for u in range(len(evolution.levels))]
     u = qspace.units.index(unit)
-    top[u] = evolution.levels[u][-1]
+    top[u] = evolution._by_error(u)[-1]
     return tuple(top)

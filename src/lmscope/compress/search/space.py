@@ -23,7 +23,7 @@ LEVELS: dict[str, tuple[str, int | None] | None] = {
     "int4-g128": ("int4", 128),
 }
 DEFAULT_LEVELS = tuple(LEVELS)
-SPACES = ("quant", "heads", "neurons", "layers")
+SPACES = ("quant", "heads", "neurons", "layers", "sparsity")
 BUDGET_KINDS = ("bytes", "params", "latency")
 GRANULARITIES = ("kind", "block")
 

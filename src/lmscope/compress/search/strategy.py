@@ -34,6 +34,46 @@ class Evaluator:
         self.computed = 0  # of those, computed in this process (not read back from storage)
         self.seconds = 0.0
         self._seen: set = set()
+        self.scorers = None  # a RayScorers: ``many`` scores a batch on Ray actors
+
+    def many(self, configs, stage: int, origin: str = "search") -> list[float]:
+        """KL of each configuration at ``stage``, in order; with Ray the ones not yet stored are computed in
+        parallel. Bounds as in ``__call__``: the configurations within ``max_evals`` are scored and stored,
+        then ``StopSearch``."""
+        configs = [tuple(c) for c in configs]
+        if self.scorers is None:
+            return [self(c, stage, origin) for c in configs]
+        allowed, stop = [], False
+        for c in configs:
+            key = (c, stage)
+            if key not in self._seen:
+                if self.evals >= self.max_evals:
+                    stop = True
+                    break
+                self.evals += 1
+                self._seen.add(key)
+            allowed.append(c)
+        todo = list(dict.fromkeys(c for c in allowed if self.store.get(c, stage) is None))
+        if todo:
+            self.check_time()
+            start = time.perf_counter()
+            jobs = [(c, stage, self._done(c, stage)) for c in todo]
+            for c, (kl, sums) in zip(todo, self.scorers.map(jobs)):
+                self.store.put(c, stage, kl, self.db.total_bytes(c), sums, origin)
+                self.computed += 1
+                if self.on_eval is not None:
+                    self.on_eval(self.evals)
+            self.seconds += time.perf_counter() - start
+        if stop:
+            raise StopSearch
+        return [self.store.get(c, stage)["kl"] for c in configs]
+
+    def _done(self, config, stage: int) -> list[float] | None:
+        for s in range(stage - 1, -1, -1):  # an earlier stage's windows are extended, not recomputed
+            prev = self.store.get(config, s)
+            if prev is not None:
+                return prev["window_kl"]
+        return None
 
     def check_time(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -56,12 +96,7 @@ class Evaluator:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise StopSearch
         start = time.perf_counter()
-        done = None
-        for s in range(stage - 1, -1, -1):  # extend an earlier stage's windows rather than recompute them
-            prev = self.store.get(config, s)
-            if prev is not None:
-                done = prev["window_kl"]
-                break
+        done = self._done(config, stage)
         lm = self.db.assemble(config)
         kl, sums = self.fitness.kl(lm, stage, done)
         self.store.put(config, stage, kl, self.db.total_bytes(config), sums, origin)
@@ -81,24 +116,33 @@ class Evolution:
         n_stages: int,
         seed: int = 0,
         offspring: int = 8,
+        cost=None,
     ):
+        from .latency import ByteCost
+
         self.db = db
         self.space = db.space
+        # what the budget limits (bytes by default; a measured latency fraction with a latency table)
+        self.cost = cost if cost is not None else ByteCost(db)
         self.budget = budget_bytes
         self.evaluate = evaluate
         self.rng = random.Random(seed)
         self.offspring = offspring
         n = len(self.space.units)
-        # levels per unit from most to fewest bytes (index 0 = most bits)
-        self.levels = [sorted(self.space.levels, key=lambda lv, i=i: -db.bytes(i, lv)) for i in range(n)]
+        # levels per unit from most to least cost (bytes: index 0 = most bits); a level that costs more than
+        # another with more bits (int4 prefill can be slower than float) stays in the list: the search decides
+        self.levels = [
+            sorted(self.space.levels, key=lambda lv, i=i: (-self.cost.unit(i, lv), lv)) for i in range(n)
+        ]
         self.last = n_stages - 1
         self.sensitivity: dict[str, float] = {}
         self.parent: tuple[str, ...] | None = None
         self.history: list[dict] = []  # per generation: parent KL, accepted
+        self.extra_seeds: list[tuple[str, ...]] = []  # from other priors (OWL's allocation for sparsity)
 
     # -- budget-keeping moves -------------------------------------------------------------------------
-    def _total(self, idx) -> int:
-        return self.db.total_bytes(self._config(idx))
+    def _total(self, idx) -> float:
+        return self.cost.total(self._config(idx))
 
     def _config(self, idx) -> tuple[str, ...]:
         return tuple(self.levels[u][k] for u, k in enumerate(idx))
@@ -143,7 +187,7 @@ class Evolution:
         idx = [len(lv) - 1 for lv in self.levels]
 
         def loss(u, k):
-            lowest = self.db.error(u, self.levels[u][-1]) or 1e-30
+            lowest = max(self.db.error(u, lv) for lv in self.levels[u]) or 1e-30
             return weights[self.space.units[u].name] * self.db.error(u, self.levels[u][k]) / lowest
 
         while True:
@@ -153,48 +197,55 @@ class Evolution:
                 if idx[u] == 0:
                     continue
                 k = idx[u] - 1
-                extra = self.db.bytes(u, self.levels[u][k]) - self.db.bytes(u, self.levels[u][idx[u]])
+                extra = self.cost.unit(u, self.levels[u][k]) - self.cost.unit(u, self.levels[u][idx[u]])
                 if total + extra > self.budget:
                     continue
-                gain = (loss(u, idx[u]) - loss(u, k)) / max(extra, 1)
+                gain = (loss(u, idx[u]) - loss(u, k)) / max(extra, 1e-12)
                 if gain > best_gain:
                     best, best_gain = u, gain
             if best is None:
                 return self._config(idx)
             idx[best] -= 1
 
+    def _by_error(self, u: int) -> list[str]:
+        return sorted(self.levels[u], key=lambda lv: (self.db.error(u, lv), lv))
+
     def measure_sensitivity(self) -> dict[str, float]:
-        """KL at the first stage with one unit at its fewest-bytes level and the rest float (or highest)."""
-        top = [lv[0] for lv in self.levels]
-        out = {}
-        for u, unit in enumerate(self.space.units):
+        """KL at the first stage with one unit at its least precise level and the rest at their most precise
+        (float when it is a level)."""
+        top = [self._by_error(u)[0] for u in range(len(self.levels))]
+        probes = []
+        for u in range(len(self.space.units)):
             config = list(top)
-            config[u] = self.levels[u][-1]
-            out[unit.name] = self.evaluate(config, 0, "sensitivity")
-        return out
+            config[u] = self._by_error(u)[-1]
+            probes.append(tuple(config))
+        kls = self._many(probes, 0, "sensitivity")
+        return {unit.name: kl for unit, kl in zip(self.space.units, kls)}
+
+    def _many(self, configs, stage: int, origin: str = "search") -> list[float]:
+        many = getattr(self.evaluate, "many", None)
+        if many is None:
+            return [self.evaluate(c, stage, origin) for c in configs]
+        return many(configs, stage, origin)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, prior: str = "sensitivity") -> None:
         """Seeds, then generations until a bound (evaluations, time) stops it (``StopSearch``)."""
-        seeds = []
-        for lv in self.space.levels:
-            if lv == "float":
-                continue
-            config = self.space.uniform(lv)
-            self.evaluate(config, self.last, "uniform")  # the uniform baselines, on the full calibration
-            if self.db.total_bytes(config) <= self.budget:
-                seeds.append(config)
+        uniforms = [self.space.uniform(lv) for lv in self.space.levels if lv != "float"]
+        self._many(uniforms, self.last, "uniform")  # the uniform baselines, on the full calibration
+        seeds = [c for c in uniforms if self.cost.total(c) <= self.budget]
         if prior == "sensitivity":
             self.sensitivity = self.measure_sensitivity()
             weights = {k: max(v, 1e-12) for k, v in self.sensitivity.items()}
         else:
             weights = {u.name: 1.0 for u in self.space.units}
         seeds.append(self.greedy(weights))
+        seeds += [tuple(c) for c in self.extra_seeds if self.cost.total(c) <= self.budget]
         for config in list(seeds):  # best feasible uniform, its spare bytes spent greedily too
             idx = self._refill(self._index(config), range(len(self.levels)))
             seeds.append(self._config(idx))
         seeds = list(dict.fromkeys(seeds))
-        scored = [(self.evaluate(c, self.last, "seed"), i, c) for i, c in enumerate(seeds)]
+        scored = [(kl, i, c) for i, (kl, c) in enumerate(zip(self._many(seeds, self.last, "seed"), seeds))]
         self.parent = min(scored)[2]
         while True:
             parent_kl = self.evaluate(self.parent, self.last, "seed")
@@ -209,7 +260,8 @@ class Evolution:
             if not kids:  # the neighbourhood of the parent is exhausted (small spaces)
                 return
             for stage in range(self.last + 1):
-                ranked = sorted((self.evaluate(c, stage), i, c) for i, c in enumerate(kids))
+                kls = self._many(kids, stage)
+                ranked = sorted((kl, i, c) for i, (kl, c) in enumerate(zip(kls, kids)))
                 if stage < self.last:
                     keep = max(1, math.ceil(len(kids) / 4))
                     kids = [c for _, _, c in ranked[:keep]]
@@ -222,6 +274,14 @@ class Evolution:
 
 def check_budget(evolution: Evolution, budget, reference_bytes: int) -> None:
     low = evolution.minimum_bytes()
+    if evolution.cost.kind == "latency":
+        if low > evolution.budget:
+            raise LmscopeError(
+                f"budget {budget} is below the fastest configuration of this space ({low:.3f} of the original's "
+                "measured prefill+decode latency on this machine)",
+                f"raise the budget to at least latency={math.ceil(low * 1000) / 1000:g}, or add levels",
+            )
+        return
     if low > evolution.budget:
         raise LmscopeError(
             f"budget {budget} ({evolution.budget / 2**20:.2f} MB) is below the smallest configuration of this "

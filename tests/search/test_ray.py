@@ -1,0 +1,41 @@
+"""``--ray``: candidates scored on Ray actors give the same search as in-process for a fixed seed; an
+unreachable cluster address is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+import lmscope
+from lmscope.cli.main import main
+from lmscope.compress.search import search
+
+from .test_search import FAST, _fraction_between, _front, _one_line_error, tiny_dir  # noqa: F401  (fixture)
+
+pytest.importorskip("optuna")
+
+
+@pytest.mark.ray
+def test_ray_search_equals_in_process(tiny_dir):  # noqa: F811
+    pytest.importorskip("ray")
+    lm = lmscope.load(str(tiny_dir), progress=False)
+    frac = _fraction_between(lm, "int4-g64", "int8", 0.5)
+    kw = dict(max_evals=24, seed=3, offspring=4, **FAST)
+    local = search(lm, f"bytes={frac}", **kw)
+    remote = search(lm, f"bytes={frac}", ray="auto", workers=2, **kw)
+    assert remote.stats["workers"] == "ray auto x2" and local.stats["workers"] == "in-process"
+    assert remote.stats["evaluations"] == local.stats["evaluations"]
+    assert _front(remote) == _front(local)
+    assert [(p["config"], p["kl"]) for p in remote.points] == [(p["config"], p["kl"]) for p in local.points]
+    assert remote.chosen_point["config"] == local.chosen_point["config"]
+
+
+@pytest.mark.ray
+def test_unreachable_ray_address_exits_2(tiny_dir, tmp_path, capsys):  # noqa: F811
+    pytest.importorskip("ray")
+    out = tmp_path / "found"
+    rc = main(
+        ["search", "--model", str(tiny_dir), "--budget", "bytes=0.3", "--ray", "127.0.0.1:1"]
+        + ["--out", str(out), "--quiet", "--max-evals", "3"]
+    )
+    _one_line_error(capsys, rc, "cannot reach the Ray cluster")
+    assert not out.exists()
