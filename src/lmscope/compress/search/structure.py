@@ -366,6 +366,10 @@ class StructuredEvolution(Evolution):
         self.parent = None
         self.history: list[dict] = []
         self.seed_labels: dict[tuple, str] = {}
+        self.extra_seeds: list[tuple[str, ...]] = []
+        from .latency import ByteCost
+
+        self.cost = ByteCost(db)  # the parent's moves ask a cost: here block parameters (db.total_bytes)
 
     def mutate(self, parent):
         child = super().mutate(parent)
