@@ -2,8 +2,11 @@
 
 Threads: torch defaults to one intra-op thread per core and ignores what else runs; on a shared
 machine that oversubscribes the cores and makes every matmul wait (5–10× slower measured on 2 cores
-at load 4). lmscope uses the cores it may run on (``os.sched_getaffinity``) minus the current load
-(1-minute load average), at least 1 — unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise.
+at load 4). lmscope uses the cores it may run on (``os.sched_getaffinity``) minus the other processes
+running now (the runnable count of ``/proc/loadavg``, median of a few samples; the 1-minute load average where
+that file does not exist), at least 1 — unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise. The
+1-minute average lags: a job that ended a few seconds ago still counts in it (measured: the default explain
+took 17.8–19.4 s on 1 thread right after another job, 13.2–14.8 s on 2 on the then idle machine).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 
 THREADS_HELP = (
-    "torch intra-op threads (default: the CPUs this process may use minus the 1-minute load average, "
+    "torch intra-op threads (default: the CPUs this process may use minus the other processes running now, "
     "at least 1; OMP_NUM_THREADS, when set, is the default instead)"
 )
 
@@ -32,11 +35,31 @@ def choose_threads(requested: int | None = None) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
+    load = others_running()
     return max(1, min(cpus, int(cpus - load + 0.5)))
+
+
+def others_running(samples: int = 5, path: str = "/proc/loadavg") -> float:
+    """Processes other than this one running or runnable now: the median of ``samples`` reads of the runnable
+    count in ``/proc/loadavg`` (4th field ``running/total``, this process included), 10 ms apart; the 1-minute
+    load average where the file cannot be read."""
+    import time
+
+    seen = []
+    for i in range(samples):
+        try:
+            with open(path) as f:
+                seen.append(max(0, int(f.read().split()[3].split("/")[0]) - 1))
+        except (OSError, IndexError, ValueError):
+            break
+        if i + 1 < samples:
+            time.sleep(0.01)
+    if seen:
+        return float(sorted(seen)[len(seen) // 2])
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def apply_threads(args) -> int:
