@@ -8,55 +8,62 @@ from .html import Report
 
 def pareto_figure(result):
     """Bytes (fraction of fp32) vs KL: every evaluated point, the front, uniform baselines, the chosen one."""
+    return _pareto(
+        result,
+        "bytes",
+        "bytes / fp32 bytes",
+        probe_note="one layer at the fewest bytes, rest at the most",
+        size=(7.5, 4.6),
+        legend={"loc": "upper right"},
+    )
+
+
+def _pareto(
+    result, cost: str, xlabel: str, probe_note: str, size, legend: dict, early_excludes=("sensitivity",)
+):
+    """``cost`` ("bytes" or "params") vs KL, log axis: early-stage points, sensitivity probes, every point at the
+    last stage, the Pareto front, the uniform baselines (labelled), the chosen point and the budget line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=size)
+    x = f"{cost}_fraction"
     pts = [p for p in result.points if p["final_stage"]]
     probes = [p for p in result.points if not p["final_stage"] and p["origin"] == "sensitivity"]
-    early = [p for p in result.points if not p["final_stage"] and p["origin"] != "sensitivity"]
+    early = [p for p in result.points if not p["final_stage"] and p["origin"] not in early_excludes]
     floor = min([p["kl"] for p in result.points if p["kl"] > 0] or [1e-9]) / 2
     y = lambda p: max(p["kl"], floor)  # noqa: E731  (log axis: a KL of exactly 0 sits on the floor)
     for group, color, label in (
         (early, "#cccccc", f"stopped at an early stage ({len(early)}; KL on fewer tokens)"),
-        (
-            probes,
-            "#e3c9a8",
-            f"sensitivity probes ({len(probes)}; one layer at the fewest bytes, rest at the most)",
-        ),
+        (probes, "#e3c9a8", f"sensitivity probes ({len(probes)}; {probe_note})"),
     ):
         if group:
-            ax.scatter([p["bytes_fraction"] for p in group], [y(p) for p in group], s=8, c=color, label=label)
-    ax.scatter([p["bytes_fraction"] for p in pts], [y(p) for p in pts], s=12, c="#7a9cc6", label="evaluated")
-    front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p["bytes"])
+            ax.scatter([p[x] for p in group], [y(p) for p in group], s=8, c=color, label=label)
+    ax.scatter([p[x] for p in pts], [y(p) for p in pts], s=12, c="#7a9cc6", label="evaluated")
+    front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p[cost])
     ax.step(
-        [p["bytes_fraction"] for p in front],
-        [y(p) for p in front],
-        where="post",
-        c="#1f4e8c",
-        lw=1.2,
-        label="Pareto front",
+        [p[x] for p in front], [y(p) for p in front], where="post", c="#1f4e8c", lw=1.2, label="Pareto front"
     )
     for p in result.baselines():
-        ax.scatter([p["bytes_fraction"]], [y(p)], marker="s", s=46, c="#d9822b", zorder=3)
+        ax.scatter([p[x]], [y(p)], marker="s", s=46, c="#d9822b", zorder=3)
         ax.annotate(
             p.get("label") or p.get("describe", ""),
-            (p["bytes_fraction"], y(p)),
+            (p[x], y(p)),
             textcoords="offset points",
             xytext=(5, 4),
-            fontsize=8,
+            fontsize=7,
             color="#a0521a",
         )
     c = result.chosen_point
     if c is not None:
-        ax.scatter([c["bytes_fraction"]], [y(c)], marker="*", s=180, c="#c0392b", zorder=4, label="chosen")
+        ax.scatter([c[x]], [y(c)], marker="*", s=180, c="#c0392b", zorder=4, label="chosen")
     ax.axvline(result.budget.fraction, color="#c0392b", ls="--", lw=0.8, label=f"budget {result.budget}")
     ax.set_yscale("log")
-    ax.set_xlabel("bytes / fp32 bytes")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"KL to the original (nats/token, {result.stats.get('stage_tokens', ['?'])[-1]} tokens)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, **legend)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -186,58 +193,15 @@ def _log10(v: float) -> float:
 # -- the structured search (heads, neurons, layers under params=F) --------------------------------------------
 def structure_pareto_figure(result):
     """Block parameters kept vs KL: every evaluated point, the front, the uniform baselines, the chosen one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.5, 4.6))
-    pts = [p for p in result.points if p["final_stage"]]
-    probes = [p for p in result.points if not p["final_stage"] and p["origin"] == "sensitivity"]
-    early = [
-        p for p in result.points if not p["final_stage"] and p["origin"] not in ("sensitivity", "baseline")
-    ]
-    floor = min([p["kl"] for p in result.points if p["kl"] > 0] or [1e-9]) / 2
-    y = lambda p: max(p["kl"], floor)  # noqa: E731
-    for group, color, label in (
-        (early, "#cccccc", f"stopped at an early stage ({len(early)}; KL on fewer tokens)"),
-        (probes, "#e3c9a8", f"sensitivity probes ({len(probes)}; one unit at its smallest, rest full)"),
-    ):
-        if group:
-            ax.scatter(
-                [p["params_fraction"] for p in group], [y(p) for p in group], s=8, c=color, label=label
-            )
-    ax.scatter([p["params_fraction"] for p in pts], [y(p) for p in pts], s=12, c="#7a9cc6", label="evaluated")
-    front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p["params"])
-    ax.step(
-        [p["params_fraction"] for p in front],
-        [y(p) for p in front],
-        where="post",
-        c="#1f4e8c",
-        lw=1.2,
-        label="Pareto front",
+    return _pareto(
+        result,
+        "params",
+        "block parameters kept / original",
+        probe_note="one unit at its smallest, rest full",
+        size=(9.5, 4.6),
+        legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)},  # outside: labels stay readable
+        early_excludes=("sensitivity", "baseline"),
     )
-    for p in result.baselines():
-        ax.scatter([p["params_fraction"]], [y(p)], marker="s", s=46, c="#d9822b", zorder=3)
-        ax.annotate(
-            p.get("label") or p.get("describe", ""),
-            (p["params_fraction"], y(p)),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
-            color="#a0521a",
-        )
-    c = result.chosen_point
-    if c is not None:
-        ax.scatter([c["params_fraction"]], [y(c)], marker="*", s=180, c="#c0392b", zorder=4, label="chosen")
-    ax.axvline(result.budget.fraction, color="#c0392b", ls="--", lw=0.8, label=f"budget {result.budget}")
-    ax.set_yscale("log")
-    ax.set_xlabel("block parameters kept / original")
-    ax.set_ylabel(f"KL to the original (nats/token, {result.stats.get('stage_tokens', ['?'])[-1]} tokens)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: labels stay readable
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def structure_report(result) -> Report:

@@ -424,18 +424,7 @@ def search(
         sensitivity=sensitivity,
         settings=settings,
         stats={
-            "evaluations": evaluator.evals,
-            "computed": evaluator.computed,
-            "eval_seconds": round(evaluator.seconds, 1),
-            "search_seconds": round(search_seconds, 1),
-            "generations": len(evolution.history),
-            "accepted": sum(h["accepted"] for h in evolution.history),
-            "variants_built": db.built,
-            "stage_tokens": list(fitness.stage_tokens),
-            "heldout_tokens": int(sum(w.shape[1] for w in heldout)),
-            "evals_per_hour": round(3600 * evaluator.computed / evaluator.seconds)
-            if evaluator.seconds
-            else None,
+            **run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
             **latency_stats,
             "workers": f"ray {ray} x{workers}" if ray is not None else "in-process",
         },
@@ -464,3 +453,19 @@ def _sensitivity_config(evolution, qspace, unit):
     u = qspace.units.index(unit)
     top[u] = evolution._by_error(u)[-1]
     return tuple(top)
+
+
+def run_stats(evaluator, evolution, db, fitness, heldout, search_seconds: float) -> dict:
+    """What a search cost: evaluations (asked, computed), seconds, generations, variants, tokens, evals/hour."""
+    return {
+        "evaluations": evaluator.evals,
+        "computed": evaluator.computed,
+        "eval_seconds": round(evaluator.seconds, 1),
+        "search_seconds": round(search_seconds, 1),
+        "generations": len(evolution.history),
+        "accepted": sum(h["accepted"] for h in evolution.history),
+        "variants_built": db.built,
+        "stage_tokens": list(fitness.stage_tokens),
+        "heldout_tokens": int(sum(w.shape[1] for w in heldout)),
+        "evals_per_hour": round(3600 * evaluator.computed / evaluator.seconds) if evaluator.seconds else None,
+    }

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import LmscopeError
-from . import SearchResult
+from . import SearchResult, run_stats
 from .space import Unit
 from .strategy import Evolution
 
@@ -833,20 +833,7 @@ def search_structure(
         chosen=chosen,
         sensitivity=sensitivity,
         settings=settings,
-        stats={
-            "evaluations": evaluator.evals,
-            "computed": evaluator.computed,
-            "eval_seconds": round(evaluator.seconds, 1),
-            "search_seconds": round(search_seconds, 1),
-            "generations": len(evolution.history),
-            "accepted": sum(h["accepted"] for h in evolution.history),
-            "variants_built": db.built,
-            "stage_tokens": list(fitness.stage_tokens),
-            "heldout_tokens": int(sum(w.shape[1] for w in heldout)),
-            "evals_per_hour": round(3600 * evaluator.computed / evaluator.seconds)
-            if evaluator.seconds
-            else None,
-        },
+        stats=run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
         reference_ppl=reference_ppl,
         space=space,
         priors=space.priors,
