@@ -110,9 +110,12 @@ def test_sigint_while_importing_gives_no_traceback(tmp_path, smollm2_dir):
     import sys
     import time
 
-    cmd = [sys.executable, "-m", "lmscope.cli.main", "inspect", "--text", "hi", "--out", str(tmp_path / "o")]
+    # explain runs for many seconds (inspect of one token now ends in under 1.5 s: too quick to interrupt)
+    text = "When Mary and John went to the store, John gave a drink to"
+    cmd = [sys.executable, "-m", "lmscope.cli.main", "explain", "--text", text, "--target", " Mary"]
+    cmd += ["--out", str(tmp_path / "o")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # inside main by now: importing torch / transformers, or loading the model
+    time.sleep(1.5)  # inside main by now: importing torch / transformers, loading the model or explaining
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     # 130 from main(), or -SIGINT when the interpreter itself ends on the signal after main() reported it

@@ -25,7 +25,11 @@ def test_ray_search_equals_in_process(tiny_dir):  # noqa: F811
     assert remote.stats["workers"] == "ray auto x2" and local.stats["workers"] == "in-process"
     assert remote.stats["evaluations"] == local.stats["evaluations"]
     assert _front(remote) == _front(local)
-    assert [(p["config"], p["kl"]) for p in remote.points] == [(p["config"], p["kl"]) for p in local.points]
+    # the same configurations in the same order; KL equal up to float summation order (a Ray actor runs 1
+    # torch thread, this process may run 2: reductions split differently, the last bit can differ)
+    assert [p["config"] for p in remote.points] == [p["config"] for p in local.points]
+    for r, q in zip(remote.points, local.points):
+        assert r["kl"] == pytest.approx(q["kl"], rel=1e-9, abs=1e-15)
     assert remote.chosen_point["config"] == local.chosen_point["config"]
 
 
