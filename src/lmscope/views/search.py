@@ -86,33 +86,13 @@ def search_report(result) -> Report:
         note="bytes of the state dict as stored (the counter compress uses), as a fraction of the fp32 model; "
         "KL on calibration tokens; perplexity on held-out text disjoint from calibration",
     )
-    rows = []
-    ref = result.reference_ppl
-    for p in sorted((p for p in result.points if p.get("ppl") is not None), key=lambda p: p["bytes"]):
-        tag = "chosen" if p is c else (f"uniform {p['label']}" if p.get("label") else "front")
-        rows.append(
-            [
-                tag,
-                p["describe"],
-                f"{p['bytes_fraction']:.4f}",
-                f"{p['kl']:.4g}",
-                f"{p['ppl']:.3f}",
-                f"{p['ppl'] / ref - 1:+.1%}" if ref else "",
-            ]
-        )
-    if ref:
-        rows.insert(0, ["original", "float", "1.0000", "0", f"{ref:.3f}", ""])
-    sec.table(
-        ["point", "configuration", "bytes / fp32", "KL", "held-out ppl", "Δppl"],
-        rows,
-        highlight=[i for i, r in enumerate(rows) if r[0] == "chosen"],
-    )
-    s = result.stats
-    sec.text(
-        f"{s.get('evaluations')} evaluations ({s.get('computed')} computed in this run, "
-        f"{s.get('eval_seconds')} s of fitness), {len(result.points)} configurations, "
-        f"{s.get('generations')} generations ({s.get('accepted')} improved the parent); "
-        f"KL stages of {s.get('stage_tokens')} tokens; seed {result.settings.get('seed')}."
+    _summary(
+        sec,
+        result,
+        "bytes",
+        "bytes / fp32",
+        "float",
+        tag=lambda p: f"uniform {p['label']}" if p.get("label") else "front",
     )
     rep.section(
         "Pareto front",
@@ -220,34 +200,14 @@ def structure_report(result) -> Report:
         "excluded) as a fraction of the original; KL on calibration tokens; perplexity on held-out text disjoint "
         "from calibration. Uniform baselines: the same priors, the same amount removed in every layer",
     )
-    rows = []
-    ref = result.reference_ppl
-    for p in sorted((p for p in result.points if p.get("ppl") is not None), key=lambda p: p["params"]):
-        tag = "chosen" if p is c else (p.get("label") or "front")
-        rows.append(
-            [
-                tag,
-                p["describe"],
-                f"{p['params_fraction']:.4f}",
-                f"{p['kl']:.4g}",
-                f"{p['ppl']:.3f}",
-                f"{p['ppl'] / ref - 1:+.1%}" if ref else "",
-            ]
-        )
-    if ref:
-        rows.insert(0, ["original", "every head, neuron and block", "1.0000", "0", f"{ref:.3f}", ""])
-    sec.table(
-        ["point", "configuration", "block params kept", "KL", "held-out ppl", "Δppl"],
-        rows,
-        highlight=[i for i, r in enumerate(rows) if r[0] == "chosen"],
-    )
-    s = result.stats
-    sec.text(
-        f"{s.get('evaluations')} evaluations ({s.get('computed')} computed in this run, "
-        f"{s.get('eval_seconds')} s of fitness), {len(result.points)} configurations, "
-        f"{s.get('generations')} generations ({s.get('accepted')} improved the parent); "
-        f"KL stages of {s.get('stage_tokens')} tokens; seed {result.settings.get('seed')}; "
-        f"priors: {result.settings.get('priors')}."
+    _summary(
+        sec,
+        result,
+        "params",
+        "block params kept",
+        "every head, neuron and block",
+        tag=lambda p: p.get("label") or "front",
+        extra=f"; priors: {result.settings.get('priors')}",
     )
     rep.section(
         "Pareto front",
@@ -343,3 +303,35 @@ def structure_report(result) -> Report:
             highlight=list(range(min(5, len(order)))),
         )
     return rep
+
+
+def _summary(sec, result, cost: str, cost_title: str, original: str, tag, extra: str = "") -> None:
+    """The summary table (every point with a held-out perplexity, by ``cost``; the original first, the chosen
+    point highlighted) and the search's cost in one sentence."""
+    rows = []
+    ref = result.reference_ppl
+    for p in sorted((p for p in result.points if p.get("ppl") is not None), key=lambda p: p[cost]):
+        rows.append(
+            [
+                "chosen" if p is result.chosen_point else tag(p),
+                p["describe"],
+                f"{p[cost + '_fraction']:.4f}",
+                f"{p['kl']:.4g}",
+                f"{p['ppl']:.3f}",
+                f"{p['ppl'] / ref - 1:+.1%}" if ref else "",
+            ]
+        )
+    if ref:
+        rows.insert(0, ["original", original, "1.0000", "0", f"{ref:.3f}", ""])
+    sec.table(
+        ["point", "configuration", cost_title, "KL", "held-out ppl", "Δppl"],
+        rows,
+        highlight=[i for i, r in enumerate(rows) if r[0] == "chosen"],
+    )
+    s = result.stats
+    sec.text(
+        f"{s.get('evaluations')} evaluations ({s.get('computed')} computed in this run, "
+        f"{s.get('eval_seconds')} s of fitness), {len(result.points)} configurations, "
+        f"{s.get('generations')} generations ({s.get('accepted')} improved the parent); "
+        f"KL stages of {s.get('stage_tokens')} tokens; seed {result.settings.get('seed')}{extra}."
+    )
