@@ -86,6 +86,9 @@ def test_flags_reach_json_and_report(make_tiny, tmp_path):
     assert flagged == sorted(flagged)
     html = res.report(tmp_path / "r.html")
     assert "flags" in html and f"randomization ρ above {RANDOMIZATION_MAX}" in html
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == html and html.startswith("<!DOCTYPE html>")
+    inline = res._repr_html_()  # a notebook's inline view: the same report without the page around it
+    assert not inline.startswith("<!DOCTYPE") and f"randomization ρ above {RANDOMIZATION_MAX}" in inline
 
 
 @pytest.mark.parametrize("value", [None])

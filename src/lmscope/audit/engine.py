@@ -21,6 +21,7 @@ import torch
 from .. import progress as _progress
 from ..errors import LmscopeError
 from ..explain.api import explain_objective, resolve_methods
+from ..views.html import Reportable
 from .counterfactuals import Swap, load_swaps
 from .data import Case, Cases
 from .decider import Decider, make_decider
@@ -46,7 +47,7 @@ def _round(x, d=4):
 
 
 @dataclass
-class AuditResult:
+class AuditResult(Reportable):
     model: str
     data: dict
     decider: dict
@@ -79,15 +80,6 @@ class AuditResult:
         from ..views.audit import audit_report
 
         return audit_report(self)
-
-    def report(self, path=None) -> str:
-        rep = self.build_report()
-        if path is not None:
-            rep.write(path)
-        return rep.render()
-
-    def _repr_html_(self) -> str:
-        return self.build_report().render(embedded=True)
 
     def write_cases_csv(self, path) -> None:
         """One row per case and per counterfactual (spreadsheets)."""

@@ -85,7 +85,7 @@ def run(args) -> int:
 
             data = {**result.to_dict(), "features": features.to_dict()}
             (tmp / "compare.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-            rep = result.report()
+            rep = result.build_report()
             add_comparison_section(rep, features)
             rep.write(tmp / "report.html")
     print(result.to_text())

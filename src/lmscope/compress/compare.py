@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LmscopeError
+from ..views.html import Reportable
 
 DEFAULT_METHODS = ("saliency", "input_x_gradient", "occlusion")
 LN2 = math.log(2.0)
@@ -65,7 +66,7 @@ def topk_overlap(a, b, k: int) -> float:
 
 
 @dataclass
-class Comparison:
+class Comparison(Reportable):
     a_name: str
     b_name: str
     text: str
@@ -151,17 +152,11 @@ class Comparison:
         lines.extend(self.notes)
         return "\n".join(lines)
 
-    def report(self, path=None):
-        """The HTML report (``views.compress.compare_report``), written to ``path`` when given."""
+    def build_report(self):
+        """The HTML report (``views.compress.compare_report``)."""
         from ..views.compress import compare_report
 
-        rep = compare_report(self)
-        if path is not None:
-            rep.write(path)
-        return rep
-
-    def _repr_html_(self) -> str:
-        return self.report()._repr_html_()
+        return compare_report(self)
 
 
 def _attribution(lm_a, lm_b, text: str, methods, k: int) -> dict[str, dict]:

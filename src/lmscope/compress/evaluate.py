@@ -15,6 +15,7 @@ import torch
 
 from .. import progress
 from ..errors import LmscopeError
+from ..views.html import Reportable
 from .measure import MEMORY_METHOD, decode_time, peak_memory_during, prefill, round_robin
 from .size import state_bytes
 
@@ -38,7 +39,7 @@ class ModelStats:
 
 
 @dataclass
-class Evaluation:
+class Evaluation(Reportable):
     """The side-by-side table. ``models[0]`` is the reference."""
 
     models: list[ModelStats]
@@ -69,16 +70,10 @@ class Evaluation:
 
         return figure(self)
 
-    def report(self, path=None):
+    def build_report(self):
         from ..views.evaluate import report
 
-        rep = report(self)
-        if path is not None:
-            rep.write(path)
-        return rep
-
-    def _repr_html_(self) -> str:
-        return self.report()._repr_html_()
+        return report(self)
 
 
 # -- sizes -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LmscopeError
+from ..views.html import Reportable
 from .attribution.base import Attribution, get_method, method_names
 from .faithfulness import (
     faithfulness,
@@ -64,7 +65,7 @@ class Explanation:
 
 
 @dataclass
-class ExplainResult:
+class ExplainResult(Reportable):
     """``steps[0]`` explains the next token after the text; with ``generate`` each later step explains
     the next generated token given the text plus the tokens generated before it."""
 
@@ -96,16 +97,6 @@ class ExplainResult:
         from ..views.explain import explain_report
 
         return explain_report(self)
-
-    def report(self, path=None) -> str:
-        """The self-contained HTML report (written to ``path`` when given)."""
-        rep = self.build_report()
-        if path is not None:
-            rep.write(path)
-        return rep.render()
-
-    def _repr_html_(self) -> str:
-        return self.build_report().render(embedded=True)
 
 
 def _finite(x):

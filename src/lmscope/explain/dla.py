@@ -30,6 +30,7 @@ from torch import nn
 
 from ..capture.session import hooks
 from ..errors import LmscopeError
+from ..views.html import Reportable
 from .targets import encode_prompt, make_target
 
 
@@ -45,7 +46,7 @@ class DLAPart:
 
 
 @dataclass
-class DLAResult:
+class DLAResult(Reportable):
     """Direct logit attribution of one target at the last position (see the module docstring)."""
 
     model: str
@@ -92,15 +93,6 @@ class DLAResult:
         from ..views.dla import dla_report
 
         return dla_report(self)
-
-    def report(self, path=None) -> str:
-        rep = self.build_report()
-        if path is not None:
-            rep.write(path)
-        return rep.render()
-
-    def _repr_html_(self) -> str:
-        return self.build_report().render(embedded=True)
 
 
 # -- the frozen final norm ----------------------------------------------------------------------

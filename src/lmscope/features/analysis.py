@@ -24,6 +24,7 @@ import torch
 
 from ..capture.session import hooks
 from ..errors import LmscopeError
+from ..views.html import Reportable
 
 #: a feature's correlation (original vs compressed) below this marks it distorted in ``compare_features``
 DISTORTED = 0.8
@@ -217,7 +218,7 @@ def active_features(
 
 # -- explain --sae -----------------------------------------------------------------------------------
 @dataclass
-class FeatureAttribution:
+class FeatureAttribution(Reportable):
     """A target attributed to dictionary features (activation × gradient), the dictionary's error term, its
     decoder bias and the unencoded first position; the rows sum to ``total`` = Σ_p site[p] · ∂target/∂site[p]
     (the first-order, input-×-gradient attribution of the whole site)."""
@@ -259,13 +260,10 @@ class FeatureAttribution:
             "(not encoded); features_sum + error + bias + sink = total = Σ_p site[p] · ∂target/∂site[p]",
         }
 
-    def report(self, path=None):
+    def build_report(self):
         from ..views.feature_views import attribution_report
 
-        rep = attribution_report(self)
-        if path is not None:
-            rep.write(path)
-        return rep
+        return attribution_report(self)
 
 
 def attribute_features(

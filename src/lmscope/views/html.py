@@ -212,3 +212,21 @@ class Report:
 
     def _repr_html_(self) -> str:
         return self.render(embedded=True)
+
+
+class Reportable:
+    """A result with a self-contained HTML report. Subclasses define ``build_report()`` (a ``Report``);
+    ``report(path)`` writes it when given a path and returns the HTML, and notebooks show it inline."""
+
+    def build_report(self) -> Report:
+        raise NotImplementedError
+
+    def report(self, path=None) -> str:
+        """The self-contained HTML report (written to ``path`` when given)."""
+        rep = self.build_report()
+        if path is not None:
+            rep.write(path)
+        return rep.render()
+
+    def _repr_html_(self) -> str:
+        return self.build_report().render(embedded=True)

@@ -185,7 +185,7 @@ def compare(ctx: JobContext, original, compressed, text: str) -> Result:
     ctx.progress(0.05, f"comparing {original.name} with {compressed.name}")
     result = run_compare(original, compressed, text)
     ctx.progress(0.8, "building the views")
-    report = result.report()
+    report = result.build_report()
     if not any(sec.title.startswith("Structure") for sec in report.sections):
         from ..compress.structure import structure_diff
 
