@@ -223,10 +223,11 @@ class Reportable:
 
     def report(self, path=None) -> str:
         """The self-contained HTML report (written to ``path`` when given)."""
-        rep = self.build_report()
+        text = self.build_report().render()
         if path is not None:
-            rep.write(path)
-        return rep.render()
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
 
     def _repr_html_(self) -> str:
         return self.build_report().render(embedded=True)
