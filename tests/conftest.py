@@ -108,6 +108,24 @@ def make_tiny(causal_tokenizer, encoder_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, build_tiny, causal_tokenizer):
+    """A tiny random Llama saved as a model directory (for CLI subprocesses, Ray workers, ``local:`` explainers);
+    session-scoped: do not write into it. Modules that need another family define their own ``tiny_dir``."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny("llama").save_pretrained(path)
+    causal_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dir):
+    """The tiny Llama opened from its directory, as users open models (session-scoped: do not mutate)."""
+    import lmscope
+
+    return lmscope.load(str(tiny_dir), progress=False)
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """The real smollm2 (session-scoped: do not mutate it)."""
     import lmscope

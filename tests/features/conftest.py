@@ -1,23 +1,8 @@
-"""Features fixtures: a tiny random Llama saved as a model directory, and a small text corpus."""
+"""Features fixtures: a small text corpus (the tiny Llama and its directory come from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, build_tiny, causal_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama-features")
-    build_tiny("llama").save_pretrained(path)
-    causal_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_dir):
-    import lmscope
-
-    return lmscope.load(str(tiny_dir), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,8 @@
-"""Scan fixtures: a tiny random Llama saved as a model directory (so CLI subprocesses and Ray workers open it)."""
+"""Scan fixtures: a small corpus (the tiny Llama directory, for CLI subprocesses and Ray workers, is tests/conftest.py's)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, build_tiny, causal_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny("llama").save_pretrained(path)
-    causal_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_dir):
-    """The tiny Llama opened from its directory, as users open models (session-scoped: do not mutate)."""
-    import lmscope
-
-    return lmscope.load(str(tiny_dir), progress=False)
 
 
 @pytest.fixture(scope="session")
