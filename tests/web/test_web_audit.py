@@ -214,6 +214,7 @@ def test_bad_input_is_one_line_naming_the_uploaded_file(app_client, uploads_dir,
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert "\n" not in error and "Traceback" not in error and str(uploads_dir) not in error
+    assert "--" not in error, error  # the tab's own words, not the CLI's flags
     assert re.search(message, error), error
     assert list(uploads_dir.iterdir()) == []  # a refused request removes its uploads at once
 

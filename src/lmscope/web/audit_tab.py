@@ -27,7 +27,7 @@ def audit_job(app, data: dict):
         try:
             options = audit_options(app, entry, data, owned[0], owned[1] if len(owned) > 1 else None)
         except LmscopeError as e:  # the audit's own message, naming the uploaded file (not its folder)
-            message = str(e)
+            message = tab_words(str(e))
             for upload in owned:
                 message = upload.local(message)
             raise BadRequest(message) from None
@@ -47,6 +47,39 @@ def audit_job(app, data: dict):
         lambda ctx: features.audit(ctx, lm, upload.path, upload.name, upload.folder, options),
         cleanup=cleanup,
     )
+
+
+# the audit's checks speak the CLI's language (flags); the tab's user sees boxes and menus
+_TAB_WORDS = [
+    (r"pass --(text|label|group|id)-field with the right name", r"put the right name in the \1 field box"),
+    (r"pass --(text|label|group|id)-field (NAME|naming)[^—]*", r"put the field's name in the \1 field box"),
+    (r"drop --(text|label|group|id)-field", r"clear the \1 field box"),
+    (r"drop --prompt/--choices", "clear the prompt and choices"),
+    (r"--prompt/--choices need", "a prompt and choices need"),
+    (
+        r'use a causal LM with --prompt "[^"]*" --choices( "[^"]*")+',
+        "pick a causal LM and fill in its prompt and choices",
+    ),
+    (r"\(e\.g\. --model (\S+)\)", r"(e.g. \1 in the model menu)"),
+    (r'--choices " approve" " deny"', 'choices " approve| deny"'),
+    (r"--prompt (must|needs)", r"the prompt \1"),
+    (r"--choices needs", "the choices need"),
+    (r"--prompt", "the prompt"),
+    (r"--choices", "choices"),
+    (r"--max-cases", "max cases"),
+    (r"--positive", "positive class"),
+    (r",? or pass --truncate", ""),
+    (r"--([a-z][a-z-]*)", lambda m: "'" + m.group(1).replace("-", " ") + "'"),
+]
+
+
+def tab_words(message: str) -> str:
+    """An audit error in the Audit tab's words: its boxes and menus instead of the CLI's flags."""
+    import re
+
+    for pattern, replacement in _TAB_WORDS:
+        message = re.sub(pattern, replacement, message)
+    return message
 
 
 def _bool(data: dict, key: str, default: bool) -> bool:
