@@ -217,6 +217,10 @@ def baseline_id(lm, baseline: str) -> int | None:
     return int(tid)
 
 
+#: rows per batch of ``Objective.f_many`` with shared prefixes: up to this many tokens
+SHARED_BATCH_TOKENS = 4096
+
+
 @dataclass
 class Objective:
     """One input + one target: the scalar ``f`` every attribution method explains.
@@ -313,9 +317,25 @@ class Objective:
 
     @torch.no_grad()
     def f_many(self, embeds: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Forward-only ``f`` for many sequences, in batches."""
-        bs = batch_size or self.batch_size
-        return torch.cat([self.f_embeds(embeds[i : i + bs]) for i in range(0, len(embeds), bs)])
+        """Forward-only ``f`` for many sequences, in batches.
+
+        With ``cache`` and causal attention, each batch computes every distinct prefix once
+        (``prefix.shared_prefixes``), in batches of up to ``SHARED_BATCH_TOKENS`` tokens so that rows
+        sharing prefixes meet in one batch."""
+        if not (self.cache and self.lm.causal_attention and batch_size is None):
+            bs = batch_size or self.batch_size
+            return torch.cat([self.f_embeds(embeds[i : i + bs]) for i in range(0, len(embeds), bs)])
+        from .prefix import shared_prefixes
+
+        bs = max(self.batch_size, SHARED_BATCH_TOKENS // max(1, self.n))
+        family = self.lm.family
+        blocks = self.lm.module(family.blocks)
+        mlp = None if family.moe else family.mlp
+        out = []
+        for i in range(0, len(embeds), bs):
+            with shared_prefixes(blocks, embeds[i : i + bs], mlp):
+                out.append(self.f_embeds(embeds[i : i + bs]))
+        return torch.cat(out)
 
     def masked(self, masks: torch.Tensor) -> torch.Tensor:
         """Embeddings where tokens with mask 0 are replaced by the baseline: masks [B, n] -> [B, n, d]."""

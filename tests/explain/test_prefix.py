@@ -1,0 +1,101 @@
+"""Shared prefixes (``explain.prefix``): a batch of perturbed inputs run with each distinct prefix computed
+once gives every row the value it gets in the plain batch (within 1e-6), and the index is the brute-force
+set of distinct prefixes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lmscope.explain.faithfulness import _curve_masks, _random_orders, ranking
+from lmscope.explain.prefix import prefix_index, shared_prefixes
+from lmscope.explain.targets import Objective, encode_prompt, make_target
+
+TEXT = "When Mary and John went to the store, John gave a drink to"
+
+
+def _curve_rows(obj: Objective, n_orders: int = 4) -> torch.Tensor:
+    """Deletion/insertion masks of a few orders and every occlusion: the rows the default explain runs."""
+    orders = _random_orders(obj, n_orders, seed=1) + [ranking(torch.randn(obj.n).tolist(), obj.free)]
+    masks = [_curve_masks(obj.n, o, 33)[1] for o in orders]
+    return torch.cat([*masks, ~torch.eye(obj.n, dtype=torch.bool)])
+
+
+def test_prefix_index_is_the_set_of_distinct_prefixes():
+    g = torch.Generator().manual_seed(0)
+    vocab = torch.randn(3, 5, generator=g)
+    rows = torch.randint(0, 3, (40, 6), generator=g)
+    rows[::3, :3] = 0  # many shared prefixes
+    index, inverse = prefix_index(vocab[rows])
+    b, n = rows.shape
+    brute = {}
+    for r in range(b):
+        for p in range(n):
+            brute.setdefault((p, tuple(rows[r, : p + 1].tolist())), []).append(r * n + p)
+    assert len(index) == len(brute)
+    for flats in brute.values():
+        ids = {int(inverse[f]) for f in flats}
+        assert len(ids) == 1  # one id per prefix ...
+        assert int(index[ids.pop()]) == min(flats)  # ... whose representative is its first occurrence
+    # different prefixes never share an id
+    assert len({int(inverse[flats[0]]) for flats in brute.values()}) == len(brute)
+
+
+@pytest.mark.parametrize("whole_mlp", [False, True])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_prefixes_change_no_value(make_tiny, family, whole_mlp):
+    lm = make_tiny(family)
+    obj = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, " Mary"), cache=False)
+    masks = _curve_rows(obj)
+    embeds = obj.masked(masks)
+    plain = obj.f_many(embeds)
+    blocks = lm.module(lm.family.blocks)
+    index, _ = prefix_index(embeds)
+    assert len(index) < 0.7 * embeds.shape[0] * embeds.shape[1]  # the batch does share prefixes
+    calls = []
+    hook = blocks[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.no_grad(), shared_prefixes(blocks, embeds, lm.family.mlp if whole_mlp else None):
+        shared = obj.f_embeds(embeds)
+    hook.remove()
+    assert calls  # the blocks ran (the values are not a copy of ``plain``)
+    assert torch.allclose(shared, plain, rtol=0, atol=1e-6), (shared - plain).abs().max()
+    # restored: no linear keeps the wrapper
+    assert not any("forward" in m.__dict__ for m in blocks.modules())
+    # the cached objective uses shared prefixes and gets the plain values
+    fast = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, " Mary"))
+    assert torch.allclose(fast.f_masks(masks).float(), plain, rtol=0, atol=1e-6)
+
+
+def test_shared_prefixes_really_skip_rows(make_tiny):
+    """The linears see one row per distinct prefix, not the whole batch."""
+    lm = make_tiny("llama")
+    obj = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, " Mary"))
+    embeds = obj.masked(_curve_rows(obj))
+    index, _ = prefix_index(embeds)
+    blocks = lm.module(lm.family.blocks)
+    weight, rows = blocks[0].mlp.down_proj.weight, []
+
+    class Record(TorchFunctionMode):  # the matmul's own operand, below any module hook
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear and args[1] is weight:
+                rows.append(args[0].shape[:-1].numel())
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        obj.f_embeds(embeds)
+        with shared_prefixes(blocks, embeds):
+            obj.f_embeds(embeds)
+        with shared_prefixes(blocks, embeds, lm.family.mlp):
+            obj.f_embeds(embeds)
+    assert rows == [embeds.shape[0] * embeds.shape[1], len(index), len(index)]
+
+
+def test_encoders_and_gradients_do_not_share(make_tiny):
+    """Bidirectional attention: every position sees the whole row, so nothing is shared there."""
+    lm = make_tiny("bert")
+    obj = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, None, pair="a drink"))
+    masks = _curve_rows(obj, 1)
+    ref = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, None, pair="a drink"), cache=False)
+    assert np.allclose(obj.f_masks(masks).numpy(), ref.f_masks(masks).numpy(), rtol=0, atol=1e-6)
