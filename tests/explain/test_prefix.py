@@ -99,3 +99,32 @@ def test_encoders_and_gradients_do_not_share(make_tiny):
     masks = _curve_rows(obj, 1)
     ref = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, None, pair="a drink"), cache=False)
     assert np.allclose(obj.f_masks(masks).numpy(), ref.f_masks(masks).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.real
+def test_default_explain_on_smollm2_matches_the_plain_path(smollm2):
+    """The default explain (shared prefixes, one faithfulness batch) reports the numbers of the
+    per-method path with plain batches, on the real model and the IOI prompt."""
+    from lmscope.explain.api import explain
+
+    def _numbers(x, path=""):  # every number in the JSON, keyed by its path (timings left out)
+        if isinstance(x, dict):
+            return {
+                k2: v2
+                for k, v in x.items()
+                if k not in ("seconds", "timings")
+                for k2, v2 in _numbers(v, f"{path}.{k}").items()
+            }
+        if isinstance(x, list):
+            return {k2: v2 for i, v in enumerate(x) for k2, v2 in _numbers(v, f"{path}[{i}]").items()}
+        return {path: x}
+
+    fast = _numbers(explain(smollm2, TEXT, target=" Mary", share=True).to_json())
+    slow = _numbers(explain(smollm2, TEXT, target=" Mary", share=False).to_json())
+    assert fast.keys() == slow.keys()
+    for key, a in fast.items():
+        b = slow[key]
+        if isinstance(a, float) and isinstance(b, float):
+            assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (key, a, b)
+        else:
+            assert a == b, key
