@@ -43,6 +43,8 @@ def mark(name):
 import torch
 torch.set_num_threads(torch_threads)
 mark("import torch")
+from lmscope.models.lean import lean_transformers
+lean_transformers()  # as the CLI does, before transformers' modeling code is imported
 import lmscope, lmscope.lm
 from lmscope.explain.api import explain
 mark("import transformers + lmscope")

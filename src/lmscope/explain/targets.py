@@ -281,7 +281,16 @@ class Objective:
             self.target = Target(kind="label", token_id=top, token=lm.labels[top])
         with torch.no_grad():
             self.f_x = float(self.f_embeds(self.x[None])[0])
-            self.f_baseline = float(self.f_embeds(self.b[None])[0])
+        self._f_baseline = None
+
+    @property
+    def f_baseline(self) -> float:
+        """``f`` at the baseline (every perturbable token absent); computed when first asked for (the
+        randomization check's objective never needs it)."""
+        if self._f_baseline is None:
+            with torch.no_grad():
+                self._f_baseline = float(self.f_embeds(self.b[None])[0])
+        return self._f_baseline
 
     # -- the model as a function of embeddings --------------------------------------------------
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
