@@ -4,6 +4,8 @@ set of distinct prefixes."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,19 @@ def test_shared_prefixes_really_skip_rows(make_tiny):
         with shared_prefixes(blocks, embeds, lm.family.mlp):
             obj.f_embeds(embeds)
     assert rows == [embeds.shape[0] * embeds.shape[1], len(index), len(index)]
+
+    # another thread's forward on the same model meanwhile (serve runs jobs in threads) runs plainly
+    other = []
+
+    def forward_elsewhere():
+        with torch.no_grad(), Record():
+            other.append(obj.f_embeds(embeds))
+
+    with torch.no_grad(), shared_prefixes(blocks, embeds, lm.family.mlp):
+        thread = threading.Thread(target=forward_elsewhere)
+        thread.start()
+        thread.join()
+    assert rows[-1] == embeds.shape[0] * embeds.shape[1] and len(other) == 1
 
 
 def test_encoders_and_gradients_do_not_share(make_tiny):
