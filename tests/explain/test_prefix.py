@@ -134,7 +134,12 @@ def test_default_explain_on_smollm2_matches_the_plain_path(smollm2):
             return {k2: v2 for i, v in enumerate(x) for k2, v2 in _numbers(v, f"{path}[{i}]").items()}
         return {path: x}
 
-    fast = _numbers(explain(smollm2, TEXT, target=" Mary", share=True).to_json())
+    res = explain(smollm2, TEXT, target=" Mary", share=True)
+    # f(x), taken from the gradient pass, is the plain forward's value exactly
+    obj = Objective(smollm2, encode_prompt(smollm2, TEXT), make_target(smollm2, " Mary"))
+    with torch.no_grad():
+        assert res.first.target["value"] == float(obj.f_embeds(obj.x[None])[0])
+    fast = _numbers(res.to_json())
     slow = _numbers(explain(smollm2, TEXT, target=" Mary", share=False).to_json())
     assert fast.keys() == slow.keys()
     for key, a in fast.items():
@@ -143,3 +148,30 @@ def test_default_explain_on_smollm2_matches_the_plain_path(smollm2):
             assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (key, a, b)
         else:
             assert a == b, key
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_f_x_from_the_gradient_pass_is_the_forward_value(make_tiny, family):
+    """A gradient at the input also gives f(x): one forward fewer per objective, the same value."""
+    lm = make_tiny(family)
+    target = make_target(lm, None, pair="a drink") if family == "bert" else make_target(lm, " Mary")
+    obj = Objective(lm, encode_prompt(lm, TEXT), target)
+    before = obj.n_forwards
+    obj.grad_at_input()
+    fx = obj.f_x
+    assert obj.n_forwards == before + 1  # the gradient's forward only
+    with torch.no_grad():
+        ref = float(obj.f_embeds(obj.x[None])[0])
+    assert fx == pytest.approx(ref, rel=1e-6, abs=1e-6)
+    plain = Objective(lm, encode_prompt(lm, TEXT), target)
+    assert plain.f_x == ref  # asked for first: a forward of its own
+
+
+def test_f_x_of_the_top_prediction_comes_from_the_forward_that_found_it(make_tiny):
+    lm = make_tiny("llama")
+    obj = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, None))
+    assert obj.n_forwards == 1 and obj.target.token_id is not None
+    with torch.no_grad():
+        logits = obj._forward(obj.x[None])
+    assert obj.f_x == float(logits[0, obj.target.token_id]) == float(logits[0].max())
+    assert obj.n_forwards == 2  # only the check above ran another forward

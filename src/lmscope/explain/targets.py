@@ -264,24 +264,31 @@ class Objective:
         self._pair = None
         self._f_cache: dict[bytes, float] = {}
         self._grad_x = None
+        self._f_x = self._f_baseline = None
         if self.target.kind == "cosine":
             pair_ids = self.lm.encode(self.target.pair)
             with torch.no_grad():
                 h = lm.output_of(lm.forward(pair_ids))
             m = pair_ids["attention_mask"][..., None].to(h.dtype)
             self._pair = ((h * m).sum(1) / m.sum(1))[0]
-        if self.target.kind == "token" and self.target.token_id is None:
+        if self.target.kind in ("token", "label") and self.target.token_id is None:
             with torch.no_grad():
                 logits = self._forward(self.x[None])
             top = int(logits[0].argmax())
-            self.target = Target(kind="token", token_id=top, token=lm.tokenizer.decode([top]))
-        if self.target.kind == "label" and self.target.token_id is None:  # the predicted class
+            if self.target.kind == "token":  # the model's top prediction
+                self.target = Target(kind="token", token_id=top, token=lm.tokenizer.decode([top]))
+            else:  # the predicted class
+                self.target = Target(kind="label", token_id=top, token=lm.labels[top])
+            self._f_x = float(self.metric(logits)[0])  # that forward's f(x)
+
+    @property
+    def f_x(self) -> float:
+        """``f`` at the input; computed when first asked for, or taken from the first gradient at the input
+        (the same forward, bit-equal), so a gradient method costs no extra forward for it."""
+        if self._f_x is None:
             with torch.no_grad():
-                top = int(self._forward(self.x[None])[0].argmax())
-            self.target = Target(kind="label", token_id=top, token=lm.labels[top])
-        with torch.no_grad():
-            self.f_x = float(self.f_embeds(self.x[None])[0])
-        self._f_baseline = None
+                self._f_x = float(self.f_embeds(self.x[None])[0])
+        return self._f_x
 
     @property
     def f_baseline(self) -> float:
@@ -354,8 +361,10 @@ class Objective:
     def grad_at_input(self) -> torch.Tensor:
         """∂f/∂embeddings at the input [n, d] (computed once per objective when ``cache``)."""
         if self._grad_x is None or not self.cache:
-            _, g = self.grad(self.x[None])
+            f, g = self.grad(self.x[None])
             self._grad_x = g[0]
+            if self._f_x is None:
+                self._f_x = float(f[0])
         return self._grad_x
 
     def f_masks(self, masks: torch.Tensor) -> torch.Tensor:
