@@ -175,3 +175,19 @@ def test_f_x_of_the_top_prediction_comes_from_the_forward_that_found_it(make_tin
         logits = obj._forward(obj.x[None])
     assert obj.f_x == float(logits[0, obj.target.token_id]) == float(logits[0].max())
     assert obj.n_forwards == 2  # only the check above ran another forward
+
+
+def test_rows_without_shared_prefixes_keep_the_plain_batches(make_tiny):
+    """IG's path points share no prefix: they run in the plain batches of ``batch_size`` rows, as before."""
+    lm = make_tiny("llama")
+    obj = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, " Mary"))
+    alphas = torch.linspace(0, 1, 70)[:, None, None]
+    path = obj.b[None] + alphas * (obj.x - obj.b)[None]
+    sizes = []
+    forward = obj._forward
+    obj._forward = lambda e: (sizes.append(e.shape[0]), forward(e))[1]
+    obj.f_many(path)
+    assert sizes == [32, 32, 6]
+    sizes.clear()
+    obj.f_many(obj.masked(_curve_rows(obj)))  # these share prefixes: one large batch
+    assert len(sizes) == 1

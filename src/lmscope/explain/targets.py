@@ -338,10 +338,13 @@ class Objective:
         With ``cache`` and causal attention, each batch computes every distinct prefix once
         (``prefix.shared_prefixes``), in batches of up to ``SHARED_BATCH_TOKENS`` tokens so that rows
         sharing prefixes meet in one batch."""
-        if not (self.cache and self.lm.causal_attention and batch_size is None):
+        from .prefix import prefix_index, shared_prefixes
+
+        plain = not (self.cache and self.lm.causal_attention and batch_size is None)
+        # rows that share no prefix (IG's path points) keep the plain batches, so their values stay the same
+        if plain or len(prefix_index(embeds)[0]) == embeds.shape[0] * embeds.shape[1]:
             bs = batch_size or self.batch_size
             return torch.cat([self.f_embeds(embeds[i : i + bs]) for i in range(0, len(embeds), bs)])
-        from .prefix import shared_prefixes
 
         bs = max(self.batch_size, SHARED_BATCH_TOKENS // max(1, self.n))
         family = self.lm.family
