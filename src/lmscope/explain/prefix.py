@@ -29,7 +29,7 @@ def prefix_index(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, d = embeds.shape
     # which distinct embedding vector sits at each (row, position)
     _, token = torch.unique(embeds.reshape(b * n, d), dim=0, return_inverse=True)
-    token = token.view(b, n)
+    token = token.view(b, n).cpu()  # the bookkeeping runs on the CPU, whatever the model's device
     n_tokens = int(token.max()) + 1
     node = torch.zeros(b, n, dtype=torch.long)  # distinct prefix id at each position
     width = torch.zeros(n, dtype=torch.long)  # distinct prefixes per position
@@ -44,7 +44,7 @@ def prefix_index(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = torch.arange(b * n)
     # the first flat position holding each id is its representative
     first = torch.full((n_ids,), b * n, dtype=torch.long).scatter_reduce(0, ids, flat, reduce="amin")
-    return first, ids
+    return first.to(embeds.device), ids.to(embeds.device)
 
 
 def _token_wise() -> tuple[type, ...]:
