@@ -75,18 +75,22 @@ def shared_prefixes(blocks: nn.Module, embeds: torch.Tensor, mlp: str | None = N
     owner = threading.get_ident()  # another thread's forward on this model (serve) runs plainly
 
     def shared(forward):
-        def run(x):
+        def run(x, *args, **kwargs):
             if (
-                threading.get_ident() != owner
+                args
+                or kwargs
+                or threading.get_ident() != owner
                 or not isinstance(x, torch.Tensor)
                 or x.dim() != 3
                 or x.shape[0] != b
                 or x.shape[1] != n
             ):
-                return forward(x)
+                return forward(x, *args, **kwargs)
             if last[0] is not x:
                 last[:] = x, x.reshape(b * n, -1).index_select(0, index)[None]  # [1, U, d]
             out = forward(last[1])  # [1, U, out]: one row per distinct prefix
+            if not isinstance(out, torch.Tensor):  # a module that returns more than a tensor: run it plainly
+                return forward(x)
             return out.reshape(len(index), -1).index_select(0, inverse).view(b, n, -1)
 
         return run
