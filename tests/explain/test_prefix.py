@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 from lmscope.explain.faithfulness import _curve_masks, _random_orders, ranking
 from lmscope.explain.prefix import prefix_index, shared_prefixes
 from lmscope.explain.targets import Objective, encode_prompt, make_target
+from lmscope.testing import DECODERS, tiny_model
 
 TEXT = "When Mary and John went to the store, John gave a drink to"
 
@@ -191,3 +192,18 @@ def test_rows_without_shared_prefixes_keep_the_plain_batches(make_tiny):
     sizes.clear()
     obj.f_many(obj.masked(_curve_rows(obj)))  # these share prefixes: one large batch
     assert len(sizes) == 1
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_every_decoder_family_gets_the_plain_values(model_type, causal_tokenizer):
+    """The wrappers are generic (every linear, each dense MLP whole): on every decoder family (MoE, ALiBi,
+    sliding windows, parallel attention, fused qkv, Conv1D) shared prefixes give the plain batch's values."""
+    from lmscope import LM
+
+    lm = LM(tiny_model(model_type), causal_tokenizer, name=f"tiny-{model_type}")
+    obj = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, " Mary"))
+    ref = Objective(lm, encode_prompt(lm, TEXT), make_target(lm, " Mary"), cache=False)
+    masks = _curve_rows(obj, 2)
+    fast, plain = obj.f_masks(masks), ref.f_masks(masks)
+    assert torch.allclose(fast, plain, rtol=1e-6, atol=1e-5), (fast - plain).abs().max()
+    assert not any("forward" in m.__dict__ for m in lm.model.modules())
