@@ -2,12 +2,17 @@
 
     .venv/bin/python benchmarks/attribution.py [--threads 1] [--skip-explain]
     .venv/bin/python benchmarks/attribution.py --parts 2 [--before-src OTHER_CHECKOUT/src]
+    .venv/bin/python benchmarks/attribution.py --cli 3 [--before-src OTHER_CHECKOUT/src]
 
 ``--parts N``: only the default explain's parts, each in a fresh process, N times (alternating with
 ``--before-src``'s code when given, so both see the same machine load): wall and CPU seconds of
 importing torch + transformers (through lmscope), loading smollm2 from the conversion cache, each part
 of explain (methods, faithfulness curves, randomization check) and writing the report, with the load
 average. CPU seconds are the comparison that survives a shared machine (1 thread).
+
+``--cli N``: the issue's measurement itself — ``lmscope explain`` with its default methods and thread
+choice, N fresh processes (alternating with ``--before-src``), wall and CPU seconds, the load at each
+start, and the largest difference between the two codes' reported numbers.
 
 Prints (and saves to benchmarks/results/attribution.txt) time and completeness error at 32 and 200
 uniform Gauss–Legendre steps for both (same baseline: the pad token embedding at every position, same
@@ -43,6 +48,8 @@ def mark(name):
 import torch
 torch.set_num_threads(torch_threads)
 mark("import torch")
+from lmscope.models.lean import lean_transformers
+lean_transformers()  # as the CLI does, before transformers' modeling code is imported
 import lmscope, lmscope.lm
 from lmscope.explain.api import explain
 mark("import transformers + lmscope")
@@ -61,6 +68,18 @@ def timed_part(fn):
 import lmscope.explain.api as api
 api.faithfulness_many = timed_part(api.faithfulness_many)
 api.randomized_copy = timed_part(api.randomized_copy)
+shared = [0, 0]  # tokens in the perturbed batches, distinct prefixes computed
+try:
+    import lmscope.explain.prefix as prefix
+    plain_index = prefix.prefix_index
+    def counted_index(embeds):
+        index, inverse = plain_index(embeds)
+        shared[0] += embeds.shape[0] * embeds.shape[1]
+        shared[1] += len(index)
+        return index, inverse
+    prefix.prefix_index = counted_index
+except ImportError:  # a checkout without shared prefixes
+    pass
 res = explain(lm, sys.argv[2], target=sys.argv[3])
 mark("explain")
 res.write_json(os.devnull) if hasattr(res, "write_json") else None
@@ -69,6 +88,7 @@ mark("report")
 out = {name: (t - t0, c - c0) for (name, t, c), (_, t0, c0) in zip(marks[1:], marks[:-1])}
 out["explain: " + "+".join(res.first.timings)] = tuple(res.first.timings.values())
 out["parts"] = parts
+out["shared"] = shared
 out["total"] = (marks[-1][1] - marks[0][1], marks[-1][2] - marks[0][2])
 out["load_avg"] = os.getloadavg()[0]
 print(json.dumps(out))
@@ -112,8 +132,70 @@ def explain_parts(runs: int, before_src: str | None, threads: int, say) -> None:
                 say(f"    {n.removeprefix('method:'):38s} {v:7.2f}")
             for n, (w, c) in r["parts"].items():
                 say(f"    of which {n:29s} {w:7.2f} / {c:6.2f}")
+            tokens, computed = r.get("shared", (0, 0))
+            if tokens:
+                say(f"    perturbed batches: {tokens} tokens, {computed} distinct prefixes computed")
             say(f"  {'report':40s} {r['report'][0]:7.2f} / {r['report'][1]:6.2f}")
             say(f"  {'total (fresh process)':40s} {r['total'][0]:7.2f} / {r['total'][1]:6.2f}")
+
+
+def explain_cli(runs: int, before_src: str | None, say) -> None:
+    """``lmscope explain`` with the default methods and threads, each run a fresh process (``--cli``),
+    alternating with ``--before-src``'s code: wall and CPU seconds (user + system, from the child's
+    rusage), the processes running at its start and the load average; and the largest difference
+    between the two codes' attributions.json numbers."""
+    import json
+    import subprocess
+    import tempfile
+
+    from lmscope.cli.speed import others_running
+
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    codes = [("after (this checkout)", here)] + ([("before", before_src)] if before_src else [])
+    numbers: dict[str, dict] = {}
+
+    def flat(x, path=""):
+        if isinstance(x, dict):
+            return {
+                k2: v2
+                for k, v in x.items()
+                if k not in ("seconds", "timings")
+                for k2, v2 in flat(v, f"{path}.{k}").items()
+            }
+        if isinstance(x, list):
+            return {k2: v2 for i, v in enumerate(x) for k2, v2 in flat(v, f"{path}[{i}]").items()}
+        return {path: x} if isinstance(x, float) else {}
+
+    for i in range(runs):
+        for label, src in codes:
+            env = {**os.environ, "PYTHONPATH": src, "TOKENIZERS_PARALLELISM": "false"}
+            env.pop("OMP_NUM_THREADS", None)  # lmscope's own thread choice
+            running, load0 = others_running(), os.getloadavg()[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, "-m", "lmscope.cli.main", "explain", "--model", "smollm2"]
+                cmd += ["--text", PROMPT, "--target", TARGET, "--out", f"{tmp}/out", "--quiet"]
+                t0 = time.perf_counter()
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                _, status, usage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - t0
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                err = proc.stderr.read().decode()
+                proc.stderr.close()
+                if proc.returncode:
+                    say(f"{label}: failed: {err.strip().splitlines()[-1]}")
+                    continue
+                numbers[label] = flat(json.loads(Path(f"{tmp}/out/attributions.json").read_text()))
+            say(
+                f"  {label:22s} run {i + 1}: {wall:6.2f} s wall, {usage.ru_utime + usage.ru_stime:6.2f} s CPU   "
+                f"(other processes running at its start {running:.0f}, load avg {load0:.1f} → {os.getloadavg()[0]:.1f})"
+            )
+    if len(numbers) == 2:
+        a, b = numbers.values()
+        diff = max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for k in a.keys() & b.keys())
+        say(
+            f"  attributions.json, after vs before: {len(a.keys() & b.keys())} numbers in both (of {len(a)} / {len(b)}), "
+            f"largest difference {diff:.1e} (relative where |value| > 1)"
+        )
 
 
 def main() -> None:
@@ -121,7 +203,15 @@ def main() -> None:
     ap.add_argument(
         "--parts", type=int, default=0, help="only the default explain, part by part, N fresh runs"
     )
-    ap.add_argument("--before-src", default=None, help="with --parts: another checkout's src/ to compare")
+    ap.add_argument(
+        "--cli",
+        type=int,
+        default=0,
+        help="only `lmscope explain` (default methods and threads), N fresh runs",
+    )
+    ap.add_argument(
+        "--before-src", default=None, help="with --parts/--cli: another checkout's src/ to compare"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: lmscope's choice)")
     ap.add_argument("--batch", type=int, default=32, help="internal_batch_size for both libraries")
     ap.add_argument("--skip-explain", action="store_true")
@@ -132,6 +222,23 @@ def main() -> None:
     args.threads = choose_threads(args.threads)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.cli:
+        lines = []
+
+        def say_cli(s: str = "") -> None:
+            print(s, flush=True)
+            lines.append(s)
+
+        say_cli(
+            f"`lmscope explain` (default methods, default threads), fresh processes, alternating · "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        )
+        say_cli(f"prompt {PROMPT!r}, target {TARGET!r}; {os.cpu_count()} CPUs")
+        explain_cli(args.cli, args.before_src, say_cli)
+        out = Path(args.out).with_name("attribution-cli.txt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return
     if args.parts:
         lines: list[str] = []
 

@@ -181,7 +181,7 @@ def randomized_copy(lm, n_top: int | None = None, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p, q in zip(renew, fresh):  # the order of a full copy's loop: the same random draws
-            q.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * p.std())
+            torch.randn(p.shape, generator=gen, dtype=p.dtype, out=q.data).mul_(p.std())
     return LM(model, lm.tokenizer, name=f"{lm.name}+random-top-{n_top}"), n_top
 
 

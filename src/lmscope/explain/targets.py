@@ -217,6 +217,10 @@ def baseline_id(lm, baseline: str) -> int | None:
     return int(tid)
 
 
+#: rows per batch of ``Objective.f_many`` with shared prefixes: up to this many tokens
+SHARED_BATCH_TOKENS = 4096
+
+
 @dataclass
 class Objective:
     """One input + one target: the scalar ``f`` every attribution method explains.
@@ -260,24 +264,40 @@ class Objective:
         self._pair = None
         self._f_cache: dict[bytes, float] = {}
         self._grad_x = None
+        self._f_x = self._f_baseline = None
         if self.target.kind == "cosine":
             pair_ids = self.lm.encode(self.target.pair)
             with torch.no_grad():
                 h = lm.output_of(lm.forward(pair_ids))
             m = pair_ids["attention_mask"][..., None].to(h.dtype)
             self._pair = ((h * m).sum(1) / m.sum(1))[0]
-        if self.target.kind == "token" and self.target.token_id is None:
+        if self.target.kind in ("token", "label") and self.target.token_id is None:
             with torch.no_grad():
                 logits = self._forward(self.x[None])
             top = int(logits[0].argmax())
-            self.target = Target(kind="token", token_id=top, token=lm.tokenizer.decode([top]))
-        if self.target.kind == "label" and self.target.token_id is None:  # the predicted class
+            if self.target.kind == "token":  # the model's top prediction
+                self.target = Target(kind="token", token_id=top, token=lm.tokenizer.decode([top]))
+            else:  # the predicted class
+                self.target = Target(kind="label", token_id=top, token=lm.labels[top])
+            self._f_x = float(self.metric(logits)[0])  # that forward's f(x)
+
+    @property
+    def f_x(self) -> float:
+        """``f`` at the input; computed when first asked for, or taken from the first gradient at the input
+        (the same forward, bit-equal), so a gradient method costs no extra forward for it."""
+        if self._f_x is None:
             with torch.no_grad():
-                top = int(self._forward(self.x[None])[0].argmax())
-            self.target = Target(kind="label", token_id=top, token=lm.labels[top])
-        with torch.no_grad():
-            self.f_x = float(self.f_embeds(self.x[None])[0])
-            self.f_baseline = float(self.f_embeds(self.b[None])[0])
+                self._f_x = float(self.f_embeds(self.x[None])[0])
+        return self._f_x
+
+    @property
+    def f_baseline(self) -> float:
+        """``f`` at the baseline (every perturbable token absent); computed when first asked for (the
+        randomization check's objective never needs it)."""
+        if self._f_baseline is None:
+            with torch.no_grad():
+                self._f_baseline = float(self.f_embeds(self.b[None])[0])
+        return self._f_baseline
 
     # -- the model as a function of embeddings --------------------------------------------------
     def _forward(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -313,9 +333,28 @@ class Objective:
 
     @torch.no_grad()
     def f_many(self, embeds: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Forward-only ``f`` for many sequences, in batches."""
-        bs = batch_size or self.batch_size
-        return torch.cat([self.f_embeds(embeds[i : i + bs]) for i in range(0, len(embeds), bs)])
+        """Forward-only ``f`` for many sequences, in batches.
+
+        With ``cache`` and causal attention, each batch computes every distinct prefix once
+        (``prefix.shared_prefixes``), in batches of up to ``SHARED_BATCH_TOKENS`` tokens so that rows
+        sharing prefixes meet in one batch."""
+        from .prefix import prefix_index, shared_prefixes
+
+        plain = not (self.cache and self.lm.causal_attention and batch_size is None)
+        # rows that share no prefix (IG's path points) keep the plain batches, so their values stay the same
+        if plain or len(prefix_index(embeds)[0]) == embeds.shape[0] * embeds.shape[1]:
+            bs = batch_size or self.batch_size
+            return torch.cat([self.f_embeds(embeds[i : i + bs]) for i in range(0, len(embeds), bs)])
+
+        bs = max(self.batch_size, SHARED_BATCH_TOKENS // max(1, self.n))
+        family = self.lm.family
+        blocks = self.lm.module(family.blocks)
+        mlp = None if family.moe else family.mlp
+        out = []
+        for i in range(0, len(embeds), bs):
+            with shared_prefixes(blocks, embeds[i : i + bs], mlp):
+                out.append(self.f_embeds(embeds[i : i + bs]))
+        return torch.cat(out)
 
     def masked(self, masks: torch.Tensor) -> torch.Tensor:
         """Embeddings where tokens with mask 0 are replaced by the baseline: masks [B, n] -> [B, n, d]."""
@@ -325,8 +364,10 @@ class Objective:
     def grad_at_input(self) -> torch.Tensor:
         """∂f/∂embeddings at the input [n, d] (computed once per objective when ``cache``)."""
         if self._grad_x is None or not self.cache:
-            _, g = self.grad(self.x[None])
+            f, g = self.grad(self.x[None])
             self._grad_x = g[0]
+            if self._f_x is None:
+                self._f_x = float(f[0])
         return self._grad_x
 
     def f_masks(self, masks: torch.Tensor) -> torch.Tensor:
