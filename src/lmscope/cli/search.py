@@ -99,12 +99,9 @@ def _baselines(args) -> dict:
 
 def _run_sparsity(args, budget) -> int:
     """``--space sparsity --budget params=F``: per-block Wanda levels keeping F of the block weights non-zero."""
-    import json
-
     from ..compress.search import STORE_FILE
     from ..compress.search.sparsity import DEFAULT_SPARSITY_LEVELS, search_sparsity
     from ..compress.search.store import _optuna
-    from ..fsutil import atomic_directory
 
     if budget.kind != "params" or budget.fraction >= 1:
         raise LmscopeError(
@@ -146,17 +143,16 @@ def _run_sparsity(args, budget) -> int:
             resume=args.resume,
             before_store=lambda: Path(args.out).mkdir(parents=True, exist_ok=True),
         )
-    with atomic_directory(Path(args.out) / "sparsity") as tmp:
-        (tmp / "pareto.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    ref, chosen = result["reference"]["ppl"], result["chosen"]
-    for i, p in enumerate(result["points"]):
-        if p.get("ppl") is not None:
-            tag = "chosen" if i == chosen else (p["label"] or p["origin"])
-            print(
-                f"  {tag:<14} sparsity {p['sparsity']:.4f}  KL {p['kl']:.4f}  ppl {p['ppl']:.3f} "
-                f"({p['ppl'] / ref - 1:+.1%})"
-            )
-    print(f"wrote {show_path(args.out)}/sparsity/pareto.json, {STORE_FILE}")
+    result.write(args.out)
+    print(result.to_text())
+    if result.chosen is None:
+        print("no configuration within the budget was evaluated at the last stage: raise --max-evals")
+        return 0
+    print(
+        f"wrote {show_path(args.out)}/ pareto.json, recipe.json, report.html, {STORE_FILE}; "
+        f"reproduce with: lmscope compress --model {args.model} --recipe {show_path(args.out)}/recipe.json --out DIR"
+        + (" --calibration-file " + args.calibration_file if args.calibration_file else "")
+    )
     return 0
 
 

@@ -72,6 +72,8 @@ def _pareto(
 def search_report(result) -> Report:
     from .plots import plt  # noqa: F401  (Agg backend set up once)
 
+    if result.settings.get("space") == "sparsity":
+        return sparsity_report(result)
     if result.settings.get("space", "quant") != "quant":
         return structure_report(result)
 
@@ -302,6 +304,108 @@ def structure_report(result) -> Report:
             ],
             highlight=list(range(min(5, len(order)))),
         )
+    return rep
+
+
+# -- the sparsity search (per-block Wanda levels under params=F) ---------------------------------------------
+def sparsity_report(result) -> Report:
+    """Pareto plot (non-zero block weights vs KL; uniform Wanda levels and OWL as points), the architecture map
+    (sparsity per block beside OWL's allocation, the block's outlier ratio and sensitivity)."""
+    from .plots import plt  # noqa: F401  (Agg backend set up once)
+
+    c = result.chosen_point
+    rep = Report(
+        f"Search: {result.model} (sparsity)",
+        subtitle=f"{result.sparsity:g} of the block weights zeroed (Wanda per block) — "
+        + (c["describe"] if c else "no configuration within the budget"),
+    )
+    sec = rep.section(
+        "Summary",
+        note="non-zero weights of the block linears kept, as a fraction of all of them; KL on calibration tokens; "
+        "perplexity on held-out text disjoint from calibration. The zeros stay in dense tensors: bytes and "
+        "latency do not change",
+    )
+    _summary(sec, result, "params", "weights kept", "dense", tag=lambda p: p.get("label") or "front")
+    rep.section(
+        "Pareto front",
+        note="every evaluated configuration; squares: uniform Wanda at each level and OWL's allocation "
+        "(outlier-rich blocks pruned less); star: the chosen configuration (lowest KL within the budget)",
+    ).image(
+        _pareto(
+            result,
+            "params",
+            "non-zero block weights / all block weights",
+            probe_note="one block at the sparsest level, rest at the densest",
+            size=(7.5, 4.6),
+            legend={"loc": "upper right"},
+        ),
+        alt="weights kept vs KL",
+    )
+    if c is None:
+        return rep
+    names = [u["name"] for u in result.units]
+    chosen = [float(c["config"][n]) for n in names]
+    owl = [result.owl.get(n) for n in names]
+    ratios = [result.outlier_ratios.get(n) for n in names]
+    sens = [result.sensitivity.get(n) for n in names]
+    cols = ["sparsity (chosen)", "OWL's sparsity", "outlier ratio (scaled)"]
+    hi = max((r for r in ratios if r is not None), default=0) or 1
+    z = [[s, o, None if r is None else r / hi] for s, o, r in zip(chosen, owl, ratios)]
+    text = [
+        [f"{s:.0%}", "" if o is None else f"{o:.1%}", "" if r is None else f"{r:.2%}"]
+        for s, o, r in zip(chosen, owl, ratios)
+    ]
+    if any(v is not None for v in sens):
+        cols.append("sensitivity (scaled)")
+        top = max(v for v in sens if v is not None) or 1
+        for row, trow, v in zip(z, text, sens):
+            row.append(None if v is None else v / top)
+            trow.append("" if v is None else f"{v:.3g}")
+    rep.section(
+        "Architecture map",
+        note="per block: the chosen Wanda sparsity, OWL's allocation, the block's outlier ratio (share of weights "
+        "whose Wanda score passes 5x the layer mean; OWL prunes outlier-rich blocks less) and, with --prior "
+        "sensitivity, the KL with only this block at the sparsest level; ratio columns scaled to their maximum",
+    ).heatmap(
+        z,
+        x_labels=cols,
+        y_labels=names,
+        x_title="per block",
+        y_title="block",
+        cell_text=text,
+        value_range=(0, 1),
+    )
+    order = sorted(range(len(names)), key=lambda i: chosen[i])
+    rep.section(
+        "Where the weights went",
+        note="blocks from least to most pruned; relative Wanda error: the share of the block's squared Wanda "
+        "score the chosen level zeroes",
+    ).table(
+        ["block", "chosen sparsity", "OWL", "outlier ratio", "relative Wanda error", "sensitivity (KL)"],
+        [
+            [
+                names[i],
+                f"{chosen[i]:g}",
+                "" if owl[i] is None else f"{owl[i]:.3f}",
+                "" if ratios[i] is None else f"{ratios[i]:.4f}",
+                f"{result.wanda_error.get(names[i], float('nan')):.4g}",
+                "" if sens[i] is None else f"{sens[i]:.4g}",
+            ]
+            for i in order
+        ],
+    ).lines(
+        [
+            {"name": "chosen sparsity", "x": list(range(len(names))), "y": chosen},
+            {"name": "OWL", "x": list(range(len(names))), "y": owl},
+            {
+                "name": "outlier ratio x 10",
+                "x": list(range(len(names))),
+                "y": [None if r is None else 10 * r for r in ratios],
+            },
+        ],
+        title="per block, in model order",
+        x_title="block",
+    )
     return rep
 
 
