@@ -68,3 +68,37 @@ def test_bytes_and_recipe_equal_what_compress_builds(tiny, tmp_path):
         rtol=0,
         atol=0,
     )
+
+
+def test_search_keeps_the_budget_and_is_deterministic(tiny, tmp_path):
+    import json
+
+    from lmscope.compress.search import search
+
+    space = CombinedSpace(tiny, ("quant", "heads", "neurons"), LEVELS, calib=CALIB)
+    db = CombinedDatabase(tiny, space)
+    full = space.full()[: space.n_struct]
+    int8 = db.total_bytes(full + ("int8",) * (len(space.units) - space.n_struct))
+    from lmscope.compress.search.space import fp32_bytes
+
+    low = db.total_bytes(tuple(lvs[-1] for lvs in space.unit_levels))
+    frac = (low + 0.5 * (int8 - low)) / fp32_bytes(tiny.model)  # below uniform int8: cut, or int4
+    kw = dict(levels=LEVELS, max_evals=24, seed=2, offspring=4, prior="priors", **FAST)
+    res = search(tiny, f"bytes={frac}", "quant,heads,neurons", **kw)
+    assert res.chosen is not None and res.budget_bytes == int(frac * fp32_bytes(tiny.model))
+    searched = [p for p in res.points if p["origin"] in ("search", "seed")]
+    assert searched and all(p["bytes"] <= res.budget_bytes for p in searched)
+    chosen = res.chosen_point
+    # exact: compress's count of the model the chosen recipe builds is the byte table's
+    done = compress(tiny, res.recipe())
+    assert done.bytes_after == chosen["bytes"] <= res.budget_bytes
+    uniform = [p for p in res.points if p.get("label") == "uniform int8"]
+    assert uniform and not uniform[0]["within_budget"] and uniform[0]["ppl"] > 1  # drawn, over the budget
+    # a fixed seed fixes the search
+    again = search(tiny, f"bytes={frac}", "quant,heads,neurons", **kw)
+    assert [(p["config"], p["kl"]) for p in again.points] == [(p["config"], p["kl"]) for p in res.points]
+    res.write(tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert data["budget"]["kind"] == "bytes" and data["chosen"] == res.chosen
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Architecture map" in html and "Pareto front" in html and "bits: self_attn" in html

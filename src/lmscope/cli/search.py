@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         "--space",
         default="quant",
         help="what each layer chooses: quant (precision levels); any of heads,neurons,layers (heads kept, MLP "
-        "neurons kept, block kept or dropped); or sparsity (Wanda level per block, with --budget params=F: F of "
+        "neurons kept, block kept or dropped); quant with any of those (both in one search, --budget bytes=F); or sparsity (Wanda level per block, with --budget params=F: F of "
         "the block weights kept; --levels default 0.5,0.55,...,0.9)",
     )
     p.add_argument(
@@ -178,12 +178,16 @@ def run(args) -> int:
             f"a {budget.kind} budget does not apply to --space {args.space}",
             "use --budget params=FRACTION (of the block parameters kept)",
         )
-    if not structured and spaces != ("quant",):
-        raise LmscopeError(
-            f"search space '{args.space}' is not built yet (quant cannot be combined with heads/neurons/layers "
-            "in one search)",
-            "use --space quant, or --space heads,neurons,layers",
-        )
+    if not structured and spaces != ("quant",):  # quant with heads/neurons/layers: one search, bytes only
+        if budget.kind != "bytes":
+            raise LmscopeError(
+                f"a {budget.kind} budget does not apply to --space {args.space} (precision and structure together)",
+                "use --budget bytes=FRACTION (of the fp32 bytes)",
+            )
+        if args.ray is not None or args.latency_table is not None:
+            raise LmscopeError(
+                f"--space {args.space} runs in-process with a bytes budget", "drop --ray / --latency-table"
+            )
     if not structured and budget.kind not in ("bytes", "latency"):
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to --space quant",
