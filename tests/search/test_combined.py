@@ -102,3 +102,39 @@ def test_search_keeps_the_budget_and_is_deterministic(tiny, tmp_path):
     assert data["budget"]["kind"] == "bytes" and data["chosen"] == res.chosen
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Architecture map" in html and "Pareto front" in html and "bits: self_attn" in html
+
+
+def test_cli_combined_search_then_compress(tiny_dir, tmp_path, capsys):  # noqa: F811
+    import json
+
+    from lmscope.cli.main import main
+
+    out = tmp_path / "found"
+    base = ["search", "--model", str(tiny_dir), "--space", "quant,heads,neurons", "--out", str(out), "--quiet"]
+    base += ["--levels", ",".join(LEVELS)]
+    for flags, needle in (
+        (["--budget", "bytes=0.01"], "below the smallest configuration"),
+        (["--budget", "params=0.7"], "cannot be combined with quant"),
+        (["--budget", "latency=0.9"], "cannot be combined with quant"),
+        (["--budget", "bytes=0.5", "--ray", "auto"], "runs in-process"),
+        (["--budget", "bytes=0.5", "--space", "quant,heads,sparsity"], "sparsity space is searched on its own"),
+    ):
+        rc = main([*base, *flags])
+        _one_line_error(capsys, rc, needle)
+        assert not out.exists()
+    rc = main(
+        [*base, "--budget", "bytes=0.3", "--max-evals", "10", "--calibration-tokens", "32"]
+        + ["--heldout-tokens", "32", "--offspring", "2", "--prior", "priors"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert "recipe.json" in capsys.readouterr().out
+    pareto = json.loads((out / "pareto.json").read_text())
+    chosen = pareto["points"][pareto["chosen"]]
+    assert chosen["bytes"] <= pareto["budget"]["bytes"]
+    small = tmp_path / "small"
+    rc = main(["compress", "--model", str(tiny_dir), "--recipe", str(out / "recipe.json"), "--out", str(small)])
+    assert rc == 0, capsys.readouterr().err
+    from lmscope.compress.size import state_bytes
+
+    back = lmscope.load(str(small), progress=False)
+    assert state_bytes(back.model) == chosen["bytes"]

@@ -181,7 +181,8 @@ def run(args) -> int:
     if not structured and spaces != ("quant",):  # quant with heads/neurons/layers: one search, bytes only
         if budget.kind != "bytes":
             raise LmscopeError(
-                f"a {budget.kind} budget does not apply to --space {args.space} (precision and structure together)",
+                f"a {budget.kind} budget cannot be combined with quant in --space {args.space}: precision and "
+                "structure are searched together under a bytes budget",
                 "use --budget bytes=FRACTION (of the fp32 bytes)",
             )
         if args.ray is not None or args.latency_table is not None:

@@ -516,7 +516,8 @@ def search_combined(
 
     if budget.kind != "bytes":
         raise LmscopeError(
-            f"a {budget.kind} budget does not apply to precision and structure searched together",
+            f"a {budget.kind} budget cannot be combined with quant: precision and structure are searched "
+            "together under a bytes budget",
             "use --budget bytes=FRACTION (of the fp32 bytes)",
         )
     _optuna()
