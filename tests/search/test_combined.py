@@ -110,14 +110,26 @@ def test_cli_combined_search_then_compress(tiny_dir, tmp_path, capsys):  # noqa:
     from lmscope.cli.main import main
 
     out = tmp_path / "found"
-    base = ["search", "--model", str(tiny_dir), "--space", "quant,heads,neurons", "--out", str(out), "--quiet"]
+    base = [
+        "search",
+        "--model",
+        str(tiny_dir),
+        "--space",
+        "quant,heads,neurons",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     base += ["--levels", ",".join(LEVELS)]
     for flags, needle in (
         (["--budget", "bytes=0.01"], "below the smallest configuration"),
         (["--budget", "params=0.7"], "cannot be combined with quant"),
         (["--budget", "latency=0.9"], "cannot be combined with quant"),
         (["--budget", "bytes=0.5", "--ray", "auto"], "runs in-process"),
-        (["--budget", "bytes=0.5", "--space", "quant,heads,sparsity"], "sparsity space is searched on its own"),
+        (
+            ["--budget", "bytes=0.5", "--space", "quant,heads,sparsity"],
+            "sparsity space is searched on its own",
+        ),
     ):
         rc = main([*base, *flags])
         _one_line_error(capsys, rc, needle)
@@ -132,7 +144,9 @@ def test_cli_combined_search_then_compress(tiny_dir, tmp_path, capsys):  # noqa:
     chosen = pareto["points"][pareto["chosen"]]
     assert chosen["bytes"] <= pareto["budget"]["bytes"]
     small = tmp_path / "small"
-    rc = main(["compress", "--model", str(tiny_dir), "--recipe", str(out / "recipe.json"), "--out", str(small)])
+    rc = main(
+        ["compress", "--model", str(tiny_dir), "--recipe", str(out / "recipe.json"), "--out", str(small)]
+    )
     assert rc == 0, capsys.readouterr().err
     from lmscope.compress.size import state_bytes
 
