@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--prior", default="error")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write pareto.json, recipe.json and report.html here")
     args = ap.parse_args()
 
     import lmscope
@@ -50,6 +51,10 @@ def main() -> None:
         on_eval=lambda n: n % 10 or print(f"  {n} evaluations, {time.perf_counter() - t:.0f} s", flush=True),
     )
     wall = time.perf_counter() - t
+    if args.out:
+        res.write(args.out)
+        print(f"wrote {args.out}/ pareto.json, recipe.json, report.html")
+    res = res.to_dict()
     ref = res["reference"]["ppl"]
     rows = [(i, p) for i, p in enumerate(res["points"]) if p.get("ppl") is not None]
     print(

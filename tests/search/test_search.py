@@ -190,7 +190,7 @@ def _one_line_error(capsys, rc, needle):
     [
         (["--budget", "bytes=0.01"], "below the smallest configuration"),
         (["--budget", "bytes=0.3", "--space", "quant,wings"], "unknown search space 'wings'"),
-        (["--budget", "params=0.75", "--space", "quant,heads"], "not built yet"),
+        (["--budget", "params=0.75", "--space", "quant,heads"], "cannot be combined with quant"),
         (["--budget", "params=0.75"], "does not apply to --space quant"),
         (["--budget", "size=3"], "KIND=FRACTION"),
         (["--budget", "bytes=1.5"], "must be in (0, 1]"),

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         "--space",
         default="quant",
         help="what each layer chooses: quant (precision levels); any of heads,neurons,layers (heads kept, MLP "
-        "neurons kept, block kept or dropped); or sparsity (Wanda level per block, with --budget params=F: F of "
+        "neurons kept, block kept or dropped); quant with any of those (both in one search, --budget bytes=F); or sparsity (Wanda level per block, with --budget params=F: F of "
         "the block weights kept; --levels default 0.5,0.55,...,0.9)",
     )
     p.add_argument(
@@ -99,12 +99,9 @@ def _baselines(args) -> dict:
 
 def _run_sparsity(args, budget) -> int:
     """``--space sparsity --budget params=F``: per-block Wanda levels keeping F of the block weights non-zero."""
-    import json
-
     from ..compress.search import STORE_FILE
     from ..compress.search.sparsity import DEFAULT_SPARSITY_LEVELS, search_sparsity
     from ..compress.search.store import _optuna
-    from ..fsutil import atomic_directory
 
     if budget.kind != "params" or budget.fraction >= 1:
         raise LmscopeError(
@@ -146,17 +143,16 @@ def _run_sparsity(args, budget) -> int:
             resume=args.resume,
             before_store=lambda: Path(args.out).mkdir(parents=True, exist_ok=True),
         )
-    with atomic_directory(Path(args.out) / "sparsity") as tmp:
-        (tmp / "pareto.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    ref, chosen = result["reference"]["ppl"], result["chosen"]
-    for i, p in enumerate(result["points"]):
-        if p.get("ppl") is not None:
-            tag = "chosen" if i == chosen else (p["label"] or p["origin"])
-            print(
-                f"  {tag:<14} sparsity {p['sparsity']:.4f}  KL {p['kl']:.4f}  ppl {p['ppl']:.3f} "
-                f"({p['ppl'] / ref - 1:+.1%})"
-            )
-    print(f"wrote {show_path(args.out)}/sparsity/pareto.json, {STORE_FILE}")
+    result.write(args.out)
+    print(result.to_text())
+    if result.chosen is None:
+        print("no configuration within the budget was evaluated at the last stage: raise --max-evals")
+        return 0
+    print(
+        f"wrote {show_path(args.out)}/ pareto.json, recipe.json, report.html, {STORE_FILE}; "
+        f"reproduce with: lmscope compress --model {args.model} --recipe {show_path(args.out)}/recipe.json --out DIR"
+        + (" --calibration-file " + args.calibration_file if args.calibration_file else "")
+    )
     return 0
 
 
@@ -182,12 +178,17 @@ def run(args) -> int:
             f"a {budget.kind} budget does not apply to --space {args.space}",
             "use --budget params=FRACTION (of the block parameters kept)",
         )
-    if not structured and spaces != ("quant",):
-        raise LmscopeError(
-            f"search space '{args.space}' is not built yet (quant cannot be combined with heads/neurons/layers "
-            "in one search)",
-            "use --space quant, or --space heads,neurons,layers",
-        )
+    if not structured and spaces != ("quant",):  # quant with heads/neurons/layers: one search, bytes only
+        if budget.kind != "bytes":
+            raise LmscopeError(
+                f"a {budget.kind} budget cannot be combined with quant in --space {args.space}: precision and "
+                "structure are searched together under a bytes budget",
+                "use --budget bytes=FRACTION (of the fp32 bytes)",
+            )
+        if args.ray is not None or args.latency_table is not None:
+            raise LmscopeError(
+                f"--space {args.space} runs in-process with a bytes budget", "drop --ray / --latency-table"
+            )
     if not structured and budget.kind not in ("bytes", "latency"):
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to --space quant",

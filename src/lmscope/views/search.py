@@ -72,6 +72,10 @@ def _pareto(
 def search_report(result) -> Report:
     from .plots import plt  # noqa: F401  (Agg backend set up once)
 
+    if result.settings.get("space") == "sparsity":
+        return sparsity_report(result)
+    if len(result.settings.get("space", "quant").split(",")) > 1 and "quant" in result.settings["space"]:
+        return combined_report(result)
     if result.settings.get("space", "quant") != "quant":
         return structure_report(result)
 
@@ -302,6 +306,237 @@ def structure_report(result) -> Report:
             ],
             highlight=list(range(min(5, len(order)))),
         )
+    return rep
+
+
+# -- precision and structure together (quant,heads,neurons[,layers] under bytes=F) ----------------------------
+def combined_report(result) -> Report:
+    """Pareto plot (bytes vs KL, uniform precision with the full structure and uniform mixes as points), the
+    architecture map (per layer: heads kept, neurons kept, block, bits of each kept part) and what the search
+    kept (head roles, sensitivities)."""
+    from ..compress.search.space import bits_per_weight
+    from ..compress.search.structure import kept_structure, role_sentence, role_summary
+    from .plots import plt  # noqa: F401  (Agg backend set up once)
+
+    c = result.chosen_point
+    rep = Report(
+        f"Search: {result.model} (precision and structure)",
+        subtitle=f"budget {result.budget} — "
+        + (c["describe"] if c else "no configuration within the budget"),
+    )
+    sec = rep.section(
+        "Summary",
+        note="bytes of the state dict as compress stores the model the recipe builds, as a fraction of the fp32 "
+        "model; KL on calibration tokens; perplexity on held-out text disjoint from calibration",
+    )
+    _summary(
+        sec,
+        result,
+        "bytes",
+        "bytes / fp32",
+        "float, every head, neuron and block",
+        tag=lambda p: p.get("label") or "front",
+    )
+    rep.section(
+        "Pareto front",
+        note="every evaluated configuration; squares: uniform precision with every head and neuron kept "
+        "(drawn even over the budget), uniform mixes that fit; star: the chosen configuration",
+    ).image(
+        _pareto(
+            result,
+            "bytes",
+            "bytes / fp32 bytes",
+            probe_note="one unit at its smallest, rest full and float",
+            size=(9.5, 4.6),
+            legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)},
+            early_excludes=("sensitivity", "baseline"),
+        ),
+        alt="bytes vs KL",
+    )
+    if c is None:
+        return rep
+    k = kept_structure(result, c)
+    qunits = [u for u in result.units if u["kind"].startswith("quant:")]
+    qkinds = list(dict.fromkeys(u["kind"][6:] for u in qunits))
+    skinds = {u["kind"] for u in result.units}
+    cols = (
+        (["heads kept"] if "attn" in skinds else [])
+        + (["neurons kept"] if "mlp" in skinds else [])
+        + (["block"] if "block" in skinds else [])
+        + [f"bits: {q}" for q in qkinds]
+    )
+    z, text = [], []
+    for i in range(k["n_layers"]):
+        gone = i in k["dropped"]
+        row, trow = [], []
+        for col in cols:
+            if col == "heads kept":
+                n_all = len((result.priors.get("heads") or [[]])[i]) or 1
+                kept = k["heads"][i]
+                n = 0 if gone else (n_all if kept is None else len(kept))
+                row.append(n / n_all)
+                trow.append("—" if gone else f"{n}/{n_all}")
+            elif col == "neurons kept":
+                f = 0.0 if gone else k["neurons"][i]
+                row.append(f)
+                trow.append("—" if gone else f"{f:.1%}".replace(".0%", "%"))
+            elif col == "block":
+                row.append(0.0 if gone else 1.0)
+                trow.append("dropped" if gone else "kept")
+            else:
+                lv = c["config"].get(
+                    next(u["name"] for u in qunits if u["block"] == i and u["kind"] == "quant:" + col[6:])
+                )
+                row.append(0.0 if gone else bits_per_weight(lv) / 32)
+                trow.append("—" if gone else lv)
+        z.append(row)
+        text.append(trow)
+    rep.section(
+        "Architecture map",
+        note="the chosen point per layer: share of heads and MLP neurons kept, blocks dropped, and the precision of "
+        "what is kept (colour: bits per weight / 32, scales included; 0 = removed)",
+    ).heatmap(
+        z,
+        x_labels=cols,
+        y_labels=[str(i) for i in range(k["n_layers"])],
+        x_title="choice",
+        y_title="layer",
+        cell_text=text,
+        value_range=(0, 1),
+    )
+    kept_sec = rep.section(
+        "What the search kept",
+        note="each head's role from `lmscope heads` on the original; sensitivity: KL when only this unit is at "
+        "its smallest level (fewest heads / neurons, dropped, or the lowest precision), everything else full and "
+        "float, on the first stage's tokens",
+    )
+    if result.head_roles is not None:
+        summary = role_summary(result, c)
+        kept_sec.text(
+            "Chosen: " + role_sentence(summary) + "." if summary else "No head passes a role threshold here."
+        )
+    if result.sensitivity:
+        names = [u["name"] for u in result.units]
+        sens = [result.sensitivity.get(n) for n in names]
+        order = sorted(range(len(names)), key=lambda i: -(sens[i] or 0))
+        kept_sec.table(
+            ["unit", "sensitivity (KL)", "rank", "chosen level", "of its levels"],
+            [
+                [
+                    names[i],
+                    f"{sens[i]:.4g}" if sens[i] is not None else "",
+                    r + 1,
+                    "— (block dropped)"
+                    if result.units[i]["block"] in k["dropped"] and not names[i].endswith(".block")
+                    else c["config"][names[i]],
+                    " ".join(result.unit_levels.get(names[i], [])),
+                ]
+                for r, i in enumerate(order)
+            ],
+            highlight=list(range(min(5, len(order)))),
+        )
+    return rep
+
+
+# -- the sparsity search (per-block Wanda levels under params=F) ---------------------------------------------
+def sparsity_report(result) -> Report:
+    """Pareto plot (non-zero block weights vs KL; uniform Wanda levels and OWL as points), the architecture map
+    (sparsity per block beside OWL's allocation, the block's outlier ratio and sensitivity)."""
+    from .plots import plt  # noqa: F401  (Agg backend set up once)
+
+    c = result.chosen_point
+    rep = Report(
+        f"Search: {result.model} (sparsity)",
+        subtitle=f"{result.sparsity:g} of the block weights zeroed (Wanda per block) — "
+        + (c["describe"] if c else "no configuration within the budget"),
+    )
+    sec = rep.section(
+        "Summary",
+        note="non-zero weights of the block linears kept, as a fraction of all of them; KL on calibration tokens; "
+        "perplexity on held-out text disjoint from calibration. The zeros stay in dense tensors: bytes and "
+        "latency do not change",
+    )
+    _summary(sec, result, "params", "weights kept", "dense", tag=lambda p: p.get("label") or "front")
+    rep.section(
+        "Pareto front",
+        note="every evaluated configuration; squares: uniform Wanda at each level and OWL's allocation "
+        "(outlier-rich blocks pruned less); star: the chosen configuration (lowest KL within the budget)",
+    ).image(
+        _pareto(
+            result,
+            "params",
+            "non-zero block weights / all block weights",
+            probe_note="one block at the sparsest level, rest at the densest",
+            size=(7.5, 4.6),
+            legend={"loc": "upper right"},
+        ),
+        alt="weights kept vs KL",
+    )
+    if c is None:
+        return rep
+    names = [u["name"] for u in result.units]
+    chosen = [float(c["config"][n]) for n in names]
+    owl = [result.owl.get(n) for n in names]
+    ratios = [result.outlier_ratios.get(n) for n in names]
+    sens = [result.sensitivity.get(n) for n in names]
+    cols = ["sparsity (chosen)", "OWL's sparsity", "outlier ratio (scaled)"]
+    hi = max((r for r in ratios if r is not None), default=0) or 1
+    z = [[s, o, None if r is None else r / hi] for s, o, r in zip(chosen, owl, ratios)]
+    text = [
+        [f"{s:.0%}", "" if o is None else f"{o:.1%}", "" if r is None else f"{r:.2%}"]
+        for s, o, r in zip(chosen, owl, ratios)
+    ]
+    if any(v is not None for v in sens):
+        cols.append("sensitivity (scaled)")
+        top = max(v for v in sens if v is not None) or 1
+        for row, trow, v in zip(z, text, sens):
+            row.append(None if v is None else v / top)
+            trow.append("" if v is None else f"{v:.3g}")
+    rep.section(
+        "Architecture map",
+        note="per block: the chosen Wanda sparsity, OWL's allocation, the block's outlier ratio (share of weights "
+        "whose Wanda score passes 5x the layer mean; OWL prunes outlier-rich blocks less) and, with --prior "
+        "sensitivity, the KL with only this block at the sparsest level; ratio columns scaled to their maximum",
+    ).heatmap(
+        z,
+        x_labels=cols,
+        y_labels=names,
+        x_title="per block",
+        y_title="block",
+        cell_text=text,
+        value_range=(0, 1),
+    )
+    order = sorted(range(len(names)), key=lambda i: chosen[i])
+    rep.section(
+        "Where the weights went",
+        note="blocks from least to most pruned; relative Wanda error: the share of the block's squared Wanda "
+        "score the chosen level zeroes",
+    ).table(
+        ["block", "chosen sparsity", "OWL", "outlier ratio", "relative Wanda error", "sensitivity (KL)"],
+        [
+            [
+                names[i],
+                f"{chosen[i]:g}",
+                "" if owl[i] is None else f"{owl[i]:.3f}",
+                "" if ratios[i] is None else f"{ratios[i]:.4f}",
+                f"{result.wanda_error.get(names[i], float('nan')):.4g}",
+                "" if sens[i] is None else f"{sens[i]:.4g}",
+            ]
+            for i in order
+        ],
+    ).lines(
+        [
+            {"name": "chosen sparsity", "x": list(range(len(names))), "y": chosen},
+            {"name": "OWL", "x": list(range(len(names))), "y": owl},
+            {
+                "name": "outlier ratio x 10",
+                "x": list(range(len(names))),
+                "y": [None if r is None else 10 * r for r in ratios],
+            },
+        ],
+        title="per block, in model order",
+        x_title="block",
+    )
     return rep
 
 

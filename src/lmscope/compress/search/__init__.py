@@ -222,6 +222,40 @@ def search(
             before_store=before_store,
             **(structure or {}),
         )
+    if "quant" in spaces and len(spaces) > 1 and set(spaces) - {"quant"} <= set(STRUCT_SPACES):
+        from .combined import search_combined  # precision and structure together, under bytes=F
+
+        if ray is not None or latency_table is not None:
+            raise LmscopeError(
+                "precision and structure searched together run in-process under a bytes budget",
+                "drop --ray / --latency-table",
+            )
+        return search_combined(
+            lm,
+            budget,
+            spaces,
+            levels=levels,
+            granularity=granularity,
+            calibration_text=calibration_text,
+            calibration_tokens=calibration_tokens,
+            window=window,
+            stages=stages,
+            heldout_text=heldout_text,
+            heldout_tokens=heldout_tokens,
+            max_evals=max_evals,
+            time_limit=time_limit,
+            seed=seed,
+            offspring=offspring,
+            prior=prior,
+            finalists=finalists,
+            store=store,
+            resume=resume,
+            on_eval=on_eval,
+            before_store=before_store,
+            simulate=simulate,
+            max_cache_bytes=max_cache_bytes,
+            **(structure or {}),
+        )
     if prior == "priors":
         raise LmscopeError(
             "prior 'priors' (head, neuron and block priors) applies to the structured spaces",
@@ -229,9 +263,8 @@ def search(
         )
     if spaces != ("quant",):
         raise LmscopeError(
-            f"search space '{','.join(spaces)}' is not built yet (quant cannot be combined with "
-            "heads/neurons/layers in one search)",
-            "use --space quant, or --space heads,neurons,layers",
+            f"search space '{','.join(spaces)}' cannot be searched in one run",
+            "use --space quant, heads,neurons,layers, or quant,heads,neurons,layers",
         )
     if budget.kind not in ("bytes", "latency"):
         raise LmscopeError(

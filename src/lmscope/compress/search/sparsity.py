@@ -14,12 +14,14 @@ Honest note (as for ``--prune-unstructured``): the zeros stay in dense tensors; 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ...errors import LmscopeError
-from .space import Unit
+from . import SearchResult, pareto_front
+from .space import Budget, Unit
 
 DEFAULT_SPARSITY_LEVELS = ("0.5", "0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9")
 OWL_M = 5.0
@@ -49,7 +51,7 @@ class SparsitySpace:
         if not values or any(not 0 <= v < 1 for v in values):
             raise LmscopeError("sparsity levels must be in [0, 1)", "e.g. --levels 0.5,0.6,0.7,0.8,0.9")
         self.levels: tuple[str, ...] = tuple(f"{v:g}" for v in sorted(set(values)))
-        prefix = lm.family.blocks + "."
+        self.prefix = prefix = lm.family.blocks + "."
         groups: dict[int, list[str]] = {}
         for path, m in block_linears(lm):
             if not isinstance(m, nn.Linear):
@@ -66,6 +68,30 @@ class SparsitySpace:
 
     def as_dict(self, config) -> dict[str, str]:
         return {u.name: lv for u, lv in zip(self.units, config)}
+
+    def recipe(self, config):
+        """The ``compress`` recipe of a configuration: one Wanda step per run of consecutive blocks at the same
+        level, last blocks first. A step's Wanda scores are taken on the model as earlier steps left it, and a
+        block's inputs depend only on the blocks before it: pruning from the end, every step sees the original
+        inputs, as the search's level database did, so the recipe reproduces the candidate weight for weight."""
+        from ..recipe import PruneUnstructured, Recipe
+
+        runs: list[tuple[float, list[Unit]]] = []
+        for unit, lv in zip(self.units, config):
+            if runs and runs[-1][0] == float(lv):
+                runs[-1][1].append(unit)
+            else:
+                runs.append((float(lv), [unit]))
+        steps = [
+            PruneUnstructured(
+                level, method="wanda", modules=tuple(f"{self.prefix}{u.block}.*" for u in units)
+            )
+            for level, units in reversed(runs)
+            if level > 0
+        ]
+        if not steps:
+            raise LmscopeError("the chosen configuration prunes nothing", "search a budget below params=1")
+        return Recipe(tuple(steps))
 
     def describe(self, config) -> str:
         vals = [float(lv) for lv in config]
@@ -211,10 +237,10 @@ def search_sparsity(
     resume: bool = False,
     on_eval=None,
     before_store=None,
-) -> dict:
+) -> SparsityResult:
     """Per-block Wanda sparsity levels with mean ``sparsity`` over the block linears (weighted by size): the
     searched allocation beside uniform Wanda and OWL's allocation, each with KL and held-out perplexity.
-    Returns the pareto.json dict."""
+    Returns a ``SparsityResult`` (``write(out)``: pareto.json, recipe.json, report.html)."""
     import time
 
     from ..calibration import default_calibration_text
@@ -287,7 +313,8 @@ def search_sparsity(
                 "config": space.as_dict(config),
                 "describe": space.describe(config),
                 "sparsity": round(1 - kept / db.total_weights, 6),
-                "kept_weights": kept,
+                "params": kept,
+                "params_fraction": round(kept / db.total_weights, 6),
                 "kl": r["kl"],
                 "kl_tokens": fitness.stage_tokens[stage],
                 "stage": stage,
@@ -297,9 +324,12 @@ def search_sparsity(
                 "label": f"uniform {config[0]}" if len(set(config)) == 1 else "",
             }
         )
-    points.sort(key=lambda p: (-p["sparsity"], p["kl"]))
+    points.sort(key=lambda p: (p["params"], p["kl"]))
+    finals = [p for p in points if p["final_stage"]]
+    for i in pareto_front(finals, "params"):
+        finals[i]["pareto"] = True
     feasible = [i for i, p in enumerate(points) if p["final_stage"] and p["within_budget"]]
-    chosen = min(feasible, key=lambda i: points[i]["kl"]) if feasible else None
+    chosen = min(feasible, key=lambda i: (points[i]["kl"], points[i]["params"])) if feasible else None
     heldout = heldout_windows(lm, heldout_text or evaluation_text()[0], heldout_tokens)
     with torch.no_grad():
         reference_ppl = perplexity(lm, heldout)
@@ -316,7 +346,8 @@ def search_sparsity(
                 "config": space.as_dict(owl_config),
                 "describe": f"OWL allocation (M={OWL_M:g}, lambda={OWL_LAMBDA:g})",
                 "sparsity": round(1 - owl_kept / db.total_weights, 6),
-                "kept_weights": owl_kept,
+                "params": owl_kept,
+                "params_fraction": round(owl_kept / db.total_weights, 6),
                 "kl": fitness.kl(owl_model, last)[0],
                 "kl_tokens": fitness.stage_tokens[last],
                 "stage": last,
@@ -328,30 +359,78 @@ def search_sparsity(
                 "ppl": perplexity(owl_model, heldout),
             }
         )
-    return {
-        "model": lm.name,
-        "space": "sparsity",
-        "budget": {"sparsity": sparsity, "kept_weights": budget, "block_weights": db.total_weights},
-        "reference": {"ppl": reference_ppl},
-        "units": [{"name": u.name, "block": u.block, "paths": list(u.paths)} for u in space.units],
-        "levels": list(space.levels),
-        "outlier_ratios": {u.name: r for u, r in zip(space.units, ratios)},
-        "owl": {u.name: v for u, v in zip(space.units, owl)},
-        "chosen": chosen,
-        "settings": settings,
-        "stats": {
-            "evaluations": evaluator.evals,
-            "computed": evaluator.computed,
-            "eval_seconds": round(evaluator.seconds, 1),
-            "search_seconds": round(search_seconds, 1),
-            "generations": len(evolution.history),
-            "accepted": sum(h["accepted"] for h in evolution.history),
-            "stage_tokens": list(fitness.stage_tokens),
-            "heldout_tokens": int(sum(w.shape[1] for w in heldout)),
-            "evals_per_hour": round(3600 * evaluator.computed / evaluator.seconds)
-            if evaluator.seconds
-            else None,
-        },
-        "points": points,
-        "note": "zeros in dense tensors: bytes and latency unchanged",
-    }
+    from . import run_stats
+
+    return SparsityResult(
+        model=lm.name,
+        budget=Budget("params", round(1 - sparsity, 9)),
+        budget_bytes=budget,
+        reference_bytes=4 * lm.n_params(),
+        reference_params=db.total_weights,
+        units=[
+            {"name": u.name, "block": u.block, "kind": u.kind, "paths": list(u.paths)} for u in space.units
+        ],
+        levels=list(space.levels),
+        points=points,
+        chosen=chosen,
+        sensitivity=evolution.sensitivity,
+        settings=settings,
+        stats=run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+        reference_ppl=reference_ppl,
+        space=space,
+        sparsity=sparsity,
+        outlier_ratios={u.name: r for u, r in zip(space.units, ratios)},
+        owl={u.name: v for u, v in zip(space.units, owl)},
+        wanda_error={}
+        if chosen is None
+        else {u.name: db.error(k, points[chosen]["config"][u.name]) for k, u in enumerate(space.units)},
+    )
+
+
+@dataclass
+class SparsityResult(SearchResult):
+    """A sparsity search's result: points carry the non-zero block weights they keep (``params``, the budget's
+    cost) and their ``sparsity``; the OWL allocation, each block's outlier ratio and the chosen blocks' relative
+    Wanda error, for the report. ``write(out)``: pareto.json, recipe.json (per-block Wanda steps), report.html."""
+
+    sparsity: float = 0.7
+    outlier_ratios: dict = field(default_factory=dict)
+    owl: dict = field(default_factory=dict)
+    wanda_error: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["space"] = "sparsity"
+        d["budget"] = {
+            "kind": "params",
+            "fraction": self.budget.fraction,
+            "sparsity": self.sparsity,
+            "kept_weights": self.budget_bytes,
+            "block_weights": self.reference_params,
+        }
+        d["reference"] = {"block_weights": self.reference_params, "ppl": self.reference_ppl}
+        d["outlier_ratios"] = self.outlier_ratios
+        d["owl"] = self.owl
+        d["wanda_error"] = self.wanda_error
+        d["note"] = "zeros in dense tensors: bytes and latency unchanged"
+        return d
+
+    def to_text(self) -> str:
+        lines = [
+            f"search {self.model}: sparsity {self.sparsity:g} = {self.budget_bytes:,} of "
+            f"{self.reference_params:,} block weights kept non-zero"
+        ]
+        s = self.stats
+        lines.append(
+            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
+            f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
+        )
+        ref = self.reference_ppl
+        lines.append(f"held-out perplexity (dense {ref:.3f}):")
+        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["params"]):
+            tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
+            lines.append(
+                f"  {tag:<14} sparsity {p['sparsity']:.4f}  KL {p['kl']:.4f}  ppl {p['ppl']:.3f} "
+                f"({p['ppl'] / ref - 1:+.1%})"
+            )
+        return "\n".join(lines)
