@@ -207,3 +207,18 @@ def test_gptq_embedding_lowers_the_head_output_error(make_tiny):
             Quantize("int8", modules=("model.layers.0.*",)),
             Quantize("int4", embedding="gptq4-g32", modules=("model.embed_tokens",)),
         )
+
+
+def test_w8a8_level_reproduces_and_costs_the_bytes_of_int8(make_tiny):
+    lm = make_tiny("llama")
+    space = QuantSpace(lm, ("float", "int8", "w8a8", "int4-g32"))
+    db = LevelDatabase(lm, space, simulate=True)  # w8a8 stays the real module in simulate mode
+    for u in range(len(space.units)):
+        assert db.bytes(u, "w8a8") == db.bytes(u, "int8")
+    config = ("w8a8", "int8", "int4-g32", "w8a8", "float", "w8a8")
+    w8a8 = [type(m).__name__ for m in db.modules(0, "w8a8").values()]
+    assert set(w8a8) == {"W8A8Linear"}
+    exact = LevelDatabase(lm, space)
+    out = compress(lm, space.recipe(config))
+    assert out.bytes_after == exact.total_bytes(config)
+    assert torch.equal(_logits(out.lm), _logits(exact.assemble(config)))

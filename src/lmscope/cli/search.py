@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
         "--levels",
         default=QUANT_LEVELS,
         help="precision levels a layer may take (default: float,int8,int4-g32,int4-g64,int4-g128; also "
-        "gptq-g32, gptq-g64, gptq-g128: GPTQ per layer from the original model's calibration inputs)",
+        "gptq-g32, gptq-g64, gptq-g128: GPTQ per layer from the original model's calibration inputs; w8a8)",
     )
     p.add_argument(
         "--embedding",

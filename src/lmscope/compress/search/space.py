@@ -27,6 +27,7 @@ LEVELS: dict[str, tuple[str, int | None] | None] = {
     "gptq-g32": ("gptq4", 32),
     "gptq-g64": ("gptq4", 64),
     "gptq-g128": ("gptq4", 128),
+    "w8a8": ("w8a8", None),  # int8 weights x dynamic per-token int8 activations (the bytes of int8)
 }
 #: the levels searched unless others are asked for (GPTQ levels cost a calibration pass and a GPTQ per variant)
 DEFAULT_LEVELS = ("float", "int8", "int4-g32", "int4-g64", "int4-g128")
@@ -213,6 +214,6 @@ def bits_per_weight(level: str) -> float:
     spec = LEVELS[level]
     if spec is None:
         return 32.0
-    if spec[0] == "int8":
+    if spec[0] in ("int8", "w8a8"):
         return 8.0
     return 4.0 + 24.0 / spec[1]
