@@ -222,3 +222,27 @@ def test_w8a8_level_reproduces_and_costs_the_bytes_of_int8(make_tiny):
     out = compress(lm, space.recipe(config))
     assert out.bytes_after == exact.total_bytes(config)
     assert torch.equal(_logits(out.lm), _logits(exact.assemble(config)))
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--embedding", "int3"], "unknown embedding level 'int3'"),
+        (["--levels", "int8,gptq-g48"], "unknown precision level 'gptq-g48'"),
+    ],
+)
+def test_cli_bad_embedding_or_gptq_level_exits_2_and_writes_nothing(
+    make_tiny, tmp_path, capsys, flags, needle
+):
+    from lmscope.cli.main import main
+
+    lm = make_tiny("llama")
+    d = tmp_path / "tiny"
+    lm.model.save_pretrained(d, safe_serialization=True)
+    lm.tokenizer.save_pretrained(d)
+    out = tmp_path / "found"
+    rc = main(["search", "--model", str(d), "--budget", "bytes=0.3", *flags, "--out", str(out), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lmscope: error:") and needle in err, err
+    assert not out.exists()
