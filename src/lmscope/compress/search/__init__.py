@@ -248,6 +248,11 @@ def search(
     budget_bytes = int(budget.fraction * reference_bytes)
     table = cost = None
     if latency_table is not None or budget.kind == "latency":
+        if embedding != "int8":  # the latency table is measured with the int8 embedding + tied head
+            raise LmscopeError(
+                f"a latency table is measured with the int8 embedding, not '{embedding}'",
+                "drop --embedding, or use a bytes budget",
+            )
         from .latency import LatencyCost, LatencyTable
 
         table = LatencyTable.cached(lm, qspace, latency_table)
