@@ -40,7 +40,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--levels",
         default=QUANT_LEVELS,
-        help="precision levels a layer may take (default: float,int8,int4-g32,int4-g64,int4-g128)",
+        help="precision levels a layer may take (default: float,int8,int4-g32,int4-g64,int4-g128; also "
+        "gptq-g32, gptq-g64, gptq-g128: GPTQ per layer from the original model's calibration inputs; w8a8)",
+    )
+    p.add_argument(
+        "--embedding",
+        default="int8",
+        help="the token embedding + tied LM head in every configuration: int8 (default), int4-gN or gptq4-gN "
+        "(GPTQ on the head's inputs), leaving its bytes to the blocks",
     )
     p.add_argument("--granularity", default="kind", help="kind (block x attention/MLP, default) or block")
     p.add_argument("--out", required=True, help="folder for pareto.json, recipe.json, report.html, search.db")
@@ -234,6 +241,7 @@ def run(args) -> int:
             ",".join(spaces),
             levels=levels,
             granularity=args.granularity,
+            embedding=args.embedding,
             calibration_text=calib,
             calibration_tokens=args.calibration_tokens,
             heldout_tokens=args.heldout_tokens,

@@ -95,6 +95,14 @@ class Recipe:
                 "the recipe quantizes twice",
                 'keep one quantize step, or give each quantize step its own "modules" (per-layer schemes)',
             )
+        independent = [i for i, s in enumerate(quantizers) if getattr(s, "independent", False)]
+        if independent and independent != list(range(len(independent))):
+            # their Hessians come from the unquantized model: no other quantization may run before them
+            raise LmscopeError(
+                "a gptq4 step with sequential false (or a gptq4 embedding) comes after another quantize step",
+                "put the non-sequential gptq4 steps (and the one with a gptq4 embedding) first among the "
+                "quantize steps",
+            )
         object.__setattr__(self, "steps", steps)
 
     @classmethod

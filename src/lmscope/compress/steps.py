@@ -25,6 +25,8 @@ STAGE_PRUNE, STAGE_LOWRANK, STAGE_QUANTIZE = 0, 1, 2
 
 QUANT_SCHEMES = ("int8", "int4", "w8a8", "w8a8-smooth", "gptq4")
 GROUP_SIZES = (32, 64, 128)
+#: how a quantize step stores the token embedding (and a tied LM head) when it selects it
+EMBEDDING_LEVELS = ("int8", *(f"{s}-g{g}" for s in ("int4", "gptq4") for g in GROUP_SIZES))
 HEAD_METHODS = ("importance", "magnitude", "random")
 UNSTRUCTURED_METHODS = ("magnitude", "wanda")
 NEURON_METHODS = ("magnitude", "activation", "random")
@@ -153,12 +155,20 @@ class Quantize(StepConfig):
     dynamic per-token int8 activations), w8a8-smooth (w8a8 with SmoothQuant scaling from calibration
     text; outlier channels kept in bf16 where smoothing is not enough), gptq4 (int4 via GPTQ).
     ``alpha``: SmoothQuant migration strength. ``skip``: module-name globs left in full precision.
+    ``sequential`` (gptq4 only): True (default) quantizes block by block on the quantized earlier blocks'
+    outputs; False takes every layer's Hessian from the unquantized model (each layer independent of the
+    others: the per-layer GPTQ levels of ``lmscope search``); such steps come before other quantize steps.
+    ``embedding``: the token embedding's storage when the step selects it: int8 rows (default), or int4 with
+    a tied LM head, "int4-gN" (round to nearest) or "gptq4-gN" (GPTQ on the head's inputs in the unquantized
+    model; such a step comes first among the quantize steps).
     """
 
     scheme: str = "int8"
     group_size: int | None = None
     alpha: float = 0.5
     skip: tuple[str, ...] = ()
+    sequential: bool = True
+    embedding: str = "int8"
 
     kind: ClassVar[str] = "quantize"
     stage: ClassVar[int] = STAGE_QUANTIZE
@@ -189,6 +199,28 @@ class Quantize(StepConfig):
             raise LmscopeError(f"smoothing alpha must be in [0, 1], got {self.alpha}", "e.g. alpha 0.5")
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "skip", tuple(self.skip))
+        if not isinstance(self.sequential, bool):
+            raise LmscopeError(
+                f"sequential must be true or false, got {self.sequential!r}", '"sequential": false'
+            )
+        if not self.sequential and self.scheme != "gptq4":
+            raise LmscopeError(
+                f"sequential applies to gptq4, not to '{self.scheme}'", 'drop "sequential", or use gptq4'
+            )
+
+        _choice("embedding level", self.embedding, EMBEDDING_LEVELS)
+
+    @property
+    def independent(self) -> bool:
+        """Its statistics come from the unquantized model (it must run before other quantize steps)."""
+        return not self.sequential or self.embedding.startswith("gptq4")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for name, default in (("sequential", True), ("embedding", "int8")):
+            if out[name] == default:  # recipes written before these options keep their JSON
+                del out[name]
+        return out
 
     def module_candidates(self, lm) -> list[str]:
         from .quantize._common import experts_of
@@ -202,6 +234,16 @@ class Quantize(StepConfig):
 
     def check(self, lm) -> None:
         super().check(lm)
+        if self.embedding != "int8" and lm.family.embed:
+            from .quantize._common import embedding_level
+
+            emb = lm.module(lm.family.embed)
+            group = embedding_level(self.embedding)[1]
+            if getattr(emb, "embedding_dim", 0) % group:
+                raise LmscopeError(
+                    f"embedding group size {group} does not divide the embedding width {emb.embedding_dim}",
+                    "choose an embedding level whose group size divides it (e.g. int4-g32)",
+                )
         if not self.group_size:
             return
         from torch import nn

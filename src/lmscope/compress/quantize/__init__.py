@@ -92,6 +92,11 @@ class QuantizeHandler:
         targets = quantize_targets(lm, step, selected)
         embedding = selected is None or lm.family.embed in selected
         names = [n for n, _ in targets]
+        head_hessian = None
+        if embedding and step.embedding.startswith("gptq4") and lm.family.unembed:
+            from .gptq import original_hessians  # the unquantized model's, before this step changes it
+
+            head_hessian = original_hessians(lm, calib).get(lm.family.unembed)
         windows = calib.windows() if calib is not None else []
         inputs = capture_inputs(lm, names, [w[:, : C.ERROR_TOKENS] for w in windows[:1]]) if windows else {}
         done: list[Quantized] = (
@@ -117,7 +122,7 @@ class QuantizeHandler:
             rows.extend(
                 C._row(f"{name}.{p}", w, w_hat, 8, "int8 per expert row") for p, w, w_hat in expert_rows
             )
-        emb = C.quantize_embeddings(lm) if embedding else None
+        emb = C.quantize_embeddings(lm, step.embedding, head_hessian) if embedding else None
         if emb is not None:
             rows.extend(emb.pop("rows"))
         return {

@@ -9,7 +9,16 @@ from torch import nn
 from ...errors import LmscopeError
 from ..targets import set_module
 from .affine import QuantSpec, affine_params, pack_int4, quantize, sqnr
-from .modules import Int4Linear, Int8Embedding, Int8Linear, Int8TiedHead, QuantizedLinear, W8A8Linear
+from .modules import (
+    Int4Embedding,
+    Int4Linear,
+    Int4TiedHead,
+    Int8Embedding,
+    Int8Linear,
+    Int8TiedHead,
+    QuantizedLinear,
+    W8A8Linear,
+)
 
 INT8_CHANNEL = QuantSpec(bits=8, symmetric=True, granularity="per_channel")
 ERROR_TOKENS = 64  # calibration tokens used for the per-layer output error
@@ -105,8 +114,16 @@ def empty_module(kind: str, in_features: int, out_features: int, bias: bool, met
 
 
 # -- embedding / LM head ------------------------------------------------------------------------------
-def quantize_embeddings(lm) -> dict | None:
-    """Store the token embedding (and a tied LM head) as int8 rows. Returns info for rebuild, or None."""
+def embedding_level(level: str) -> tuple[str, int | None]:
+    """("int8", None) | ("int4", group) | ("gptq4", group) from "int8", "int4-g64", "gptq4-g32", ..."""
+    scheme, _, group = level.partition("-g")
+    return scheme, (int(group) if group else None)
+
+
+def quantize_embeddings(lm, level: str = "int8", hessian: torch.Tensor | None = None) -> dict | None:
+    """Store the token embedding (and a tied LM head) as int8 rows, or at ``level`` "int4-gN" (round to
+    nearest) / "gptq4-gN" (GPTQ on ``hessian``, the tied head's input Hessian: the head's output error is
+    what it minimizes). Returns info for rebuild, or None."""
     fam = lm.family
     if not fam.causal or fam.embed is None:
         return None
@@ -116,6 +133,36 @@ def quantize_embeddings(lm) -> dict | None:
     head = lm.module(fam.unembed) if fam.unembed else None
     tied = head is not None and getattr(head, "weight", None) is emb.weight
     w = emb.weight.detach().float()
+    scheme, group = embedding_level(level)
+    if scheme != "int8":
+        if not tied:
+            raise LmscopeError(
+                f"embedding level '{level}' needs an LM head tied to the embedding ('{lm.name}' has none)",
+                "keep the embedding int8",
+            )
+        q4 = Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group)
+        if scheme == "gptq4":
+            from .gptq import gptq_quantize
+
+            if hessian is None:
+                raise LmscopeError(
+                    f"embedding level '{level}' needs the LM head's calibration Hessian",
+                    "use int4-gN for the embedding, or quantize it in a step with calibration",
+                )
+
+            codes, scale, zero, _ = gptq_quantize(w, hessian, group)
+        else:
+            spec = int4_spec(group)
+            scale, zero = affine_params(w, spec)
+            codes = quantize(w, scale, zero, spec)
+        q4.qweight.copy_(pack_int4(codes.reshape(emb.num_embeddings, -1)))
+        q4.scale.copy_(scale.reshape(emb.num_embeddings, -1).to(torch.float16))
+        q4.zero.copy_(zero.reshape(emb.num_embeddings, -1).to(torch.uint8))
+        how = f"int4 g{group} " + ("GPTQ (tied head's inputs)" if scheme == "gptq4" else "RTN")
+        rows = [_row("(embedding) " + fam.embed, w, q4.dequantized_weight(), 4, how)]
+        set_module(lm.model, fam.embed, q4)
+        set_module(lm.model, fam.unembed, Int4TiedHead(q4))
+        return {"embed": fam.embed, "head": fam.unembed, "head_mode": "tied", "level": level, "rows": rows}
     q = Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
     scale, zero = affine_params(w, INT8_CHANNEL)
     q.qweight.copy_(quantize(w, scale, zero, INT8_CHANNEL))
@@ -136,6 +183,12 @@ def quantize_embeddings(lm) -> dict | None:
 
 def rebuild_embeddings(model: nn.Module, info: dict) -> None:
     emb = model.get_submodule(info["embed"])
+    scheme, group = embedding_level(info.get("level", "int8"))
+    if scheme != "int8":
+        q4 = Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group)
+        set_module(model, info["embed"], q4)
+        set_module(model, info["head"], Int4TiedHead(q4))
+        return
     q = Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
     set_module(model, info["embed"], q)
     if info.get("head_mode") == "tied":

@@ -1,16 +1,22 @@
 """GPTQ int4 (Frantar et al. 2022): quantize columns one by one, pushing each column's rounding error onto
 the not-yet-quantized columns through the inverse Hessian of the layer's calibration inputs.
 
-Block-sequential: the inputs of block ``i`` come from blocks ``0..i-1`` already quantized, so later layers
-correct for earlier error. Per-group (asymmetric, same codes/storage as ``int4``) parameters are fixed
+Block-sequential by default: the inputs of block ``i`` come from blocks ``0..i-1`` already quantized, so later
+layers correct for earlier error. ``sequential=False``: every layer's Hessian comes from the inputs of the model
+as it enters quantization (one calibration pass, cached per calibration), so each layer's result depends on
+that layer and the calibration alone -- what the search's level database needs to build, cache and mix
+per-layer GPTQ variants that ``compress --recipe`` then reproduces exactly. Per-group (asymmetric, same codes/storage as ``int4``) parameters are fixed
 when the quantizer reaches a group's first column (from the error-updated weights). No act-order: groups
 stay contiguous so the packed layout is the same as RTN's.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from ...errors import LmscopeError
 from ...progress import track
 from ..targets import set_module
 from . import Quantized, scheme
@@ -43,6 +49,65 @@ def _block_inputs(lm, windows):
                 pass
     finally:
         h.remove()
+    return got
+
+
+def _accumulate(H: dict, count: dict, name: str, x: torch.Tensor) -> None:
+    """Running ``2/N * X^T X`` over the calibration rows seen so far (the form every GPTQ Hessian here takes)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    k = x.shape[0]
+    H[name].mul_(count[name] / (count[name] + k))
+    count[name] += k
+    H[name].addmm_(x.t(), x, alpha=2.0 / count[name])
+
+
+@torch.no_grad()
+def collect_hessians(lm, windows, names) -> dict[str, torch.Tensor]:
+    """``2/N X^T X`` of each named linear's inputs over ``windows``, in one pass of the model as it is."""
+    mods = {n: lm.model.get_submodule(n) for n in names}
+    H = {n: torch.zeros(m.in_features, m.in_features) for n, m in mods.items()}
+    count = {n: 0 for n in mods}
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, args, n=n, H=H, count=count: _accumulate(H, count, n, args[0])
+        )
+        for n, m in mods.items()
+    ]
+    try:
+        for ids in windows:
+            lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return H
+
+
+#: per calibration object: the Hessians of every block linear of the model as it entered quantization
+_ORIGINAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def original_hessians(lm, calib) -> dict[str, torch.Tensor]:
+    """Hessians of every block ``nn.Linear`` (and the LM head) of ``lm`` on ``calib``'s windows, computed once per calibration
+    object (so later non-sequential steps of one ``compress`` call, and the search's level database, reuse
+    them). Computing them on a model that is already partly quantized is refused: the result would depend on
+    the order of the steps."""
+    got = _ORIGINAL.get(calib)
+    if got is None:
+        from ..targets import block_linears
+        from .modules import Int8Embedding, QuantizedLinear
+
+        done = [n for n, m in lm.model.named_modules() if isinstance(m, (QuantizedLinear, Int8Embedding))]
+        if done:
+            raise LmscopeError(
+                f"non-sequential GPTQ needs the unquantized model's inputs, but '{done[0]}' is already quantized",
+                "put the gptq4 steps with sequential false before the other quantize steps",
+            )
+        names = [n for n, m in block_linears(lm, conv1d=False) if isinstance(m, torch.nn.Linear)]
+        head = lm.family.unembed
+        if head and isinstance(lm.module(head), torch.nn.Linear):  # for a GPTQ embedding + tied head
+            names.append(head)
+        got = collect_hessians(lm, calib.windows(), names)
+        _ORIGINAL[calib] = got
     return got
 
 
@@ -97,6 +162,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, 
 @torch.no_grad()
 def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
     g = step.group_size
+    if not step.sequential:
+        return _quantize_independent(lm, step, calib, targets)
     by_name = dict(targets)
     prefix = lm.family.blocks
     inputs = _block_inputs(lm, calib.windows())
@@ -108,15 +175,11 @@ def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
         count = {n: 0 for n in mine}
         handles = []
         for n, m in mine.items():
-
-            def pre(mod, args, n=n, H=H, count=count):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                k = x.shape[0]
-                H[n].mul_(count[n] / (count[n] + k))
-                count[n] += k
-                H[n].addmm_(x.t(), x, alpha=2.0 / count[n])
-
-            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(
+                m.register_forward_pre_hook(
+                    lambda mod, args, n=n, H=H, count=count: _accumulate(H, count, n, args[0])
+                )
+            )
         try:
             for (args, kwargs), h in zip(inputs, hidden):
                 block(h, *args[1:], **kwargs)
@@ -124,19 +187,27 @@ def quantize_gptq4(lm, step, calib, targets) -> list[Quantized]:
             for hd in handles:
                 hd.remove()
         for n, m in mine.items():
-            codes, scale, zero, _ = gptq_quantize(m.weight, H[n], g)
-            q = C.make_int4(m, g, codes=codes, scale=scale, zero=zero)
-            out.append(
-                Quantized(
-                    n,
-                    q,
-                    "int4",
-                    m.weight.detach().float().clone(),
-                    m.bias,
-                    f"int4 g{g} GPTQ",
-                    meta={"group_size": g},
-                )
-            )
-            set_module(lm.model, n, q)  # the next blocks see this block's quantized outputs
+            done = _quantized(n, m, g, H[n], f"int4 g{g} GPTQ")
+            out.append(done)
+            set_module(lm.model, n, done.module)  # the next blocks see this block's quantized outputs
         hidden = [_first(block(h, *args[1:], **kwargs)) for (args, kwargs), h in zip(inputs, hidden)]
+    return out
+
+
+def _quantized(name: str, m, g: int, H: torch.Tensor, how: str) -> Quantized:
+    codes, scale, zero, _ = gptq_quantize(m.weight, H, g)
+    q = C.make_int4(m, g, codes=codes, scale=scale, zero=zero)
+    return Quantized(name, q, "int4", m.weight.detach().float().clone(), m.bias, how, meta={"group_size": g})
+
+
+@torch.no_grad()
+def _quantize_independent(lm, step, calib, targets) -> list[Quantized]:
+    """Each layer from the Hessian of its inputs in the unquantized model (``original_hessians``)."""
+    H = original_hessians(lm, calib)
+    g = step.group_size
+    out = []
+    for n, m in targets:
+        if n not in H:
+            raise LmscopeError(f"no calibration Hessian for '{n}'", "quantize it in a sequential gptq4 step")
+        out.append(_quantized(n, m, g, H[n], f"int4 g{g} GPTQ (non-sequential)"))
     return out

@@ -12,6 +12,8 @@ Compute paths (chosen by measurement on this CPU, see docs/quantization.md):
   unpacks to a bf16 weight and runs a bf16 matmul; decode uses ``aten._weight_int4pack_mm_for_cpu`` on a
   copy in that kernel's layout, built on the first decode call.
 * ``Int8Embedding`` / ``Int8TiedHead``: the token embedding as int8 rows; a tied LM head reuses it.
+* ``Int4Embedding`` / ``Int4TiedHead``: the token embedding in ``Int4Linear``'s layout ([vocab, dim] codes per
+  group of ``dim``); a tied LM head runs ``Int4Linear``'s kernels on the same buffers.
 """
 
 from __future__ import annotations
@@ -247,3 +249,69 @@ class Int8TiedHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size} -> {self.vocab_size}, tied to the int8 embedding"
+
+
+class Int4Embedding(nn.Module):
+    """Token embedding as int4 codes (two per byte) with an fp16 scale and uint8 zero per group of
+    ``group_size`` columns: ``Int4Linear``'s layout and arithmetic for a [vocab, dim] matrix."""
+
+    bits = 4
+    scheme = "int4"
+    bias = None
+    # the tied head runs Int4Linear's prefill/decode code on these buffers (same names, same layout)
+    _weight = Int4Linear._weight
+    _decode_layout = Int4Linear._decode_layout
+    _finish = QuantizedLinear._finish
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, group_size: int = 64
+    ):
+        super().__init__()
+        self.num_embeddings = self.out_features = num_embeddings
+        self.embedding_dim = self.in_features = embedding_dim
+        self.padding_idx = padding_idx
+        self.group_size = group_size
+        n_groups = embedding_dim // group_size
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(num_embeddings, n_groups, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros(num_embeddings, n_groups, dtype=torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = unpack_int4(self.qweight[ids]).float()  # [..., dim]
+        q = q.view(*ids.shape, -1, self.group_size)  # [..., groups, group_size]
+        w = (q - self.zero[ids].float().unsqueeze(-1)) * self.scale[ids].float().unsqueeze(-1)
+        return w.reshape(*ids.shape, self.embedding_dim)
+
+    def logical_numel(self) -> int:  # the tied head reuses this matrix and counts 0
+        return self.num_embeddings * self.embedding_dim
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._weight(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 group_size={self.group_size}"
+
+
+class Int4TiedHead(nn.Module):
+    """LM head tied to an ``Int4Embedding``: ``Int4Linear``'s kernels on the embedding's own buffers."""
+
+    bits = 4
+    scheme = "int4"
+
+    def __init__(self, embedding: Int4Embedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: saved once, under the embedding
+        self.hidden_size = embedding.embedding_dim
+        self.vocab_size = embedding.num_embeddings
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Int4Linear._kernel_forward(self._embedding, x)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._embedding.dequantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _straight_through(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size} -> {self.vocab_size}, tied to the int4 embedding"

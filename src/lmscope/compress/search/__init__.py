@@ -143,6 +143,7 @@ def search(
     *,
     levels=DEFAULT_LEVELS,
     granularity: str = "kind",
+    embedding: str = "int8",
     calibration_text: str | None = None,
     calibration_tokens: int = 512,
     window: int = 64,
@@ -172,7 +173,10 @@ def search(
     continues from it). ``"latency=0.9"``: the mean of the prefill and decode ratios to the original, from a
     per-unit latency table measured on this machine (cached; ``latency_table``: a given table file).
     ``ray``: "auto" (a local runtime) or a cluster address: candidates are scored on ``workers`` Ray actors
-    (same results as in-process). Bad inputs raise ``LmscopeError`` before any output exists."""
+    (same results as in-process). ``embedding``: the token embedding + tied head in every configuration,
+    "int8" or an int4 level ("gptq4-g32": GPTQ on the head's inputs), leaving its bytes to the blocks; GPTQ
+    levels and a GPTQ embedding use the calibration ``compress`` uses (8 x 256 tokens of the same text).
+    Bad inputs raise ``LmscopeError`` before any output exists."""
     import torch
 
     from ..calibration import default_calibration_text
@@ -272,11 +276,16 @@ def search(
             "use --budget bytes=FRACTION or latency=FRACTION",
         )
     _optuna()  # a missing extra fails before any work
-    qspace = QuantSpace(lm, levels, granularity)
+    qspace = QuantSpace(lm, levels, granularity, embedding)
     reference_bytes = fp32_bytes(lm.model)
     budget_bytes = int(budget.fraction * reference_bytes)
     table = cost = None
     if latency_table is not None or budget.kind == "latency":
+        if embedding != "int8":  # the latency table is measured with the int8 embedding + tied head
+            raise LmscopeError(
+                f"a latency table is measured with the int8 embedding, not '{embedding}'",
+                "drop --embedding, or use a bytes budget",
+            )
         from .latency import LatencyCost, LatencyTable
 
         table = LatencyTable.cached(lm, qspace, latency_table)
@@ -288,6 +297,7 @@ def search(
         "space": "quant",
         "levels": list(qspace.levels),
         "granularity": granularity,
+        "embedding": embedding,
         "calibration_tokens": calibration_tokens,
         "calibration": "given text" if calibration_text else "built-in calibration half",
         "window": window,
@@ -300,7 +310,9 @@ def search(
     if table is not None:
         settings["latency_table"] = table.data["key"]
     start = time.perf_counter()
-    db = LevelDatabase(lm, qspace, max_bytes=max_cache_bytes, simulate=simulate)
+    db = LevelDatabase(
+        lm, qspace, max_bytes=max_cache_bytes, simulate=simulate, calibration_text=calibration_text
+    )
     fitness = KLFitness(
         lm, calibration_text or default_calibration_text(), calibration_tokens, window, stages
     )
@@ -315,7 +327,7 @@ def search(
             lm,
             ray,
             workers,
-            {"levels": tuple(levels), "granularity": granularity},
+            {"levels": tuple(levels), "granularity": granularity, "embedding": embedding},
             {
                 "text": calibration_text or default_calibration_text(),
                 "tokens": calibration_tokens,

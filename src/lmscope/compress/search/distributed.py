@@ -28,7 +28,8 @@ def _evaluator_class(ray):
 
             torch.set_num_threads(threads)
             lm = lmscope.load(model, progress=False)
-            self.db = LevelDatabase(lm, QuantSpace(lm, **space_args), simulate=simulate)
+            space = QuantSpace(lm, **space_args)
+            self.db = LevelDatabase(lm, space, simulate=simulate, calibration_text=fitness_args["text"])
             self.fitness = KLFitness(lm, **fitness_args)
 
         def run(self, config, stage, done):

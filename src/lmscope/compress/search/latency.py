@@ -142,6 +142,7 @@ class LatencyTable:
                 delta = [0.0, 0.0]
                 if LEVELS[lv] is not None:
                     scheme, group = LEVELS[lv]
+                    scheme = "int4" if scheme == "gptq4" else scheme  # same kernel: timed on RTN codes
                     step = Quantize(scheme, group_size=group)
                     built = SCHEMES[scheme](work, step, None, list(floats.items()))
                     try:

@@ -30,10 +30,13 @@ class EmulatedLinear(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        from ..quantize.modules import Int4Linear, Int8Linear, Int8TiedHead
+        from ..quantize.modules import Int4Linear, Int4TiedHead, Int8Linear, Int8TiedHead
 
         self.post_scale = None
-        if isinstance(module, Int8TiedHead):
+        if isinstance(module, Int4TiedHead):
+            weight = module._embedding._weight(BF16).float()
+            self.out_features, self.bias = module.vocab_size, None
+        elif isinstance(module, Int8TiedHead):
             e = module._embedding
             weight, self.post_scale = e.qweight.float(), e.scale
             self.out_features, self.bias = module.vocab_size, None
@@ -72,8 +75,16 @@ def _memory(m: nn.Module) -> int:
 class LevelDatabase:
     """``modules(unit, level)`` -> {path: module}; ``bytes(unit, level)``; ``assemble(config)``."""
 
-    def __init__(self, lm, space: QuantSpace, max_bytes: int = 2 << 30, simulate: bool = False):
+    def __init__(
+        self,
+        lm,
+        space: QuantSpace,
+        max_bytes: int = 2 << 30,
+        simulate: bool = False,
+        calibration_text: str | None = None,
+    ):
         from ...lm import LM
+        from ..calibration import Calibration
         from ..quantize import _common as C
         from ..targets import set_module
 
@@ -83,9 +94,20 @@ class LevelDatabase:
         # arithmetic (bf16 rounding included) in fp32 matmuls, much faster on CPUs without bf16 matmul units
         self.simulate = simulate
         # the working model: a copy whose embedding is int8 (every configuration has it so)
+        # GPTQ levels: every block linear's Hessian from the unquantized model on the calibration windows
+        # ``compress`` uses by default (8 x 256 tokens of the same text), computed once; the weight errors are
+        # then output errors on that Hessian for every level (a plain weight error ranks GPTQ below RTN)
+        self.calib = self.hessians = None
+        gptq = any(LEVELS[lv] is not None and LEVELS[lv][0] == "gptq4" for lv in space.levels)
+        if gptq or space.embedding.startswith("gptq4"):
+            from ..quantize.gptq import original_hessians
+
+            self.calib = Calibration(lm, calibration_text)
+            self.hessians = original_hessians(lm, self.calib)
         self.work = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
-        with torch.no_grad():
-            C.quantize_embeddings(self.work)
+        with torch.no_grad():  # the embedding as the recipe's first quantize step stores it
+            head_hessian = self.hessians.get(lm.family.unembed) if self.hessians else None
+            C.quantize_embeddings(self.work, space.embedding, head_hessian)
         self.float_modules = {p: self.work.model.get_submodule(p) for u in space.units for p in u.paths}
         self._cache: OrderedDict[tuple[int, str], dict[str, nn.Module]] = OrderedDict()
         self._cache_bytes: dict[tuple[int, str], int] = {}
@@ -94,7 +116,7 @@ class LevelDatabase:
         self._error: dict[tuple[int, str], float] = {}
         self.current: list[str] = ["float"] * len(space.units)
         for i in range(len(space.units)):  # bytes and weight error of every variant, once
-            for lv in space.levels:
+            for lv in dict.fromkeys(("float", *space.levels)):  # float: the fixed bytes below need it
                 mods = self.modules(i, lv)
                 self._bytes[(i, lv)] = sum(
                     getattr(m, "_lmscope_bytes", None) or state_bytes(m) for m in mods.values()
@@ -104,10 +126,10 @@ class LevelDatabase:
             self._bytes[(i, "float")] for i in range(len(space.units))
         )
         if simulate:  # after the byte count: the emulated head holds no state of its own
-            from ..quantize.modules import Int8TiedHead
+            from ..quantize.modules import Int4TiedHead, Int8TiedHead
 
             head = lm.family.unembed
-            if head and isinstance(self.work.module(head), Int8TiedHead):
+            if head and isinstance(self.work.module(head), (Int8TiedHead, Int4TiedHead)):
                 set_module(self.work.model, head, EmulatedLinear(self.work.module(head)))
 
     @torch.no_grad()
@@ -117,11 +139,11 @@ class LevelDatabase:
 
         load_schemes()
         scheme, group = LEVELS[level]
-        step = Quantize(scheme, group_size=group)
+        step = Quantize(scheme, group_size=group, **({"sequential": False} if scheme == "gptq4" else {}))
         targets = [(p, self.float_modules[p]) for p in self.space.units[unit].paths]
         self.built += 1
-        done = {q.name: q.module for q in SCHEMES[scheme](self.work, step, None, targets)}
-        if self.simulate:
+        done = {q.name: q.module for q in SCHEMES[scheme](self.work, step, self.calib, targets)}
+        if self.simulate and scheme != "w8a8":  # w8a8's activation rounding is not emulated: the real module
             for name, q in done.items():
                 em = EmulatedLinear(q)
                 em._lmscope_bytes = state_bytes(q)  # the bytes of what it stands for
@@ -150,15 +172,21 @@ class LevelDatabase:
         for p, m in mods.items():
             w = self.float_modules[p].weight.detach().float()
             w_hat = m.dequantized_weight().float() if hasattr(m, "dequantized_weight") else m.weight.float()
-            num += float((w - w_hat).pow(2).sum())
-            den += float(w.pow(2).sum())
+            if self.hessians is None:
+                num += float((w - w_hat).pow(2).sum())
+                den += float(w.pow(2).sum())
+            else:  # output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T)
+                H = self.hessians[p]
+                num += float(((w - w_hat) @ H * (w - w_hat)).sum())
+                den += float((w @ H * w).sum())
         return num / max(den, 1e-30)
 
     def bytes(self, unit: int, level: str) -> int:
         return self._bytes[(unit, level)]
 
     def error(self, unit: int, level: str) -> float:
-        """Relative squared weight error of the unit at this level (0 for float)."""
+        """Relative squared weight error of the unit at this level (0 for float); with GPTQ levels, the relative
+        squared output error on the calibration inputs."""
         return self._error[(unit, level)]
 
     def total_bytes(self, config) -> int:

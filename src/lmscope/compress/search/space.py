@@ -3,7 +3,8 @@ and the recipe a configuration stands for.
 
 The quantization space gives every block (or every block x projection kind: ``self_attn``, ``mlp``) one
 precision level. The token embedding (and a tied LM head) is int8 in every configuration, as in a uniform
-``lmscope compress --quantize int4``, so the uniform configurations are exactly the uniform baselines.
+``lmscope compress --quantize int4``, so the uniform configurations are exactly the uniform baselines; or, with
+``embedding="gptq4-g32"`` (or another int4 level), int4 in every configuration, its bytes left to the blocks.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ import torch
 
 from ...errors import LmscopeError
 
-#: precision levels by name: (scheme, group size); "float" keeps the layer as it is
+#: precision levels by name: (scheme, group size); "float" keeps the layer as it is. ``gptq-gN``: int4 by GPTQ
+#: from the unquantized model's calibration inputs (``Quantize(sequential=False)``), so each unit's variant
+#: is independent of the others and is built once, like the round-to-nearest ones
 LEVELS: dict[str, tuple[str, int | None] | None] = {
     "float": None,
     "int8": ("int8", None),
     "int4-g32": ("int4", 32),
     "int4-g64": ("int4", 64),
     "int4-g128": ("int4", 128),
+    "gptq-g32": ("gptq4", 32),
+    "gptq-g64": ("gptq4", 64),
+    "gptq-g128": ("gptq4", 128),
+    "w8a8": ("w8a8", None),  # int8 weights x dynamic per-token int8 activations (the bytes of int8)
 }
-DEFAULT_LEVELS = tuple(LEVELS)
+#: the levels searched unless others are asked for (GPTQ levels cost a calibration pass and a GPTQ per variant)
+DEFAULT_LEVELS = ("float", "int8", "int4-g32", "int4-g64", "int4-g128")
 SPACES = ("quant", "heads", "neurons", "layers", "sparsity")
 BUDGET_KINDS = ("bytes", "params", "latency")
 GRANULARITIES = ("kind", "block")
@@ -95,7 +103,7 @@ class QuantSpace:
 
     name = "quant"
 
-    def __init__(self, lm, levels=DEFAULT_LEVELS, granularity: str = "kind"):
+    def __init__(self, lm, levels=DEFAULT_LEVELS, granularity: str = "kind", embedding: str = "int8"):
         from ..steps import Quantize
         from ..targets import block_linears, is_conv1d
 
@@ -149,6 +157,16 @@ class QuantSpace:
             for (b, k), p in groups.items()
         )
         self.embed = lm.family.embed
+        # the token embedding (+ tied head), fixed for every configuration: int8 rows, or int4 (RTN / GPTQ on
+        # the head's inputs), which leaves the blocks more of a bytes budget
+        step = Quantize("int8", embedding=embedding, modules=(self.embed,))
+        step.check(lm)
+        head = lm.module(lm.family.unembed) if lm.family.unembed else None
+        if embedding != "int8" and getattr(head, "weight", None) is not lm.module(self.embed).weight:
+            raise LmscopeError(
+                f"embedding level '{embedding}' needs an LM head tied to the embedding", "keep it int8"
+            )
+        self.embedding = embedding
 
     # -- configurations: one level name per unit ---------------------------------------------------------
     def uniform(self, level: str) -> tuple[str, ...]:
@@ -159,7 +177,8 @@ class QuantSpace:
 
     def recipe(self, config):
         """The Recipe this configuration stands for: one quantize step per level used, each owning its units'
-        linears; the embedding goes with the first step (int8 rows whatever the scheme)."""
+        linears; the embedding goes with the first step (int8 rows whatever the scheme). GPTQ steps come first:
+        their Hessians are the unquantized model's, as in the level database."""
         from ..recipe import Quantize, Recipe
 
         by_level: dict[str, list[str]] = {}
@@ -169,11 +188,16 @@ class QuantSpace:
         if not by_level:
             raise LmscopeError("the all-float configuration is the original model", "nothing to compress")
         steps = []
-        for i, (lv, paths) in enumerate(sorted(by_level.items(), key=lambda kv: self.levels.index(kv[0]))):
+        order = sorted(
+            by_level.items(), key=lambda kv: (LEVELS[kv[0]][0] != "gptq4", self.levels.index(kv[0]))
+        )
+        for i, (lv, paths) in enumerate(order):
             scheme, group = LEVELS[lv]
-            steps.append(
-                Quantize(scheme, group_size=group, modules=tuple(paths) + ((self.embed,) if i == 0 else ()))
-            )
+            extra = {"sequential": False} if scheme == "gptq4" else {}
+            if i == 0:
+                extra["embedding"] = self.embedding
+            modules = tuple(paths) + ((self.embed,) if i == 0 else ())
+            steps.append(Quantize(scheme, group_size=group, modules=modules, **extra))
         return Recipe.of(*steps)
 
     def describe(self, config) -> str:
@@ -186,10 +210,10 @@ class QuantSpace:
 
 
 def bits_per_weight(level: str) -> float:
-    """Storage bits per weight of a level (int4: 4 bits + fp16 scale and uint8 zero per group)."""
+    """Storage bits per weight of a level (int4, GPTQ too: 4 bits + fp16 scale and uint8 zero per group)."""
     spec = LEVELS[level]
     if spec is None:
         return 32.0
-    if spec[0] == "int8":
+    if spec[0] in ("int8", "w8a8"):
         return 8.0
     return 4.0 + 24.0 / spec[1]
