@@ -13,7 +13,7 @@ import lmscope
 from lmscope.cli.main import main
 from lmscope.compress import compress
 from lmscope.compress.search import search
-from lmscope.compress.search.structure import StructureDatabase, StructuredSpace, block_params
+from lmscope.compress.search.structure import Refit, StructureDatabase, StructuredSpace, block_params
 from lmscope.errors import LmscopeError
 
 pytest.importorskip("optuna")
@@ -63,7 +63,9 @@ def test_budget_exact_and_recipe_reproduces_candidate(tiny, tmp_path):
     assert sum(1 for p in res.points if p.get("ppl") is not None) >= 2
     # every evaluated point's parameter count equals the model assembled for it, counted independently
     space = StructuredSpace(lm, ("heads", "neurons", "layers"), priors=res.priors)
-    db = StructureDatabase(lm, space)
+    db = StructureDatabase(lm, space, Refit(lm, CALIB))  # the search refits by default, so does its recipe
+    spec = {k: res.settings["refit"][k] for k in ("tokens", "window", "damp", "digest")}
+    assert all(s.refit == spec for s in recipe.steps if s.kind != "prune_layers")
     for p in res.points[:: max(1, len(res.points) // 6)]:
         if not p.get("baseline"):
             config = tuple(p["config"][u.name] for u in space.units)
