@@ -190,3 +190,13 @@ def test_baselines_with_and_without_refit_and_switch_off(tiny):
     assert off.settings["refit"] is None
     assert all(s.refit is None for s in off.recipe().steps if s.kind != "prune_layers")
     assert not any(p.get("refit") for p in off.points)
+
+
+def test_a_bad_refit_spec_is_refused():
+    from lmscope.compress.steps import KeepHeads, KeepNeurons
+
+    with pytest.raises(LmscopeError, match="refit must be an object"):
+        KeepNeurons(layers={"0": [0]}, refit={"tokens": 64})
+    with pytest.raises(LmscopeError, match="damp >= 0"):
+        KeepHeads(layers={"0": [0]}, refit={"tokens": 64, "window": 16, "damp": -1, "digest": "x"})
+    assert "refit" not in KeepNeurons(layers={"0": [0]}).to_dict()  # recipes without a refit keep their JSON

@@ -127,7 +127,7 @@ def calibration_grams(lm, calib, spec: dict, step: str) -> dict[tuple[str, int],
             raise LmscopeError(
                 f"{step} refit: these calibration tokens (digest {digest}) are not the ones the recipe was "
                 f"refit on ({spec['digest']})",
-                "pass compress the same --calibration text the search used (none: the built-in text)",
+                "pass compress the same --calibration-file the search used (none: the built-in text)",
             )
         cache[key] = cached_grams(lm, windows)
     return cache[key]
