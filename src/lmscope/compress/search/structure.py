@@ -515,12 +515,13 @@ class StructuredEvolution(Evolution):
 
     def measure_sensitivity(self) -> dict[str, float]:
         """KL at the first stage with one unit at its fewest-parameters level and everything else full."""
-        out = {}
-        for k, unit in enumerate(self.space.units):
+        probes = []
+        for k in range(len(self.space.units)):
             config = list(self.space.full())
             config[k] = self.levels[k][-1]
-            out[unit.name] = self.evaluate(config, 0, "sensitivity")
-        return out
+            probes.append(tuple(config))
+        kls = self._many(probes, 0, "sensitivity")
+        return {u.name: kl for u, kl in zip(self.space.units, kls)}
 
     def greedy(
         self,
@@ -611,8 +612,7 @@ class StructuredEvolution(Evolution):
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, prior: str = "sensitivity") -> None:
         self.seed_labels = self.uniform_seeds()
-        for config in self.seed_labels:
-            self.evaluate(config, self.last, "uniform")
+        self._many(list(self.seed_labels), self.last, "uniform")
         seeds = list(self.seed_labels)
         if prior == "sensitivity":
             self.sensitivity = self.measure_sensitivity()
@@ -629,7 +629,7 @@ class StructuredEvolution(Evolution):
                 self.space.canonical(self._config(self._refill(self._index(config), range(len(self.levels)))))
             )
         seeds = list(dict.fromkeys(seeds))
-        scored = [(self.evaluate(c, self.last, "seed"), i, c) for i, c in enumerate(seeds)]
+        scored = [(kl, i, c) for i, (kl, c) in enumerate(zip(self._many(seeds, self.last, "seed"), seeds))]
         self.parent = min(scored)[2]
         while True:
             parent_kl = self.evaluate(self.parent, self.last, "seed")
@@ -643,7 +643,7 @@ class StructuredEvolution(Evolution):
             if not kids:
                 return
             for stage in range(self.last + 1):
-                ranked = sorted((self.evaluate(c, stage), i, c) for i, c in enumerate(kids))
+                ranked = sorted((kl, i, c) for i, (kl, c) in enumerate(zip(self._many(kids, stage), kids)))
                 if stage < self.last:
                     kids = [c for _, _, c in ranked[: max(1, math.ceil(len(kids) / 4))]]
             best_kl, _, best = ranked[0]
@@ -738,6 +738,8 @@ def search_structure(
     refit=True,
     refit_tokens=None,
     refit_damp=None,
+    ray=None,
+    workers=2,
 ):
     """``search`` for the structured spaces (heads, neurons, layers) under ``params=F``: F of the block
     parameters kept. ``refit``: every candidate's sliced o_proj / down_proj re-solved by least squares on the
@@ -788,16 +790,39 @@ def search_structure(
         if compensation is None
         else {**compensation.spec, "calibration_tokens_used": compensation.n_tokens},
     }
-    if before_store is not None:
-        before_store()
-    trials = TrialStore(store, space, settings, resume=resume)
-    evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-    evolution.evaluate = evaluator
-    with torch.no_grad():
-        try:
-            evolution.run(prior)
-        except StopSearch:
-            pass
+    scorers = None
+    if ray is not None:  # an unreachable address or a missing extra fails here, before any output
+        from .distributed import RayScorers
+
+        scorers = RayScorers(
+            lm,
+            ray,
+            workers,
+            {
+                "spaces": tuple(spaces),
+                "priors": space.priors,
+                "neuron_fractions": tuple(neuron_fractions),
+                "refit": space.refit_spec,
+            },
+            {"text": calib, "tokens": calibration_tokens, "window": window, "stages": stages},
+            False,
+            kind="structure",
+        )
+    try:
+        if before_store is not None:
+            before_store()
+        trials = TrialStore(store, space, settings, resume=resume)
+        evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
+        evaluator.scorers = scorers
+        evolution.evaluate = evaluator
+        with torch.no_grad():
+            try:
+                evolution.run(prior)
+            except StopSearch:
+                pass
+    finally:
+        if scorers is not None:
+            scorers.close()
     search_seconds = time.perf_counter() - start
     sensitivity = dict(evolution.sensitivity)
     if not sensitivity:  # a resumed or bounded search: read the probes back from storage
@@ -915,7 +940,10 @@ def search_structure(
         chosen=chosen,
         sensitivity=sensitivity,
         settings=settings,
-        stats=run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+        stats={
+            **run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+            "workers": f"ray {ray} x{workers}" if ray is not None else "in-process",
+        },
         reference_ppl=reference_ppl,
         space=space,
         priors=space.priors,
