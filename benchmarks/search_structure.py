@@ -60,6 +60,10 @@ def main() -> None:
         "sensitivity (one KL probe per unit first)",
     )
     ap.add_argument("--prior-tokens", type=int, default=1024, help="calibration tokens for the priors")
+    ap.add_argument(
+        "--no-refit", action="store_true", help="no least-squares refit of o_proj/down_proj (plain slicing)"
+    )
+    ap.add_argument("--refit-tokens", type=int, default=None, help="calibration tokens of the refit's Gram")
     ap.add_argument("--store", default=None, help="optuna SQLite file for the evaluations (with --resume)")
     ap.add_argument("--resume", action="store_true", help="continue the search stored in --store")
     ap.add_argument("--out", default=None, help="also write pareto.json / recipe.json / report.html here")
@@ -89,7 +93,11 @@ def main() -> None:
         seed=args.seed,
         offspring=args.offspring,
         prior=args.prior,
-        structure={"prior_tokens": args.prior_tokens},
+        structure={
+            "prior_tokens": args.prior_tokens,
+            "refit": not args.no_refit,
+            "refit_tokens": args.refit_tokens,
+        },
         store=args.store,
         resume=args.resume,
         on_eval=lambda n: (
@@ -119,9 +127,12 @@ def main() -> None:
         (p for p in res.points if p["origin"] == "uniform" and p.get("ppl") is not None),
         key=lambda p: p["ppl"],
     )
+    refit = res.settings.get("refit") is not None
     for p in grid[:1] + [p for p in grid[1:] if "blocks" in p["label"]]:  # the best grid point, layer drop
         config = tuple(p["config"][u["name"]] for u in res.units)
-        recipes[p["label"]] = res.space.recipe(config)
+        recipe = res.space.recipe(config)
+        compensated = any(getattr(st, "refit", None) for st in recipe.steps)
+        recipes[p["label"] + (" + refit" if compensated else "")] = recipe
     models, rows = {"original": lm.model}, []
     for name, recipe in recipes.items():
         done = compress(lm, recipe)
@@ -145,14 +156,22 @@ def main() -> None:
             f"| {bold}{name}{bold} | {frac:.4f} | {ppl:.3f} | {ppl / ref - 1:+.1%} | {times[name] * 1000:.0f} ms |"
         )
     searched = next(r for r in rows if r[0] == "searched")
-    base = [r for r in rows if r[0] != "searched"]
-    best = min(base, key=lambda r: r[2])
-    d_s, d_b = searched[2] / ref - 1, best[2] / ref - 1
-    print(
-        f"\nsearched Δppl {d_s:+.1%} vs the best uniform ({best[0]}) {d_b:+.1%}: ratio {d_s / d_b:.2f} "
-        f"(goal <= 0.5: {'met' if d_s <= 0.5 * d_b else 'MISSED'}); prefill {times['searched'] * 1000:.0f} ms vs "
-        f"{times[best[0]] * 1000:.0f} ms ({'faster' if times['searched'] < times[best[0]] else 'NOT faster'})"
-    )
+    d_s = searched[2] / ref - 1
+    base = [r for r in rows if r[0] != "searched" and "blocks" not in r[0]]  # uniform head/neuron pruning
+    groups = [("uniform, plain slicing", [r for r in base if not r[0].endswith("+ refit")])]
+    if refit:
+        groups.append(("uniform with the same refit", [r for r in base if r[0].endswith("+ refit")]))
+    print()
+    for what, rs in groups:
+        if not rs:
+            continue
+        best = min(rs, key=lambda r: r[2])
+        d_b = best[2] / ref - 1
+        print(
+            f"searched Δppl {d_s:+.1%} vs the best {what} ({best[0]}) {d_b:+.1%}: ratio {d_s / d_b:.2f} "
+            f"(goal <= 0.5: {'met' if d_s <= 0.5 * d_b else 'MISSED'}); prefill {times['searched'] * 1000:.0f} ms "
+            f"vs {times[best[0]] * 1000:.0f} ms ({'faster' if times['searched'] < times[best[0]] else 'NOT faster'})"
+        )
     s = res.stats
     print(
         f"cost: {s['evaluations']} evaluations ({s['generations']} generations, {s['accepted']} accepted) in "

@@ -43,3 +43,25 @@ def test_unreachable_ray_address_exits_2(tiny_dir, tmp_path, capsys):  # noqa: F
     )
     _one_line_error(capsys, rc, "cannot reach the Ray cluster")
     assert not out.exists()
+
+
+@pytest.mark.ray
+def test_ray_structured_search_equals_in_process(tiny_dir):  # noqa: F811
+    """The structured search (with its least-squares refit) on two Ray actors: each builds the database from
+    the driver's priors and recomputes the same refit; the same evaluations, front and chosen point."""
+    pytest.importorskip("ray")
+    from .test_refit import FAST as STRUCT_FAST
+
+    lm = lmscope.load(str(tiny_dir), progress=False)
+    kw = dict(max_evals=20, seed=2, offspring=4, prior="priors", **STRUCT_FAST)
+    local = search(lm, "params=0.75", "heads,neurons,layers", **kw)
+    remote = search(lm, "params=0.75", "heads,neurons,layers", ray="auto", workers=2, **kw)
+    assert remote.stats["workers"] == "ray auto x2" and local.stats["workers"] == "in-process"
+    assert local.settings["refit"] is not None and remote.settings["refit"] == local.settings["refit"]
+    assert remote.stats["evaluations"] == local.stats["evaluations"]
+    # the same configurations in the same order; KL equal up to float summation order (threads differ)
+    assert [p["config"] for p in remote.points] == [p["config"] for p in local.points]
+    for r, q in zip(remote.points, local.points):
+        assert r["kl"] == pytest.approx(q["kl"], rel=1e-6, abs=1e-12)
+    assert [p.get("pareto", False) for p in remote.points] == [p.get("pareto", False) for p in local.points]
+    assert remote.chosen_point["config"] == local.chosen_point["config"]

@@ -13,7 +13,7 @@ import lmscope
 from lmscope.cli.main import main
 from lmscope.compress import compress
 from lmscope.compress.search import search
-from lmscope.compress.search.structure import StructureDatabase, StructuredSpace, block_params
+from lmscope.compress.search.structure import Refit, StructureDatabase, StructuredSpace, block_params
 from lmscope.errors import LmscopeError
 
 pytest.importorskip("optuna")
@@ -58,12 +58,14 @@ def test_budget_exact_and_recipe_reproduces_candidate(tiny, tmp_path):
     recipe = res.recipe()
     kinds = [s.kind for s in recipe.steps]
     assert kinds == sorted(kinds, key=["keep_heads", "keep_neurons", "prune_layers"].index)
-    done = compress(lm, recipe)
+    done = compress(lm, recipe, calibration_text=CALIB)  # the refit needs the search's tokens
     assert _block_params(done.lm) == chosen["params"]
     assert sum(1 for p in res.points if p.get("ppl") is not None) >= 2
     # every evaluated point's parameter count equals the model assembled for it, counted independently
     space = StructuredSpace(lm, ("heads", "neurons", "layers"), priors=res.priors)
-    db = StructureDatabase(lm, space)
+    db = StructureDatabase(lm, space, Refit(lm, CALIB))  # the search refits by default, so does its recipe
+    spec = {k: res.settings["refit"][k] for k in ("tokens", "window", "damp", "digest")}
+    assert all(s.refit == spec for s in recipe.steps if s.kind != "prune_layers")
     for p in res.points[:: max(1, len(res.points) // 6)]:
         if not p.get("baseline"):
             config = tuple(p["config"][u.name] for u in space.units)
@@ -225,9 +227,12 @@ def test_cli_structured_search_then_compress(make_tiny, tmp_path, capsys):
     chosen = pareto["points"][pareto["chosen"]]
     assert chosen["params"] <= pareto["budget"]["params"]
     small = tmp_path / "small"
-    assert (
-        main(["compress", "--model", str(d), "--recipe", str(out / "recipe.json"), "--out", str(small)]) == 0
-    )
+    build = ["compress", "--model", str(d), "--recipe", str(out / "recipe.json"), "--out", str(small)]
+    # the recipe's refit is recomputed on the search's calibration tokens: other tokens are refused, one line
+    assert main(build) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not the ones the recipe was refit on" in err and "\n" not in err and not small.exists()
+    assert main([*build, "--calibration-file", str(calib)]) == 0
     back = lmscope.load(str(small), progress=False)
     assert _block_params(back) == chosen["params"]
 

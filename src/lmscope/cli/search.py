@@ -86,6 +86,11 @@ def add_parser(sub) -> None:
         help="score candidates on Ray actors: auto (a local runtime) or a cluster address (extra lmscope[scale])",
     )
     p.add_argument("--workers", type=int, default=2, help="Ray actors with --ray (default 2)")
+    p.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="structured spaces: slice heads/neurons without re-solving o_proj/down_proj by least squares",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
@@ -258,6 +263,7 @@ def run(args) -> int:
             latency_table=args.latency_table,
             ray=args.ray,
             workers=args.workers,
+            **({"structure": {"refit": False}} if args.no_refit else {}),
         )
     result.write(args.out)
     print(result.to_text())

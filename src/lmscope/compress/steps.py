@@ -106,8 +106,8 @@ class StepConfig:
         out: dict[str, Any] = {"kind": self.kind}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "modules" and not v:
-                continue  # recipes without a filter keep their old JSON
+            if (f.name == "modules" and not v) or (f.name == "refit" and v is None):
+                continue  # recipes without a filter (or a refit) keep their old JSON
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -423,12 +423,43 @@ def _keep_lists(name: str, value) -> dict[str, list[int]]:
     return out
 
 
+REFIT_FIELDS = ("tokens", "window", "damp", "digest")
+
+
+def _refit_spec(name: str, value) -> dict | None:
+    """``refit`` of a keep step: None, or {tokens, window, damp, digest} — the least-squares compensation of
+    the consuming projection (``prune.refit``) on the first ``tokens`` calibration tokens in windows of
+    ``window``, ridge ``damp``; ``digest`` fingerprints those tokens so compress refuses other ones."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != set(REFIT_FIELDS):
+        raise LmscopeError(
+            f"{name} refit must be an object with {', '.join(REFIT_FIELDS)}, got {value!r}"[:200],
+            'e.g. "refit": {"tokens": 4096, "window": 128, "damp": 0.01, "digest": "..."} (as search wrote it)',
+        )
+    try:
+        out = {
+            "tokens": int(value["tokens"]),
+            "window": int(value["window"]),
+            "damp": float(value["damp"]),
+            "digest": str(value["digest"]),
+        }
+    except (TypeError, ValueError):
+        raise LmscopeError(f"{name} refit has a bad value in {value!r}"[:200], "fix the recipe") from None
+    if out["tokens"] < 2 or out["window"] < 2 or not out["damp"] >= 0:
+        raise LmscopeError(
+            f"{name} refit needs tokens and window >= 2 and damp >= 0, got {value!r}"[:200], "fix the recipe"
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class KeepHeads(StepConfig):
     """Keep exactly the listed query heads of each listed layer (original numbering; GQA: every kept KV group
     keeps the same count). Written by ``lmscope search`` so a searched architecture reproduces exactly."""
 
     layers: dict = field(default_factory=dict)
+    refit: dict | None = None  # least-squares compensation of the output projection (``_refit_spec``)
 
     kind: ClassVar[str] = "keep_heads"
     stage: ClassVar[int] = STAGE_PRUNE
@@ -436,6 +467,7 @@ class KeepHeads(StepConfig):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "layers", _keep_lists("keep_heads layers", self.layers))
+        object.__setattr__(self, "refit", _refit_spec("keep_heads", self.refit))
 
     def check(self, lm) -> None:
         from .prune.heads import check_head_surgery
@@ -454,6 +486,7 @@ class KeepNeurons(StepConfig):
     """Keep exactly the listed MLP hidden units of each listed layer (original numbering)."""
 
     layers: dict = field(default_factory=dict)
+    refit: dict | None = None  # least-squares compensation of the down projection (``_refit_spec``)
 
     kind: ClassVar[str] = "keep_neurons"
     stage: ClassVar[int] = STAGE_PRUNE
@@ -461,6 +494,7 @@ class KeepNeurons(StepConfig):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "layers", _keep_lists("keep_neurons layers", self.layers))
+        object.__setattr__(self, "refit", _refit_spec("keep_neurons", self.refit))
 
     def check(self, lm) -> None:
         for k, kept in self.layers.items():
@@ -472,7 +506,8 @@ class KeepNeurons(StepConfig):
 
     def describe(self) -> str:
         kept = sum(len(v) for v in self.layers.values())
-        return f"{self.kind}({len(self.layers)} layers, {kept} neurons kept)"
+        refit = ", refit" if self.refit else ""
+        return f"{self.kind}({len(self.layers)} layers, {kept} neurons kept{refit})"
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,28 @@ class NeuronPruner:
         rebuild_neurons(model, info)
 
 
+def _before_refit(lm, step, calib, keep, path) -> dict:
+    """For a keep step with ``refit``: the Gram matrices (collected once per compress call) and the consuming
+    projection's [out, in] weights before slicing, by layer; {} without refit."""
+    if not step.refit or not keep:
+        return {}
+    from ._linear import weight_out_in
+    from .refit import calibration_grams
+
+    grams = calibration_grams(lm, calib, step.refit, step.kind)
+    return {i: (weight_out_in(lm.blocks[i].get_submodule(path)).detach().clone(), grams) for i in keep}
+
+
+def _refit(lm, step, kind, path, full, columns) -> dict:
+    from .refit import refit_projection
+
+    out = {}
+    for i, (weight, grams) in full.items():
+        r = refit_projection(lm.blocks[i], path, weight, grams[(kind, i)], columns[i], step.refit["damp"])
+        out[str(i)] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+    return out
+
+
 @register_step(KeepHeads)
 class HeadKeeper:
     """Explicit kept heads per layer (a searched architecture), checked against masking like prune_heads."""
@@ -51,10 +73,18 @@ class HeadKeeper:
         from .heads import _check_exact, _masked_reference
 
         keep = {int(k): v for k, v in step.layers.items() if len(v) < lm.n_heads_at(int(k))}
+        full = _before_refit(lm, step, calib, keep, lm.family.o)
         probe, masked = _masked_reference(lm, keep)
         layers = remove_heads(lm, keep)
         _check_exact(lm, probe, masked)
-        return {"n_layers": lm.n_layers, "layers": layers}
+        info = {"n_layers": lm.n_layers, "layers": layers}
+        if full:
+            from .refit import head_columns
+
+            info["refit"] = _refit(
+                lm, step, "attn", lm.family.o, full, {i: head_columns(lm, h) for i, h in keep.items()}
+            )
+        return info
 
     def rebuild(self, model, step, info) -> None:
         rebuild_heads(model, info)
@@ -64,7 +94,11 @@ class HeadKeeper:
 class NeuronKeeper:
     def apply(self, lm, step, calib) -> dict:
         keep = {int(k): v for k, v in step.layers.items() if len(v) < lm.d_mlp_at(int(k))}
-        return {"n_layers": lm.n_layers, "layers": remove_neurons(lm, keep)}
+        full = _before_refit(lm, step, calib, keep, lm.family.mlp_out)
+        info = {"n_layers": lm.n_layers, "layers": remove_neurons(lm, keep)}
+        if full:
+            info["refit"] = _refit(lm, step, "mlp", lm.family.mlp_out, full, keep)
+        return info
 
     def rebuild(self, model, step, info) -> None:
         rebuild_neurons(model, info)

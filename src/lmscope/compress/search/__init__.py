@@ -198,10 +198,10 @@ def search(
     if set(spaces) <= set(STRUCT_SPACES):  # heads, neurons, layers: the structured search
         from .structure import search_structure
 
-        if ray is not None or latency_table is not None:
+        if latency_table is not None:
             raise LmscopeError(
-                "the structured search (heads, neurons, layers) runs in-process under a params budget",
-                "drop --ray / --latency-table, or search --space quant",
+                "the structured search (heads, neurons, layers) runs under a params budget",
+                "drop --latency-table, or search --space quant",
             )
 
         return search_structure(
@@ -224,6 +224,8 @@ def search(
             resume=resume,
             on_eval=on_eval,
             before_store=before_store,
+            ray=ray,
+            workers=workers,
             **(structure or {}),
         )
     if "quant" in spaces and len(spaces) > 1 and set(spaces) - {"quant"} <= set(STRUCT_SPACES):

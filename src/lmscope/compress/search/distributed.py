@@ -1,6 +1,7 @@
 """Candidate evaluation on Ray (``lmscope search --ray auto|ADDRESS --workers N``): a pool of actors, each
 opening the model once and building its own level database and KL fitness from the same settings, scores the
-configurations of one generation stage in parallel; results come back in submission order (Ray's
+configurations of one generation stage in parallel (the precision search's level database, or the structured
+search's database with the driver's priors and the same refit); results come back in submission order (Ray's
 ``ActorPool``), and the driver stores and ranks them exactly as in-process, so a fixed seed gives the same
 front. Uses ``scan``'s Ray start-up (local runtime for ``auto``, or a cluster address). Ray is optional
 (``pip install 'lmscope[scale]'``) and imported only here.
@@ -17,19 +18,42 @@ def _evaluator_class(ray):
     class CandidateScorer:
         """One actor: the model, the level database and the fitness, built once; then KL of configurations."""
 
-        def __init__(self, model: str, threads: int, space_args: dict, fitness_args: dict, simulate: bool):
+        def __init__(
+            self, model: str, threads: int, space_args: dict, fitness_args: dict, simulate: bool, kind: str
+        ):
             import torch
 
             import lmscope
 
             from .fitness import KLFitness
-            from .levels import LevelDatabase
-            from .space import QuantSpace
 
             torch.set_num_threads(threads)
             lm = lmscope.load(model, progress=False)
-            space = QuantSpace(lm, **space_args)
-            self.db = LevelDatabase(lm, space, simulate=simulate, calibration_text=fitness_args["text"])
+            if kind == "structure":  # heads / neurons / layers: the driver's priors, the same refit
+                from .structure import Refit, StructureDatabase, StructuredSpace
+
+                args = dict(space_args)
+                refit = args.pop("refit")
+                space = StructuredSpace(lm, **args)
+                compensation = None
+                if refit is not None:
+                    compensation = Refit(
+                        lm, fitness_args["text"], refit["tokens"], refit["window"], refit["damp"]
+                    )
+                    if compensation.spec != refit:
+                        raise LmscopeError(
+                            "a Ray worker's refit differs from the driver's (other weights or tokens)",
+                            "give every worker the same model",
+                        )
+                    space.refit_spec = compensation.spec
+                self.db = StructureDatabase(lm, space, compensation)
+            else:
+                from .levels import LevelDatabase
+                from .space import QuantSpace
+
+                self.db = LevelDatabase(
+                    lm, QuantSpace(lm, **space_args), simulate=simulate, calibration_text=fitness_args["text"]
+                )
             self.fitness = KLFitness(lm, **fitness_args)
 
         def run(self, config, stage, done):
@@ -63,7 +87,16 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 class RayScorers:
     """``map(jobs)`` -> [(kl, window sums)] in the order of ``jobs`` (each job: config, stage, done)."""
 
-    def __init__(self, lm, address: str, workers: int, space_args: dict, fitness_args: dict, simulate: bool):
+    def __init__(
+        self,
+        lm,
+        address: str,
+        workers: int,
+        space_args: dict,
+        fitness_args: dict,
+        simulate: bool,
+        kind: str = "quant",
+    ):
         if not isinstance(workers, int) or workers < 1:
             raise LmscopeError(f"--workers must be a positive integer, got {workers!r}", "e.g. --workers 2")
         if not lm.path:
@@ -89,7 +122,10 @@ class RayScorers:
             threads = max(1, int(self.ray.available_resources().get("CPU", workers)) // workers)
             self.workers = workers
             self.pool = ActorPool(
-                [cls.remote(lm.path, threads, space_args, fitness_args, simulate) for _ in range(workers)]
+                [
+                    cls.remote(lm.path, threads, space_args, fitness_args, simulate, kind)
+                    for _ in range(workers)
+                ]
             )
         except BaseException:
             self.close()

@@ -168,23 +168,28 @@ class StructuredSpace:
                 neurons[u.block] = self.neuron_keep[(u.block, lv)]
         return heads, neurons, sorted(dropped)
 
-    def recipe(self, config):
-        return recipe_of(*self.structure(config))
+    #: the refit spec the search's candidates were compensated with (``Refit.spec``), carried by its recipes
+    refit_spec: dict | None = None
+
+    def recipe(self, config, refit: dict | None | bool = True):
+        """The recipe of ``config``; ``refit=True``: with the search's compensation (if it used one)."""
+        return recipe_of(*self.structure(config), refit=self.refit_spec if refit is True else refit or None)
 
     def describe(self, config) -> str:
         return describe_structure(self.spaces, *self.structure(config))
 
 
-def recipe_of(heads: dict, neurons: dict, dropped) -> object:
-    """The Recipe removing exactly this structure (kept heads / neurons by original layer, dropped layers)."""
+def recipe_of(heads: dict, neurons: dict, dropped, refit: dict | None = None) -> object:
+    """The Recipe removing exactly this structure (kept heads / neurons by original layer, dropped layers);
+    ``refit`` (a ``Refit.spec``): the keep steps re-solve the consuming projections as the search did."""
     from ..recipe import Recipe
     from ..steps import KeepHeads, KeepNeurons, PruneLayers
 
     steps = []
     if heads:
-        steps.append(KeepHeads(layers={str(i): list(v) for i, v in heads.items()}))
+        steps.append(KeepHeads(layers={str(i): list(v) for i, v in heads.items()}, refit=refit))
     if neurons:
-        steps.append(KeepNeurons(layers={str(i): list(v) for i, v in neurons.items()}))
+        steps.append(KeepNeurons(layers={str(i): list(v) for i, v in neurons.items()}, refit=refit))
     if dropped:  # last: the head and neuron steps use the original layer numbering
         steps.append(PruneLayers(layers=tuple(dropped)))
     if not steps:
@@ -224,14 +229,47 @@ def compute_priors(lm, spaces, calib=None, tokens: int = 1024, window: int = 128
     return out
 
 
+class Refit:
+    """Least-squares compensation for the search (``prune.refit``): the Gram matrices of every o_proj /
+    down_proj input of the original model on the first ``tokens`` calibration tokens, collected once, and
+    the recipe spec that makes ``compress`` compute the same refit on the same tokens."""
+
+    def __init__(
+        self, lm, text, tokens: int | None = None, window: int | None = None, damp: float | None = None
+    ):
+        from ..prune.refit import (
+            REFIT_DAMP,
+            REFIT_TOKENS,
+            REFIT_WINDOW,
+            cached_grams,
+            refit_windows,
+            tokens_digest,
+        )
+
+        tokens = REFIT_TOKENS if tokens is None else tokens
+        window = REFIT_WINDOW if window is None else window
+        self.damp = REFIT_DAMP if damp is None else damp
+        windows = refit_windows(lm, text, tokens, window)
+        self.spec = {"tokens": tokens, "window": window, "damp": self.damp, "digest": tokens_digest(windows)}
+        self.n_tokens = int(windows.numel())
+        with torch.no_grad():
+            self.grams = cached_grams(lm, windows)
+
+
 class StructureDatabase:
     """Assembles candidates in a working copy of the model and knows every candidate's block parameters
-    exactly (measured once per layer and level by slicing, then summed: attention and MLP are disjoint)."""
+    exactly (measured once per layer and level by slicing, then summed: attention and MLP are disjoint).
+    With ``refit``, each sliced o_proj / down_proj is replaced by its least-squares refit on the original
+    model's inputs, built once per layer and kept set (cached) and switched off by setting ``compensate``."""
 
-    def __init__(self, lm, space: StructuredSpace):
+    def __init__(self, lm, space: StructuredSpace, refit: Refit | None = None):
         from ...lm import LM
 
         self.space = space
+        self.refit = refit
+        self.compensate = refit is not None
+        self.refits: dict[tuple, nn.Module] = {}  # (kind, layer, kept) -> the refit projection module
+        self.refit_info: dict[tuple, dict] = {}
         self.work = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
         fam = lm.family
         self.fam = fam
@@ -248,7 +286,7 @@ class StructureDatabase:
             {k: v for k, v in a.items() if isinstance(v, (int, float, bool)) and not k.startswith("_")}
             for a in self.attrs
         ]
-        self.state: list[tuple] = [(None, None, False)] * len(self.blocks)
+        self.state: list[tuple] = [((None, None, False), False)] * len(self.blocks)
         self.built = 0
         n = len(self.blocks)
         self.full_params = [block_params(b) for b in self.blocks]
@@ -276,7 +314,8 @@ class StructureDatabase:
         from ..prune.neurons import remove_neurons
         from ..targets import set_module
 
-        if self.state[i] == state:
+        key = (state, self.compensate)
+        if self.state[i] == key:
             return
         heads, neurons, dropped = state
         block = self.blocks[i]
@@ -288,12 +327,33 @@ class StructureDatabase:
             setattr(attn, k, v)
         if heads is not None:
             remove_heads(self.work, {i: heads}, track_origin=False)
+            if self.compensate and not dropped:
+                self._compensate(i, "attn", self.fam.o, heads)
         if neurons is not None:
             remove_neurons(self.work, {i: neurons})
+            if self.compensate and not dropped:
+                self._compensate(i, "mlp", self.fam.mlp_out, neurons)
         if dropped:
             self.container[i] = Skip(block)
-        self.state[i] = state
+        self.state[i] = key
         self.built += 1
+
+    def _compensate(self, i: int, kind: str, path: str, kept) -> None:
+        """Swap layer ``i``'s sliced projection for its refit (built on first use, then cached)."""
+        from ..prune._linear import weight_out_in
+        from ..prune.refit import head_columns, refit_projection
+        from ..targets import set_module
+
+        block = self.blocks[i]
+        key = (kind, i, tuple(kept))
+        if key not in self.refits:
+            columns = head_columns(self.work, kept) if kind == "attn" else list(kept)
+            full = weight_out_in(self.originals[i][path])
+            self.refit_info[key] = refit_projection(
+                block, path, full, self.refit.grams[(kind, i)], columns, self.refit.damp
+            )
+            self.refits[key] = block.get_submodule(path)
+        set_module(block, path, self.refits[key])
 
     def block_states(self, config) -> list[tuple]:
         heads, neurons, dropped = self.space.structure(config)
@@ -455,12 +515,13 @@ class StructuredEvolution(Evolution):
 
     def measure_sensitivity(self) -> dict[str, float]:
         """KL at the first stage with one unit at its fewest-parameters level and everything else full."""
-        out = {}
-        for k, unit in enumerate(self.space.units):
+        probes = []
+        for k in range(len(self.space.units)):
             config = list(self.space.full())
             config[k] = self.levels[k][-1]
-            out[unit.name] = self.evaluate(config, 0, "sensitivity")
-        return out
+            probes.append(tuple(config))
+        kls = self._many(probes, 0, "sensitivity")
+        return {u.name: kl for u, kl in zip(self.space.units, kls)}
 
     def greedy(
         self,
@@ -551,8 +612,7 @@ class StructuredEvolution(Evolution):
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, prior: str = "sensitivity") -> None:
         self.seed_labels = self.uniform_seeds()
-        for config in self.seed_labels:
-            self.evaluate(config, self.last, "uniform")
+        self._many(list(self.seed_labels), self.last, "uniform")
         seeds = list(self.seed_labels)
         if prior == "sensitivity":
             self.sensitivity = self.measure_sensitivity()
@@ -569,7 +629,7 @@ class StructuredEvolution(Evolution):
                 self.space.canonical(self._config(self._refill(self._index(config), range(len(self.levels)))))
             )
         seeds = list(dict.fromkeys(seeds))
-        scored = [(self.evaluate(c, self.last, "seed"), i, c) for i, c in enumerate(seeds)]
+        scored = [(kl, i, c) for i, (kl, c) in enumerate(zip(self._many(seeds, self.last, "seed"), seeds))]
         self.parent = min(scored)[2]
         while True:
             parent_kl = self.evaluate(self.parent, self.last, "seed")
@@ -583,7 +643,7 @@ class StructuredEvolution(Evolution):
             if not kids:
                 return
             for stage in range(self.last + 1):
-                ranked = sorted((self.evaluate(c, stage), i, c) for i, c in enumerate(kids))
+                ranked = sorted((kl, i, c) for i, (kl, c) in enumerate(zip(self._many(kids, stage), kids)))
                 if stage < self.last:
                     kids = [c for _, _, c in ranked[: max(1, math.ceil(len(kids) / 4))]]
             best_kl, _, best = ranked[0]
@@ -675,9 +735,16 @@ def search_structure(
     priors=None,
     head_roles=True,
     prior_tokens=1024,
+    refit=True,
+    refit_tokens=None,
+    refit_damp=None,
+    ray=None,
+    workers=2,
 ):
     """``search`` for the structured spaces (heads, neurons, layers) under ``params=F``: F of the block
-    parameters kept. Returns a ``StructuredResult``."""
+    parameters kept. ``refit``: every candidate's sliced o_proj / down_proj re-solved by least squares on the
+    original model's inputs (``refit_tokens`` calibration tokens, ridge ``refit_damp``; the recipe carries
+    it); uniform baselines are scored both with and without it. Returns a ``StructuredResult``."""
     import time
 
     from ..calibration import default_calibration_text
@@ -696,7 +763,11 @@ def search_structure(
     calib = calibration_text or default_calibration_text()
     start = time.perf_counter()
     space = StructuredSpace(lm, spaces, calib, neuron_fractions, priors, prior_tokens)
-    db = StructureDatabase(lm, space)
+    compensation = None
+    if refit and ("heads" in spaces or "neurons" in spaces):
+        compensation = Refit(lm, calib, refit_tokens, damp=refit_damp)
+        space.refit_spec = compensation.spec
+    db = StructureDatabase(lm, space, compensation)
     budget_params = int(budget.fraction * db.reference_params)
     fitness = KLFitness(lm, calib, calibration_tokens, window, stages)
     evolution = StructuredEvolution(db, budget_params, None, fitness.n_stages, seed=seed, offspring=offspring)
@@ -715,17 +786,43 @@ def search_structure(
         "prior": prior,
         "priors": f"head importance (gradient), neuron activation x |W_down|, block influence; {prior_tokens} "
         "calibration tokens",
+        "refit": None
+        if compensation is None
+        else {**compensation.spec, "calibration_tokens_used": compensation.n_tokens},
     }
-    if before_store is not None:
-        before_store()
-    trials = TrialStore(store, space, settings, resume=resume)
-    evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-    evolution.evaluate = evaluator
-    with torch.no_grad():
-        try:
-            evolution.run(prior)
-        except StopSearch:
-            pass
+    scorers = None
+    if ray is not None:  # an unreachable address or a missing extra fails here, before any output
+        from .distributed import RayScorers
+
+        scorers = RayScorers(
+            lm,
+            ray,
+            workers,
+            {
+                "spaces": tuple(spaces),
+                "priors": space.priors,
+                "neuron_fractions": tuple(neuron_fractions),
+                "refit": space.refit_spec,
+            },
+            {"text": calib, "tokens": calibration_tokens, "window": window, "stages": stages},
+            False,
+            kind="structure",
+        )
+    try:
+        if before_store is not None:
+            before_store()
+        trials = TrialStore(store, space, settings, resume=resume)
+        evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
+        evaluator.scorers = scorers
+        evolution.evaluate = evaluator
+        with torch.no_grad():
+            try:
+                evolution.run(prior)
+            except StopSearch:
+                pass
+    finally:
+        if scorers is not None:
+            scorers.close()
     search_seconds = time.perf_counter() - start
     sensitivity = dict(evolution.sensitivity)
     if not sensitivity:  # a resumed or bounded search: read the probes back from storage
@@ -787,11 +884,19 @@ def search_structure(
     # uniform pruning at the budget's parameters off the level grid, scored the same way
     with torch.no_grad():
         baseline_recipes, baseline_configs = {}, {}
-        for label, states in uniform_baselines(db, budget_params, baseline_configs).items():
+        variants = [(True, " + refit"), (False, "")] if compensation is not None else [(False, "")]
+        plain = uniform_baselines(db, budget_params, baseline_configs)
+        for (compensate, suffix), (base_label, states) in (
+            (v, item) for item in plain.items() for v in variants
+        ):
+            label = base_label + suffix
+            baseline_configs[label] = baseline_configs[base_label]
+            db.compensate = compensate
             baseline_recipes[label] = recipe_of(
                 {i: h for i, (h, _, _) in enumerate(states) if h is not None},
                 {i: n for i, (_, n, _) in enumerate(states) if n is not None},
                 [i for i, (_, _, d) in enumerate(states) if d],
+                refit=space.refit_spec if compensate else None,
             )
             params = db.params_of_states(states)
             work = db.assemble_states(states)
@@ -813,9 +918,11 @@ def search_structure(
                     "origin": "baseline",
                     "baseline": True,
                     "label": label,
+                    "refit": compensate,
                     "ppl": perplexity(work, heldout),
                 }
             )
+        db.compensate = compensation is not None
     roles = None
     if head_roles and "heads" in spaces:
         roles = head_role_table(lm)
@@ -833,7 +940,10 @@ def search_structure(
         chosen=chosen,
         sensitivity=sensitivity,
         settings=settings,
-        stats=run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+        stats={
+            **run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+            "workers": f"ray {ray} x{workers}" if ray is not None else "in-process",
+        },
         reference_ppl=reference_ppl,
         space=space,
         priors=space.priors,
