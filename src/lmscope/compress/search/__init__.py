@@ -99,21 +99,31 @@ class SearchResult:
             if self.budget.kind == "latency"
             else f"= {self.budget_bytes / 2**20:.2f} MB"
         )
-        lines = [f"search {self.model}: budget {self.budget} {size}"]
+        header = f"search {self.model}: budget {self.budget} {size}"
+        where = lambda p: f"{p['bytes_fraction']:.4f} of fp32"  # noqa: E731
+        return "\n".join(self._text(header, "bytes", where, 16, built=True))
+
+    def _text(self, header: str, key: str, where, width: int, built: bool = False, reference="original"):
+        """The lines every search prints: header, cost, then each point with held-out perplexity, sorted by
+        ``key``; ``where(point)`` says where the point sits (its size, sparsity, ...)."""
         s = self.stats
-        lines.append(
-            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, {s.get('eval_seconds', 0):.0f} s), "
-            f"{len(self.points)} configurations, level variants built: {s.get('variants_built')}"
+        cost = (
+            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
+            f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
         )
-        ref = f" (original {self.reference_ppl:.3f})" if self.reference_ppl else ""
-        lines.append(f"held-out perplexity{ref}:")
-        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["bytes"]):
+        if built:
+            cost += f", level variants built: {s.get('variants_built')}"
+        ref = self.reference_ppl
+        lines = [
+            header,
+            cost,
+            f"held-out perplexity ({reference} {ref:.3f}):" if ref else "held-out perplexity:",
+        ]
+        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p[key]):
             tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
-            lines.append(
-                f"  {tag:<16} {p['bytes_fraction']:.4f} of fp32  KL {p['kl']:.4f}  ppl {p['ppl']:.3f}"
-                + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
-            )
-        return "\n".join(lines)
+            change = f" ({p['ppl'] / ref - 1:+.1%})" if ref else ""
+            lines.append(f"  {tag:<{width}} {where(p)}  KL {p['kl']:.4f}  ppl {p['ppl']:.3f}{change}")
+        return lines
 
     def report(self, path=None) -> str:
         from ...views.search import search_report

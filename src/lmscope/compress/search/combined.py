@@ -668,28 +668,9 @@ class CombinedResult(StructuredResult):
         return d
 
     def to_text(self) -> str:
-        lines = [
+        header = (
             f"search {self.model}: budget {self.budget} = {self.budget_bytes / 2**20:.2f} MB "
             "(precision and structure together)"
-        ]
-        s = self.stats
-        lines.append(
-            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
-            f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
         )
-        ref = f" (original {self.reference_ppl:.3f})" if self.reference_ppl else ""
-        lines.append(f"held-out perplexity{ref}:")
-        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["bytes"]):
-            tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
-            lines.append(
-                f"  {tag:<36} {p['bytes_fraction']:.4f} of fp32, {p['params_fraction']:.3f} of block params  "
-                f"KL {p['kl']:.4f}  ppl {p['ppl']:.3f}"
-                + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
-            )
-        if self.chosen_point is not None and self.head_roles:
-            from .structure import role_sentence, role_summary
-
-            summary = role_summary(self, self.chosen_point)
-            if summary:
-                lines.append("what the search kept: " + role_sentence(summary))
-        return "\n".join(lines)
+        where = lambda p: f"{p['bytes_fraction']:.4f} of fp32, {p['params_fraction']:.3f} of block params"  # noqa: E731
+        return "\n".join(self._text(header, "bytes", where, 36) + self._kept())

@@ -416,21 +416,9 @@ class SparsityResult(SearchResult):
         return d
 
     def to_text(self) -> str:
-        lines = [
+        header = (
             f"search {self.model}: sparsity {self.sparsity:g} = {self.budget_bytes:,} of "
             f"{self.reference_params:,} block weights kept non-zero"
-        ]
-        s = self.stats
-        lines.append(
-            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
-            f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
         )
-        ref = self.reference_ppl
-        lines.append(f"held-out perplexity (dense {ref:.3f}):")
-        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["params"]):
-            tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
-            lines.append(
-                f"  {tag:<14} sparsity {p['sparsity']:.4f}  KL {p['kl']:.4f}  ppl {p['ppl']:.3f} "
-                f"({p['ppl'] / ref - 1:+.1%})"
-            )
-        return "\n".join(lines)
+        where = lambda p: f"sparsity {p['sparsity']:.4f}"  # noqa: E731
+        return "\n".join(self._text(header, "params", where, 14, reference="dense"))

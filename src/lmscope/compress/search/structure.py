@@ -1051,26 +1051,16 @@ class StructuredResult(SearchResult):
         return d
 
     def to_text(self) -> str:
-        lines = [
+        header = (
             f"search {self.model}: budget {self.budget} = {self.budget_bytes:,} of "
             f"{self.reference_params:,} block parameters"
-        ]
-        s = self.stats
-        lines.append(
-            f"evaluations: {s.get('evaluations')} ({s.get('computed')} computed here, "
-            f"{s.get('eval_seconds', 0):.0f} s), {len(self.points)} configurations"
         )
-        ref = f" (original {self.reference_ppl:.3f})" if self.reference_ppl else ""
-        lines.append(f"held-out perplexity{ref}:")
-        for p in sorted((p for p in self.points if p.get("ppl") is not None), key=lambda p: p["params"]):
-            tag = "chosen" if p is self.chosen_point else p.get("label") or p.get("origin", "")
-            lines.append(
-                f"  {tag:<44} {p['params_fraction']:.4f} of block params  KL {p['kl']:.4f}  "
-                f"ppl {p['ppl']:.3f}"
-                + (f" ({p['ppl'] / self.reference_ppl - 1:+.1%})" if self.reference_ppl else "")
-            )
-        if self.chosen_point is not None and self.head_roles:
-            summary = role_summary(self, self.chosen_point)
-            if summary:
-                lines.append("what the search kept: " + role_sentence(summary))
-        return "\n".join(lines)
+        where = lambda p: f"{p['params_fraction']:.4f} of block params"  # noqa: E731
+        return "\n".join(self._text(header, "params", where, 44) + self._kept())
+
+    def _kept(self) -> list[str]:
+        """'what the search kept' by head role, for the chosen point (none without roles)."""
+        if self.chosen_point is None or not self.head_roles:
+            return []
+        summary = role_summary(self, self.chosen_point)
+        return ["what the search kept: " + role_sentence(summary)] if summary else []
