@@ -248,3 +248,29 @@ def test_cli_bad_embedding_or_gptq_level_exits_2_and_writes_nothing(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lmscope: error:") and needle in err, err
     assert not out.exists()
+
+
+def test_search_with_an_int4_embedding_says_so_and_reproduces(make_tiny, tmp_path):
+    """The embedding level is the same in every configuration (uniform baselines too): the printout and the
+    report say which, and the chosen recipe rebuilds the chosen bytes."""
+    lm = make_tiny("llama")
+    res = search(
+        lm,
+        "bytes=0.5",
+        levels=("int8", "int4-g32"),
+        embedding="int4-g32",
+        calibration_text=CALIB,
+        calibration_tokens=32,
+        window=16,
+        heldout_text=CALIB,
+        heldout_tokens=32,
+        max_evals=8,
+        seed=0,
+    )
+    assert res.settings["embedding"] == "int4-g32"
+    assert "token embedding int4-g32 in every configuration" in res.to_text()
+    assert "token embedding (and a tied head) int4-g32 in every configuration" in res.report(
+        tmp_path / "r.html"
+    )
+    out = compress(lm, res.recipe(), calibration_text=CALIB)
+    assert out.bytes_after == res.chosen_point["bytes"]

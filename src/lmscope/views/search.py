@@ -80,10 +80,12 @@ def search_report(result) -> Report:
         return structure_report(result)
 
     c = result.chosen_point
+    embedding = result.settings.get("embedding") or "int8"
     rep = Report(
         f"Search: {result.model}",
         subtitle=f"budget {result.budget} — "
-        + (c["describe"] if c else "no configuration within the budget"),
+        + (c["describe"] if c else "no configuration within the budget")
+        + f"; token embedding (and a tied head) {embedding} in every configuration, uniform baselines included",
     )
     sec = rep.section(
         "Summary",

@@ -100,6 +100,8 @@ class SearchResult:
             else f"= {self.budget_bytes / 2**20:.2f} MB"
         )
         header = f"search {self.model}: budget {self.budget} {size}"
+        if self.settings.get("embedding", "int8") != "int8":
+            header += f", token embedding {self.settings['embedding']} in every configuration"
         where = lambda p: f"{p['bytes_fraction']:.4f} of fp32"  # noqa: E731
         return "\n".join(self._text(header, "bytes", where, 16, built=True))
 
