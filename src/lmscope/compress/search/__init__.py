@@ -189,14 +189,12 @@ def search(
     "int8" or an int4 level ("gptq4-g32": GPTQ on the head's inputs), leaving its bytes to the blocks; GPTQ
     levels and a GPTQ embedding use the calibration ``compress`` uses (8 x 256 tokens of the same text).
     Bad inputs raise ``LmscopeError`` before any output exists."""
-    import torch
-
     from ..calibration import default_calibration_text
     from ..evaluate import evaluation_text
     from .fitness import KLFitness, heldout_windows, perplexity
     from .levels import LevelDatabase
-    from .store import TrialStore, _optuna
-    from .strategy import Evaluator, Evolution, StopSearch, check_budget
+    from .store import _optuna
+    from .strategy import Evolution, check_budget, evolve
 
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     spaces = parse_spaces(space)
@@ -350,21 +348,21 @@ def search(
             },
             simulate,
         )
-    try:
-        if before_store is not None:  # the inputs are good: the caller may now create the output folder
-            before_store()
-        trials = TrialStore(store, qspace, settings, resume=resume)
-        evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-        evaluator.scorers = scorers
-        evolution.evaluate = evaluator
-        with torch.no_grad():
-            try:
-                evolution.run(prior)
-            except StopSearch:
-                pass
-    finally:
-        if scorers is not None:
-            scorers.close()
+    trials, evaluator = evolve(
+        evolution,
+        db,
+        fitness,
+        qspace,
+        settings,
+        prior,
+        store=store,
+        resume=resume,
+        max_evals=max_evals,
+        time_limit=time_limit,
+        on_eval=on_eval,
+        before_store=before_store,
+        scorers=scorers,
+    )
     search_seconds = time.perf_counter() - start
     sensitivity = evolution.sensitivity or {
         u.name: r["kl"]

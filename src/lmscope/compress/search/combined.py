@@ -510,8 +510,8 @@ def search_combined(
     from ..evaluate import evaluation_text
     from . import pareto_front, run_stats
     from .fitness import KLFitness, heldout_windows, perplexity
-    from .store import TrialStore, _optuna
-    from .strategy import Evaluator, StopSearch
+    from .store import _optuna
+    from .strategy import evolve
     from .structure import head_role_table
 
     if budget.kind != "bytes":
@@ -547,16 +547,20 @@ def search_combined(
         "priors": f"head importance (gradient), neuron activation x |W_down|, block influence; {prior_tokens} "
         "calibration tokens",
     }
-    if before_store is not None:
-        before_store()
-    trials = TrialStore(store, space, settings, resume=resume)
-    evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-    evolution.evaluate = evaluator
-    with torch.no_grad():
-        try:
-            evolution.run(prior)
-        except StopSearch:
-            pass
+    trials, evaluator = evolve(
+        evolution,
+        db,
+        fitness,
+        space,
+        settings,
+        prior,
+        store=store,
+        resume=resume,
+        max_evals=max_evals,
+        time_limit=time_limit,
+        on_eval=on_eval,
+        before_store=before_store,
+    )
     search_seconds = time.perf_counter() - start
     sensitivity = dict(evolution.sensitivity)
     if not sensitivity:  # a resumed or bounded search: the probes read back from storage

@@ -246,8 +246,8 @@ def search_sparsity(
     from ..calibration import default_calibration_text
     from ..evaluate import evaluation_text
     from .fitness import KLFitness, heldout_windows, perplexity
-    from .store import TrialStore, _optuna
-    from .strategy import Evaluator, Evolution, StopSearch
+    from .store import _optuna
+    from .strategy import Evolution, evolve
 
     if not 0 < sparsity < 1:
         raise LmscopeError(
@@ -289,16 +289,20 @@ def search_sparsity(
     owl = db.owl_allocation(sparsity)
     ratios = db.outlier_ratios()
     evolution.extra_seeds = [snap_to_levels(evolution, owl, ratios)]
-    if before_store is not None:
-        before_store()
-    trials = TrialStore(store, space, settings, resume=resume)
-    evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-    evolution.evaluate = evaluator
-    with torch.no_grad():
-        try:
-            evolution.run(prior)
-        except StopSearch:
-            pass
+    trials, evaluator = evolve(
+        evolution,
+        db,
+        fitness,
+        space,
+        settings,
+        prior,
+        store=store,
+        resume=resume,
+        max_evals=max_evals,
+        time_limit=time_limit,
+        on_eval=on_eval,
+        before_store=before_store,
+    )
     search_seconds = time.perf_counter() - start
     last = fitness.n_stages - 1
     best: dict[tuple, tuple[int, dict]] = {}

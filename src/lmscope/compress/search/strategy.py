@@ -288,3 +288,45 @@ def check_budget(evolution: Evolution, budget, reference_bytes: int) -> None:
             f"space ({low / reference_bytes:.4f} of fp32, {low / 2**20:.2f} MB)",
             f"raise the budget to at least bytes={math.ceil(low / reference_bytes * 1000) / 1000:g}",
         )
+
+
+def evolve(
+    evolution,
+    db,
+    fitness,
+    space,
+    settings,
+    prior,
+    *,
+    store,
+    resume,
+    max_evals,
+    time_limit,
+    on_eval,
+    before_store=None,
+    scorers=None,
+):
+    """Run ``evolution`` from ``prior`` until it ends or a bound (``max_evals``, ``time_limit``) stops it, every
+    evaluation stored as an optuna trial (``--resume`` replays them). ``before_store()`` is called once the inputs
+    are known good (the caller may create its output folder then); Ray ``scorers`` are closed whatever happens.
+    Returns (trials, evaluator)."""
+    import torch
+
+    from .store import TrialStore
+
+    try:
+        if before_store is not None:
+            before_store()
+        trials = TrialStore(store, space, settings, resume=resume)
+        evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
+        evaluator.scorers = scorers
+        evolution.evaluate = evaluator
+        with torch.no_grad():
+            try:
+                evolution.run(prior)
+            except StopSearch:
+                pass
+    finally:
+        if scorers is not None:
+            scorers.close()
+    return trials, evaluator

@@ -24,7 +24,7 @@ from torch import nn
 from ...errors import LmscopeError
 from . import SearchResult, run_stats
 from .space import Unit
-from .strategy import Evolution
+from .strategy import Evolution, evolve
 
 STRUCT_SPACES = ("heads", "neurons", "layers")
 #: fractions of a layer's MLP neurons a level keeps
@@ -751,8 +751,7 @@ def search_structure(
     from ..evaluate import evaluation_text
     from . import pareto_front
     from .fitness import KLFitness, heldout_windows, perplexity
-    from .store import TrialStore, _optuna
-    from .strategy import Evaluator, StopSearch
+    from .store import _optuna
 
     if budget.kind != "params":
         raise LmscopeError(
@@ -808,21 +807,21 @@ def search_structure(
             False,
             kind="structure",
         )
-    try:
-        if before_store is not None:
-            before_store()
-        trials = TrialStore(store, space, settings, resume=resume)
-        evaluator = Evaluator(db, fitness, trials, max_evals, time_limit, on_eval)
-        evaluator.scorers = scorers
-        evolution.evaluate = evaluator
-        with torch.no_grad():
-            try:
-                evolution.run(prior)
-            except StopSearch:
-                pass
-    finally:
-        if scorers is not None:
-            scorers.close()
+    trials, evaluator = evolve(
+        evolution,
+        db,
+        fitness,
+        space,
+        settings,
+        prior,
+        store=store,
+        resume=resume,
+        max_evals=max_evals,
+        time_limit=time_limit,
+        on_eval=on_eval,
+        before_store=before_store,
+        scorers=scorers,
+    )
     search_seconds = time.perf_counter() - start
     sensitivity = dict(evolution.sensitivity)
     if not sensitivity:  # a resumed or bounded search: read the probes back from storage
