@@ -44,6 +44,10 @@ def page(tmp_path_factory):
         controls=["first", "log"],
         exclude_first=True,
     )
+    # the search's architecture map: one level everywhere, named in each cell
+    sec.heatmap(
+        [[4.375], [4.375]], x_labels=["block"], y_labels=["0", "1"], cell_text=[["gptq-g64"], ["gptq-g64"]]
+    )
     sec.tokens(["The", " capital"], [0.1, 0.5], label="kernel_shap · surrogate R² 0.627 on 256 samples")
     sec.tokens(["The", " capital"], [0.3, 0.2], label="occlusion")
     sec.table(["layer", "value", "summary"], [[1, 1.45e-4, "previous-token head (0.91), sink"]])
@@ -110,6 +114,15 @@ def test_heatmap_colours_span_the_data(page):
         "() => Array.from(document.querySelectorAll('.ls-colorbar')).map(c => c.dataset.range)"
     )
     assert ranges[1] == "0.010 0.970"
+
+
+def test_cells_fit_their_text_and_one_value_gets_one_label(page):
+    cell = page.evaluate("() => +document.querySelectorAll('canvas.ls-canvas')[2].dataset.cell")
+    assert cell >= 6.5 * len("gptq-g64")  # the whole name fits, not "gptq"
+    labels = page.evaluate(
+        "() => [...document.querySelectorAll('canvas.ls-colorbar')].map(b => b.dataset.labels)"
+    )
+    assert labels == ["3", "3", "1"]  # not "4.375 4.375 4.375" on a flat map
 
 
 def test_token_strips_line_up(page):

@@ -96,7 +96,8 @@
         scaled.forEach(function (row) { row.forEach(function (v) { if (v !== null && v > 0 && v < pos) pos = v; }); });
         lo = isFinite(pos) ? pos : hi / 1e3;
       }
-      if (hi === lo) { hi = lo + (Math.abs(lo) || 1) * 1e-6; }
+      var flat = hi === lo;  // one value everywhere: one label on the color bar
+      if (flat) { hi = lo + (Math.abs(lo) || 1) * 1e-6; }
       function norm(v) {
         if (useLog) return v <= 0 ? 0 : (Math.log(v) - Math.log(lo)) / ((Math.log(hi) - Math.log(lo)) || 1);
         return (v - lo) / ((hi - lo) || 1);
@@ -105,6 +106,12 @@
       var maxLabels = 64;
       // long axes shrink to at least 1 px per cell so the map fits the page; hover still resolves each cell
       var cell = Math.max(1, Math.min(spec.cell || 28, Math.floor((spec.cell ? 1000 : 900) / Math.max(cols, 1))));
+      if (spec.cell_text && !spec.cell) {  // cells wide enough for their text ("gptq-g64"), while the map fits
+        var longest = 0;
+        spec.cell_text.forEach(function (row) { row.forEach(function (t) { longest = Math.max(longest, showTok(String(t)).length); }); });
+        var want = Math.min(72, Math.ceil(6.5 * longest + 4));
+        if (want > cell && want * cols <= 1000) cell = want;
+      }
       var cellH = Math.max(2, Math.min(spec.cell || 22, Math.floor(640 / Math.max(rows, 1))));
       var showX = xl.length && cols <= maxLabels, showY = yl.length && rows <= maxLabels;
       var left = showY ? Math.min(160, 8 + 7 * Math.max.apply(null, yl.map(function (s) { return showTok(s).length; }).concat([1]))) : 40;
@@ -147,9 +154,12 @@
       bctx.fillStyle = "#222"; bctx.textAlign = "left";
       var mid = spec.diverging ? 0 : useLog ? Math.sqrt(lo * hi) : (lo + hi) / 2;
       bctx.fillText(fmt(hi), barW + 4, top + 9);
-      bctx.fillText(fmt(mid), barW + 4, top + bh / 2 + 4);
-      bctx.fillText(fmt(spec.diverging ? -hi : lo), barW + 4, top + bh);
+      if (!flat) {
+        bctx.fillText(fmt(mid), barW + 4, top + bh / 2 + 4);
+        bctx.fillText(fmt(spec.diverging ? -hi : lo), barW + 4, top + bh);
+      }
       bar.setAttribute("data-range", fmt(spec.diverging ? -hi : lo) + " " + fmt(hi));
+      bar.setAttribute("data-labels", flat ? "1" : "3");
       canvas.addEventListener("mousemove", function (ev) {
         var b = canvas.getBoundingClientRect();
         var c2 = Math.floor((ev.clientX - b.left - left) / cell), r2 = Math.floor((ev.clientY - b.top - top) / cellH);
