@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument(
         "--embedding",
         default="int8",
-        help="the token embedding + tied head in every configuration: int8, int4-gN or gptq4-gN",
+        help="the token embedding + tied head in every configuration: int8, int4-gN, int4m-gN or gptq4-gN",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-gptq", action="store_true")
@@ -121,7 +121,11 @@ def run_one(args, level: str, first: bool) -> None:
     )
     print("|---|---|---|---|---|")
     print(f"| original fp32 | 1.0000 | 0 | {ref:.3f} | |")
-    for label in ("int8", "int4-g32", "int4-g64", "int4-g128", "gptq-g32", "gptq-g64", "gptq4-g64"):
+    for label in (
+        "int8",
+        *(f"{s}-g{g}" for s in ("int4", "int4m") for g in (32, 64, 128)),
+        *("gptq-g32", "gptq-g64", "gptq4-g64"),
+    ):
         p = rows.get(label)
         if p is not None:
             print(

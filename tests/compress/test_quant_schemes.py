@@ -23,6 +23,7 @@ SCHEMES = {
     "w8a8": (W8A8Linear, 0.08),
     "w8a8-smooth": (W8A8Linear, 0.08),
     "int4": (Int4Linear, 0.4),
+    "int4m": (Int4Linear, 0.4),
     "gptq4": (Int4Linear, 0.4),
 }
 
@@ -33,7 +34,9 @@ def test_scheme_quantizes_every_block_linear(make_tiny, scheme):
     ids = lm.encode(TEXT)
     with torch.no_grad():
         ref = lm.forward(ids).logits
-    result = compress(lm, Quantize(scheme, group_size=32 if scheme in ("int4", "gptq4") else None), CALIB)
+    result = compress(
+        lm, Quantize(scheme, group_size=32 if scheme in ("int4", "int4m", "gptq4") else None), CALIB
+    )
     kind, tol = SCHEMES[scheme]
     qlm = result.lm
     linears = [m for n, m in qlm.model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
@@ -115,6 +118,36 @@ def test_int4_decode_kernel_matches_the_prefill_path():
     x = torch.randn(1, 128)
     ref = torch.nn.functional.linear(x, q.dequantized_weight(), lin.bias)
     assert torch.allclose(q(x), ref, atol=0.02 * float(ref.abs().max()))
+
+
+def test_int4m_reproduces_a_gguf_q4_1_weight_exactly():
+    """A weight dequantized from GGUF's Q4_1 (by the gguf package, the reference implementation) lies on a
+    "scale and min" grid per 32 values: int4m g32 stores it with zero error, the uint8-zero int4 does not, and
+    both kernels (bf16 prefill, int4pack decode) compute with it."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from lmscope.compress.quantize._common import make_int4, make_int4m
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(np.float32) * 0.05 + 0.01
+    q4_1 = quants.dequantize(quants.quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+    lin = torch.nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(q4_1))
+    q = make_int4m(lin, 32)
+    assert q.scheme == "int4m" and q.zero.dtype == torch.float16
+    assert torch.equal(q.dequantized_weight(), lin.weight)
+    assert float((make_int4(lin, 32).dequantized_weight() - lin.weight).abs().max()) > 1e-4
+    for rows in (1, 40):
+        x = torch.randn(rows, 128)
+        ref = torch.nn.functional.linear(x, lin.weight)
+        assert torch.allclose(q(x), ref, atol=0.02 * float(ref.abs().max()))
+    # on a weight not on such a grid it is still a 4-bit quantizer: error within one step of each group
+    lin2 = torch.nn.Linear(128, 64, bias=False)
+    q2 = make_int4m(lin2, 64)
+    err = (q2.dequantized_weight() - lin2.weight).abs().view(64, 2, 64).amax(-1)
+    assert bool((err <= 0.51 * q2.scale.float() + 1e-6).all()) and float(err.max()) > 0
 
 
 def test_int8_matches_torchao_int8_weight_only(make_tiny):

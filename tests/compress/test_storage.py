@@ -24,7 +24,12 @@ def _logits(lm, text=TEXT):
 
 @pytest.mark.parametrize(
     "step",
-    [Quantize("int8"), Quantize("int4", group_size=32), Quantize("w8a8-smooth")],
+    [
+        Quantize("int8"),
+        Quantize("int4", group_size=32),
+        Quantize("int4m", group_size=32, embedding="int4m-g32"),
+        Quantize("w8a8-smooth"),
+    ],
     ids=lambda s: s.scheme,
 )
 def test_save_load_gives_equal_logits_tiny(make_tiny, tmp_path, step):

@@ -274,3 +274,27 @@ def test_search_with_an_int4_embedding_says_so_and_reproduces(make_tiny, tmp_pat
     )
     out = compress(lm, res.recipe(), calibration_text=CALIB)
     assert out.bytes_after == res.chosen_point["bytes"]
+
+
+def test_int4m_levels_count_their_bytes_and_reproduce(make_tiny):
+    """The "scale and min" levels: 4 bits + an fp16 scale and an fp16 minimum per group (2 bytes more per group
+    than int4's uint8 zero); the level table counts what compress stores, and the recipe, with an int4m
+    embedding, rebuilds the candidate's logits exactly (simulated candidates to within the emulation)."""
+    from lmscope.compress.search.space import bits_per_weight
+
+    lm = make_tiny("llama")
+    space = QuantSpace(lm, ("float", "int4-g32", "int4m-g32", "int4m-g64"), embedding="int4m-g32")
+    exact = LevelDatabase(lm, space)
+    for u, unit in enumerate(space.units):
+        n = sum(lm.module(p).weight.numel() for p in unit.paths)
+        assert exact.bytes(u, "int4m-g32") - exact.bytes(u, "int4-g32") == n // 32  # one byte more per group
+        assert exact.bytes(u, "int4m-g64") == n * bits_per_weight("int4m-g64") / 8
+    config = ("int4m-g32", "int4m-g64", "float", "int4-g32", "int4m-g32", "int4m-g64")
+    out = compress(lm, space.recipe(config))
+    assert out.bytes_after == exact.total_bytes(config)
+    assert type(out.lm.module("model.embed_tokens")).__name__ == "Int4Embedding"
+    assert out.lm.module("model.embed_tokens").zero.dtype == torch.float16
+    assert torch.equal(_logits(out.lm), _logits(exact.assemble(config)))
+    sim = LevelDatabase(lm, space, simulate=True)
+    a, b = _logits(out.lm), _logits(sim.assemble(config))
+    assert float((a - b).abs().max()) <= 0.02 * float(a.abs().max())

@@ -46,9 +46,12 @@ def add_parser(sub) -> None:
     add_model_arg(p)
     q = p.add_argument_group("quantization")
     q.add_argument(
-        "--quantize", action=_Ordered, metavar="SCHEME", help="int8 | int4 | w8a8 | w8a8-smooth | gptq4"
+        "--quantize",
+        action=_Ordered,
+        metavar="SCHEME",
+        help="int8 | int4 | int4m | w8a8 | w8a8-smooth | gptq4",
     )
-    q.add_argument("--group-size", type=int, help="int4/gptq4 group size: 32, 64 (default) or 128")
+    q.add_argument("--group-size", type=int, help="int4/int4m/gptq4 group size: 32, 64 (default) or 128")
     pr = p.add_argument_group("pruning and low-rank")
     pr.add_argument(
         "--prune-heads", action=_Ordered, type=float, metavar="F", help="fraction of attention heads"

@@ -41,12 +41,13 @@ def add_parser(sub) -> None:
         "--levels",
         default=QUANT_LEVELS,
         help="precision levels a layer may take (default: float,int8,int4-g32,int4-g64,int4-g128; also "
+        "int4m-g32, int4m-g64, int4m-g128: int4 with an fp16 scale and minimum per group (GGUF Q4_1's layout); "
         "gptq-g32, gptq-g64, gptq-g128: GPTQ per layer from the original model's calibration inputs; w8a8)",
     )
     p.add_argument(
         "--embedding",
         default="int8",
-        help="the token embedding + tied LM head in every configuration: int8 (default), int4-gN or gptq4-gN "
+        help="the token embedding + tied LM head in every configuration: int8 (default), int4-gN, int4m-gN or gptq4-gN "
         "(GPTQ on the head's inputs), leaving its bytes to the blocks",
     )
     p.add_argument("--granularity", default="kind", help="kind (block x attention/MLP, default) or block")

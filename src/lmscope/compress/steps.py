@@ -23,10 +23,10 @@ from ..errors import LmscopeError
 # order in which stacked steps run: structure first, then factorization, quantization last
 STAGE_PRUNE, STAGE_LOWRANK, STAGE_QUANTIZE = 0, 1, 2
 
-QUANT_SCHEMES = ("int8", "int4", "w8a8", "w8a8-smooth", "gptq4")
+QUANT_SCHEMES = ("int8", "int4", "int4m", "w8a8", "w8a8-smooth", "gptq4")
 GROUP_SIZES = (32, 64, 128)
 #: how a quantize step stores the token embedding (and a tied LM head) when it selects it
-EMBEDDING_LEVELS = ("int8", *(f"{s}-g{g}" for s in ("int4", "gptq4") for g in GROUP_SIZES))
+EMBEDDING_LEVELS = ("int8", *(f"{s}-g{g}" for s in ("int4", "int4m", "gptq4") for g in GROUP_SIZES))
 HEAD_METHODS = ("importance", "magnitude", "random")
 UNSTRUCTURED_METHODS = ("magnitude", "wanda")
 NEURON_METHODS = ("magnitude", "activation", "random")
@@ -151,7 +151,8 @@ class StepConfig:
 class Quantize(StepConfig):
     """Quantize the linear layers (and for int4/gptq4 the tied embedding as int8) with one scheme.
 
-    ``scheme``: int8 (weight-only, per-channel), int4 (weight-only, group-wise, RTN), w8a8 (int8 weights,
+    ``scheme``: int8 (weight-only, per-channel), int4 (weight-only, group-wise, RTN, uint8 zero point), int4m
+    (the same with an fp16 minimum per group instead: GGUF Q4_1's "scale and min"), w8a8 (int8 weights,
     dynamic per-token int8 activations), w8a8-smooth (w8a8 with SmoothQuant scaling from calibration
     text; outlier channels kept in bf16 where smoothing is not enough), gptq4 (int4 via GPTQ).
     ``alpha``: SmoothQuant migration strength. ``skip``: module-name globs left in full precision.
@@ -159,7 +160,7 @@ class Quantize(StepConfig):
     outputs; False takes every layer's Hessian from the unquantized model (each layer independent of the
     others: the per-layer GPTQ levels of ``lmscope search``); such steps come before other quantize steps.
     ``embedding``: the token embedding's storage when the step selects it: int8 rows (default), or int4 with
-    a tied LM head, "int4-gN" (round to nearest) or "gptq4-gN" (GPTQ on the head's inputs in the unquantized
+    a tied LM head, "int4-gN" / "int4m-gN" (round to nearest) or "gptq4-gN" (GPTQ on the head's inputs in the unquantized
     model; such a step comes first among the quantize steps).
     """
 
@@ -176,7 +177,7 @@ class Quantize(StepConfig):
     def __post_init__(self):
         super().__post_init__()
         _choice("quantization scheme", self.scheme, QUANT_SCHEMES, "--quantize")
-        grouped = self.scheme in ("int4", "gptq4")
+        grouped = self.scheme in ("int4", "int4m", "gptq4")
         if self.group_size is not None:
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
                 raise LmscopeError(

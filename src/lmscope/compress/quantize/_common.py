@@ -8,7 +8,15 @@ from torch import nn
 
 from ...errors import LmscopeError
 from ..targets import set_module
-from .affine import QuantSpec, affine_params, pack_int4, quantize, sqnr
+from .affine import (
+    QuantSpec,
+    affine_params,
+    pack_int4,
+    quantize,
+    quantize_scale_min,
+    scale_min_params,
+    sqnr,
+)
 from .modules import (
     Int4Embedding,
     Int4Linear,
@@ -74,6 +82,21 @@ def make_int4(linear: nn.Linear, group_size: int, codes=None, scale=None, zero=N
     return q
 
 
+def make_int4m(linear: nn.Linear, group_size: int) -> Int4Linear:
+    """int4 on the "scale and min" grid (fp16 scale and minimum per group), round to nearest."""
+    q = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, group_size, minimum=True)
+    _fill_scale_min(q, linear.weight.detach().float(), group_size)
+    _copy_bias(linear, q)
+    return q
+
+
+def _fill_scale_min(q: nn.Module, w: torch.Tensor, group_size: int) -> None:
+    scale, minimum = scale_min_params(w, group_size)
+    q.qweight.copy_(pack_int4(quantize_scale_min(w, scale, minimum)))
+    q.scale.copy_(scale.reshape(w.shape[0], -1).to(torch.float16))
+    q.zero.copy_(minimum.reshape(w.shape[0], -1).to(torch.float16))
+
+
 def as_linear(conv: nn.Module) -> nn.Linear:
     """GPT-2's Conv1D (``x @ W + b``, W stored [in, out]) as the nn.Linear computing the same map."""
     w = conv.weight.detach()
@@ -108,14 +131,14 @@ def empty_module(kind: str, in_features: int, out_features: int, bias: bool, met
         return Int8Linear(in_features, out_features, bias)
     if kind == "w8a8":
         return W8A8Linear(in_features, out_features, bias, n_outliers=int(meta.get("n_outliers", 0)))
-    if kind == "int4":
-        return Int4Linear(in_features, out_features, bias, group_size=int(meta["group_size"]))
+    if kind in ("int4", "int4m"):
+        return Int4Linear(in_features, out_features, bias, int(meta["group_size"]), minimum=kind == "int4m")
     raise LmscopeError(f"unknown quantized module kind '{kind}' in the saved recipe", "re-save the model")
 
 
 # -- embedding / LM head ------------------------------------------------------------------------------
 def embedding_level(level: str) -> tuple[str, int | None]:
-    """("int8", None) | ("int4", group) | ("gptq4", group) from "int8", "int4-g64", "gptq4-g32", ..."""
+    """("int8", None) | ("int4" | "int4m" | "gptq4", group) from "int8", "int4-g64", "int4m-g32", ..."""
     scheme, _, group = level.partition("-g")
     return scheme, (int(group) if group else None)
 
@@ -140,8 +163,10 @@ def quantize_embeddings(lm, level: str = "int8", hessian: torch.Tensor | None = 
                 f"embedding level '{level}' needs an LM head tied to the embedding ('{lm.name}' has none)",
                 "keep the embedding int8",
             )
-        q4 = Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group)
-        if scheme == "gptq4":
+        q4 = Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group, scheme == "int4m")
+        if scheme == "int4m":
+            _fill_scale_min(q4, w, group)
+        elif scheme == "gptq4":
             from .gptq import gptq_quantize
 
             if hessian is None:
@@ -155,10 +180,13 @@ def quantize_embeddings(lm, level: str = "int8", hessian: torch.Tensor | None = 
             spec = int4_spec(group)
             scale, zero = affine_params(w, spec)
             codes = quantize(w, scale, zero, spec)
-        q4.qweight.copy_(pack_int4(codes.reshape(emb.num_embeddings, -1)))
-        q4.scale.copy_(scale.reshape(emb.num_embeddings, -1).to(torch.float16))
-        q4.zero.copy_(zero.reshape(emb.num_embeddings, -1).to(torch.uint8))
-        how = f"int4 g{group} " + ("GPTQ (tied head's inputs)" if scheme == "gptq4" else "RTN")
+        if scheme != "int4m":
+            q4.qweight.copy_(pack_int4(codes.reshape(emb.num_embeddings, -1)))
+            q4.scale.copy_(scale.reshape(emb.num_embeddings, -1).to(torch.float16))
+            q4.zero.copy_(zero.reshape(emb.num_embeddings, -1).to(torch.uint8))
+        how = f"int4 g{group} " + {"gptq4": "GPTQ (tied head's inputs)", "int4m": "scale+min RTN"}.get(
+            scheme, "RTN"
+        )
         rows = [_row("(embedding) " + fam.embed, w, q4.dequantized_weight(), 4, how)]
         set_module(lm.model, fam.embed, q4)
         set_module(lm.model, fam.unembed, Int4TiedHead(q4))
@@ -185,7 +213,7 @@ def rebuild_embeddings(model: nn.Module, info: dict) -> None:
     emb = model.get_submodule(info["embed"])
     scheme, group = embedding_level(info.get("level", "int8"))
     if scheme != "int8":
-        q4 = Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group)
+        q4 = Int4Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group, scheme == "int4m")
         set_module(model, info["embed"], q4)
         set_module(model, info["head"], Int4TiedHead(q4))
         return

@@ -97,6 +97,25 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(quantize(x, scale, zero, spec), scale, zero, spec)
 
 
+def scale_min_params(x: torch.Tensor, group_size: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, minimum) per group of ``group_size`` along the last dim, both rounded to fp16 (as stored), each
+    ``[n_groups, 1]`` float32: the "scale and min" grid ``x_hat = q * scale + minimum``, q in 0..2^b-1, of
+    GGUF's Q4_1 (and torchao's float zero point). Unlike :func:`affine_params` the minimum is not widened to
+    include 0 and not rounded onto the grid: a group already on such a grid (a dequantized Q4_1 weight) is
+    reproduced exactly."""
+    g = _grouped(x.detach().float(), QuantSpec(bits, False, "per_group", group_size))
+    lo = g.amin(dim=1, keepdim=True).half().float()
+    scale = ((g.amax(dim=1, keepdim=True) - lo) / (2**bits - 1)).half().float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), lo  # a constant group: any scale works
+
+
+def quantize_scale_min(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bits: int = 4):
+    """uint8 codes of ``x`` on the grid ``q * scale + minimum`` (per group, as from :func:`scale_min_params`)."""
+    g = x.detach().float().reshape(scale.shape[0], -1)
+    q = torch.clamp(torch.round((g - minimum) / scale), 0, 2**bits - 1)
+    return q.to(torch.uint8).reshape(x.shape)
+
+
 def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 20 log10(||x|| / ||x - x_hat||) (inf when exact)."""
     x, x_hat = x.detach(), x_hat.detach()

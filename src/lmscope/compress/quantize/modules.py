@@ -138,22 +138,47 @@ class W8A8Linear(QuantizedLinear):
         )
 
 
+def _int4_buffers(module: nn.Module, rows: int, cols: int, group_size: int, minimum: bool) -> None:
+    """Packed codes [rows, cols / 2], an fp16 scale per group, and per group either a uint8 zero point
+    (``(q - zero) * scale``) or, with ``minimum``, an fp16 minimum (``q * scale + min``: GGUF Q4_1's layout)."""
+    n_groups = cols // group_size
+    module.register_buffer("qweight", torch.zeros(rows, cols // 2, dtype=torch.uint8))
+    module.register_buffer("scale", torch.ones(rows, n_groups, dtype=torch.float16))
+    zero_dtype = torch.float16 if minimum else torch.uint8
+    module.register_buffer("zero", torch.zeros(rows, n_groups, dtype=zero_dtype))
+    if minimum:
+        module.scheme = "int4m"
+
+
+def _min_repr(module: nn.Module) -> str:
+    return ", scale and min" if module.zero.dtype == torch.float16 else ""
+
+
 class Int4Linear(QuantizedLinear):
-    """int4 weight-only, asymmetric per group of ``group_size`` inputs; codes packed two per byte."""
+    """int4 weight-only, asymmetric per group of ``group_size`` inputs; codes packed two per byte. The group's
+    offset is a uint8 zero point, or with ``minimum=True`` (scheme "int4m") an fp16 minimum."""
 
     bits = 4
     scheme = "int4"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 64,
+        minimum: bool = False,
+    ):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
-        n_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16))
-        self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        _int4_buffers(self, out_features, in_features, group_size, minimum)
 
     def _weight(self, dtype) -> torch.Tensor:
-        q = unpack_int4(self.qweight).to(dtype).view(self.out_features, -1, self.group_size)
+        q = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size)
+        if self.zero.dtype == torch.float16:  # "scale and min": q * scale + min, in fp32, rounded once
+            w = q.float() * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
+            return w.reshape(self.out_features, self.in_features).to(dtype)
+        q = q.to(dtype)
         w = (q - self.zero.to(dtype).unsqueeze(-1)) * self.scale.to(dtype).unsqueeze(-1)
         return w.reshape(self.out_features, self.in_features)
 
@@ -166,8 +191,9 @@ class Int4Linear(QuantizedLinear):
             codes = unpack_int4(self.qweight).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s, z = self.scale.float(), self.zero.float()
-            # the kernel computes (q - 8) * scale + offset; ours is (q - zero) * scale
-            scale_offset = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(BF16)
+            # the kernel computes (q - 8) * scale + offset; ours is (q - zero) * scale, or q * scale + min
+            offset = z + 8 * s if self.zero.dtype == torch.float16 else (8 - z) * s
+            scale_offset = torch.stack([s, offset], dim=-1).transpose(0, 1).contiguous().to(BF16)
             cached = (key, packed, scale_offset)
             self._int4pack = cached
         return cached[1], cached[2]
@@ -189,7 +215,7 @@ class Int4Linear(QuantizedLinear):
         return self._weight(torch.float32)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}" + _min_repr(self)
 
 
 class Int8Embedding(nn.Module):
@@ -264,22 +290,25 @@ class Int4Embedding(nn.Module):
     _finish = QuantizedLinear._finish
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, group_size: int = 64
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        group_size: int = 64,
+        minimum: bool = False,
     ):
         super().__init__()
         self.num_embeddings = self.out_features = num_embeddings
         self.embedding_dim = self.in_features = embedding_dim
         self.padding_idx = padding_idx
         self.group_size = group_size
-        n_groups = embedding_dim // group_size
-        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(num_embeddings, n_groups, dtype=torch.float16))
-        self.register_buffer("zero", torch.zeros(num_embeddings, n_groups, dtype=torch.uint8))
+        _int4_buffers(self, num_embeddings, embedding_dim, group_size, minimum)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = unpack_int4(self.qweight[ids]).float()  # [..., dim]
         q = q.view(*ids.shape, -1, self.group_size)  # [..., groups, group_size]
-        w = (q - self.zero[ids].float().unsqueeze(-1)) * self.scale[ids].float().unsqueeze(-1)
+        s, z = self.scale[ids].float().unsqueeze(-1), self.zero[ids].float().unsqueeze(-1)
+        w = q * s + z if self.zero.dtype == torch.float16 else (q - z) * s
         return w.reshape(*ids.shape, self.embedding_dim)
 
     def logical_numel(self) -> int:  # the tied head reuses this matrix and counts 0
@@ -289,7 +318,9 @@ class Int4Embedding(nn.Module):
         return self._weight(torch.float32)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int4 group_size={self.group_size}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 group_size={self.group_size}" + _min_repr(
+            self
+        )
 
 
 class Int4TiedHead(nn.Module):

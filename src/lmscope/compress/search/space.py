@@ -24,6 +24,9 @@ LEVELS: dict[str, tuple[str, int | None] | None] = {
     "int4-g32": ("int4", 32),
     "int4-g64": ("int4", 64),
     "int4-g128": ("int4", 128),
+    "int4m-g32": ("int4m", 32),  # fp16 scale and minimum per group (GGUF Q4_1's grid at g32)
+    "int4m-g64": ("int4m", 64),
+    "int4m-g128": ("int4m", 128),
     "gptq-g32": ("gptq4", 32),
     "gptq-g64": ("gptq4", 64),
     "gptq-g128": ("gptq4", 128),
@@ -210,10 +213,11 @@ class QuantSpace:
 
 
 def bits_per_weight(level: str) -> float:
-    """Storage bits per weight of a level (int4, GPTQ too: 4 bits + fp16 scale and uint8 zero per group)."""
+    """Storage bits per weight of a level (int4, GPTQ too: 4 bits + fp16 scale and uint8 zero per group; int4m:
+    4 bits + fp16 scale and fp16 minimum per group)."""
     spec = LEVELS[level]
     if spec is None:
         return 32.0
     if spec[0] in ("int8", "w8a8"):
         return 8.0
-    return 4.0 + 24.0 / spec[1]
+    return 4.0 + (32.0 if spec[0] == "int4m" else 24.0) / spec[1]
