@@ -389,7 +389,9 @@ class CombinedEvolution(StructuredEvolution):
             combos = [{**c, k: lv} for c in combos for lv in level_lists[k]]
         full = list(space.full())
         for q in space.qspace.levels:
-            if q == "float":
+            if (
+                q == "float" and self.cost.kind != "latency"
+            ):  # under a latency budget float + structure competes
                 continue
             feasible = []
             for c in combos:

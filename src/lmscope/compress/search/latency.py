@@ -519,6 +519,12 @@ class StructureLatencyTable:
     @classmethod
     def load(cls, path, lm, db, grid: int = DEFAULT_GRID) -> StructureLatencyTable:
         path = Path(path)
+        table = cls._read(path, lm, db, grid)
+        table.data["path"] = str(path)
+        return table
+
+    @classmethod
+    def _read(cls, path: Path, lm, db, grid: int) -> StructureLatencyTable:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -549,7 +555,9 @@ class StructureLatencyTable:
         )
         if default.is_file():
             try:
-                return cls.load(default, lm, db, grid)
+                table = cls.load(default, lm, db, grid)
+                table.data["path"] = str(default)
+                return table
             except LmscopeError:
                 pass
         table = cls.measure(lm, db, grid, progress=progress)
