@@ -53,6 +53,8 @@ def _pareto(
         [p[x] for p in front], [y(p) for p in front], where="post", c="#1f4e8c", lw=1.2, label="Pareto front"
     )
     for p in result.baselines():
+        if x not in p:  # a peer's setting scored without the latency table (--baseline-gptq)
+            continue
         ax.scatter([p[x]], [y(p)], marker="s", s=46, c="#d9822b", zorder=3)
         ax.annotate(
             p.get("label") or p.get("describe", ""),
@@ -548,14 +550,15 @@ def _summary(sec, result, cost: str, cost_title: str, original: str, tag, extra:
     point highlighted) and the search's cost in one sentence."""
     rows = []
     ref = result.reference_ppl
+    key = cost + "_fraction"
     for p in sorted(
-        (p for p in result.points if p.get("ppl") is not None), key=lambda p: p[cost + "_fraction"]
+        (p for p in result.points if p.get("ppl") is not None), key=lambda p: p.get(key, float("inf"))
     ):
         rows.append(
             [
                 "chosen" if p is result.chosen_point else tag(p),
                 p["describe"],
-                f"{p[cost + '_fraction']:.4f}",
+                f"{p[key]:.4f}" if key in p else "",
                 f"{p['kl']:.4g}",
                 f"{p['ppl']:.3f}",
                 f"{p['ppl'] / ref - 1:+.1%}" if ref else "",
