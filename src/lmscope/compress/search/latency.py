@@ -8,6 +8,9 @@ configuration) + the sum of its units' measured changes: for each group of units
 each level, the whole model is timed with that group at the level and the rest float, and each unit gets its
 share of the change (exact for configurations uniform per group, additive in between). The budget is
 ``latency=F``: the mean of the prefill and decode ratios to the original model's measured times is at most F.
+
+``StructureLatencyTable`` does the same for the structured and combined searches: heads kept, MLP neurons kept
+and blocks dropped (at a grid of kept sizes, interpolated), each at every precision level in the combined space.
 """
 
 from __future__ import annotations
@@ -454,7 +457,11 @@ class StructureLatencyTable:
                         plan.append((len(out_groups) - 1, kind, q, k, lv))
             if "layers" in space.spaces:
                 plan.append((len(out_groups) - 1, "drop", None, None, None))
-        for done, (g, kind, q, k, lv) in enumerate(plan):
+        from ... import progress as bars
+
+        for done, (g, kind, q, k, lv) in bars.track(
+            list(enumerate(plan)), "latency table (whole-model timings)", unit="timing"
+        ):
             members = out_groups[g]["layers"]
             if kind == "drop":
                 t = timed([(None, None, i in members) for i in range(n)])
