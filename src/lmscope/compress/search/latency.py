@@ -96,6 +96,40 @@ def measure_model(model, vocab_size: int, reps: int = 3) -> tuple[float, float]:
     return prefill, decode
 
 
+@torch.no_grad()
+def paired_difference(model, base, vocab_size: int, rounds: int = 3) -> tuple[float, float]:
+    """Median over ``rounds`` of (``model`` - ``base``) (prefill of ``PREFILL_TOKENS`` tokens, one decode step)
+    seconds, both timed back to back in each round: on a shared machine the load drifts by more than a layer's
+    cost between measurements taken minutes apart, and a paired difference cancels what both calls share."""
+    import statistics
+
+    ids = torch.randint(0, vocab_size, (1, PREFILL_TOKENS + 1), generator=torch.Generator().manual_seed(0))
+    step = ids[:, -1:]
+    past = {}
+    for key, m in (("model", model), ("base", base)):  # also the warm-up
+        out = m(input_ids=ids[:, :-1], use_cache=True)
+        past[key] = getattr(out, "cache", None) or out.past_key_values
+
+    def prefill(m) -> float:
+        t = time.perf_counter()
+        m(input_ids=ids[:, :-1], use_cache=False)
+        return time.perf_counter() - t
+
+    def decode(m, key) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            m(input_ids=step, cache=past[key], use_cache=True)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    dp, dd = [], []
+    for _ in range(rounds):
+        dp.append(prefill(model) - prefill(base))
+        dd.append(decode(model, "model") - decode(base, "base"))
+    return statistics.median(dp), statistics.median(dd)
+
+
 class LatencyTable:
     """``unit[(u, level)] = (prefill_s, decode_s)``, ``fixed = (prefill_s, decode_s)``, ``reference`` (the
     original model's measured prefill / decode seconds), ``measured_seconds`` (what building it took)."""
@@ -273,7 +307,7 @@ class LatencyCost:
 
 
 # -- structure (heads kept, MLP neurons kept, block dropped), alone or with the precision of what is kept ------
-STRUCTURE_VERSION = 1
+STRUCTURE_VERSION = 2  # 2: paired differences (1, min of calls, was swamped by a drifting load)
 #: kept sizes measured per layer kind (the rest interpolated): evenly spaced over the kind's levels, ends included
 DEFAULT_GRID = 4
 
@@ -350,7 +384,8 @@ class StructureLatencyTable:
     """Measured latency of structural choices for the structured and combined searches, per group of layers
     with the same shapes: for each precision level (float only without ``quant``), the change in (prefill,
     decode) seconds per layer from the all-float full model when every layer of the group keeps ``k`` heads
-    (the rest of the model full and float), at a grid of ``k``; the same for MLP neurons kept; and for the
+    (the rest of the model full and float; the median of differences paired with the all-float model, timed back
+    to back), at a grid of ``k``; the same for MLP neurons kept; and for the
     block dropped. Between grid sizes a layer's change is interpolated linearly in the kept count. Slicing never
     adds work, so each measured curve is made non-decreasing in the kept count (pool adjacent violators; the raw
     measurements stay in ``data["raw"]``). A candidate = the all-float time (int8 embedding in the combined
@@ -414,20 +449,37 @@ class StructureLatencyTable:
         layer_of = {p: i for i, ps in (cdb.qpaths.items() if cdb is not None else ()) for p in ps}
         start = time.perf_counter()
 
-        def timed(states, layers=(), attn="float", mlp="float"):
+        def assembled(states, layers=(), attn="float", mlp="float"):
             if cdb is None:
-                return timer(sdb.assemble_states(states).model)
+                return sdb.assemble_states(states).model
 
             def level_of(p):
                 if layer_of[p] not in layers:
                     return "float"
                 return attn if cdb._is_attn(p) else mlp
 
-            return timer(cdb.assemble_levels(states, level_of).model)
+            return cdb.assemble_levels(states, level_of).model
 
         full = [(None, None, False)] * n
-        fixed = timed(full)
-        reference = timer(lm.model) if cdb is not None else fixed  # structure only: the same model
+        fixed = timer(assembled(full))
+        # the all-float working model, kept aside: without a given timer every other timing is the fixed time
+        # plus a paired difference to it (see paired_difference)
+        base = None if given else copy.deepcopy(assembled(full))
+
+        def timed(states, layers=(), attn="float", mlp="float"):
+            model = assembled(states, layers, attn, mlp)
+            if given:
+                return timer(model)
+            dp, dd = paired_difference(model, base, lm.vocab_size, max(reps, 1))
+            return fixed[0] + dp, fixed[1] + dd
+
+        if cdb is None:
+            reference = fixed  # structure only: the same model
+        elif given:
+            reference = timer(lm.model)
+        else:
+            dp, dd = paired_difference(lm.model, base, lm.vocab_size, max(reps, 1))
+            reference = (fixed[0] + dp, fixed[1] + dd)
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
             groups.setdefault(_layer_signature(sdb.originals[i]), []).append(i)
@@ -512,10 +564,11 @@ class StructureLatencyTable:
             "reference": list(reference),
             "timings": len(plan) + (2 if cdb is not None else 1),
             "measured_seconds": round(time.perf_counter() - start, 1),
-            "how": "per group of same-shape layers, the whole working model timed (min of calls after a warm-up) "
-            "with every layer of the group at a kept size (heads, neurons) and precision, or dropped, the rest "
-            "full and float; a layer's entry = its share of the change; linear in the kept count between "
-            "measured sizes; curves made non-decreasing in the kept count",
+            "how": "per group of same-shape layers, the whole working model timed with every layer of the group at "
+            "a kept size (heads, neurons) and precision, or dropped, the rest full and float: the change from the "
+            "all-float working model is the median of paired differences (both timed back to back in each "
+            "round); a layer's entry = its share of the change; linear in the kept count between measured "
+            "sizes; curves made non-decreasing in the kept count",
         }
         data["timer"] = "given (not this machine's measurements)" if given else "measure_model"
         return cls(data)
