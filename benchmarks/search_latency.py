@@ -32,6 +32,10 @@ def main() -> None:
     ap.add_argument("--heldout-tokens", type=int, default=512)
     ap.add_argument("--offspring", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-refit", action="store_true", help="structured spaces: plain slicing (no least squares)"
+    )
+    ap.add_argument("--prior-tokens", type=int, default=1024, help="calibration tokens for the priors")
     ap.add_argument("--out", default=None, help="also write pareto.json / recipe.json / report.html here")
     args = ap.parse_args()
 
@@ -61,6 +65,7 @@ def main() -> None:
         seed=args.seed,
         offspring=args.offspring,
         prior="priors",
+        structure={"prior_tokens": args.prior_tokens, **({"refit": False} if args.no_refit else {})},
         on_eval=lambda n: (
             n % 10 or print(f"  {n} evaluations, {time.perf_counter() - t:.0f} s, {load()}", flush=True)
         ),

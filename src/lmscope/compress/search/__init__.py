@@ -116,6 +116,12 @@ class SearchResult:
             f"chosen latency: predicted {predicted:.3f} of the original (prefill {c['prefill_s'] * 1e3:.1f} ms, "
             f"decode {c['decode_s'] * 1e3:.2f} ms), measured {m['latency_fraction']:.3f} (prefill "
             f"{m['prefill_s'] * 1e3:.1f} ms, decode {m['decode_s'] * 1e3:.2f} ms) on the model the recipe builds"
+            + (
+                f", the original timed back to back ({m['reference_prefill_s'] * 1e3:.1f} ms, "
+                f"{m['reference_decode_s'] * 1e3:.2f} ms; median of {len(m['rounds'])} rounds)"
+                if "rounds" in m
+                else ""
+            )
         ]
         if t:
             lines.append(

@@ -307,7 +307,9 @@ class LatencyCost:
 
 
 # -- structure (heads kept, MLP neurons kept, block dropped), alone or with the precision of what is kept ------
-STRUCTURE_VERSION = 2  # 2: paired differences (1, min of calls, was swamped by a drifting load)
+STRUCTURE_VERSION = (
+    3  # 2: paired differences (1, min of calls, was swamped by a drifting load); 3: fixed twice
+)
 #: kept sizes measured per layer kind (the rest interpolated): evenly spaced over the kind's levels, ends included
 DEFAULT_GRID = 4
 
@@ -473,13 +475,6 @@ class StructureLatencyTable:
             dp, dd = paired_difference(model, base, lm.vocab_size, max(reps, 1))
             return fixed[0] + dp, fixed[1] + dd
 
-        if cdb is None:
-            reference = fixed  # structure only: the same model
-        elif given:
-            reference = timer(lm.model)
-        else:
-            dp, dd = paired_difference(lm.model, base, lm.vocab_size, max(reps, 1))
-            reference = (fixed[0] + dp, fixed[1] + dd)
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
             groups.setdefault(_layer_signature(sdb.originals[i]), []).append(i)
@@ -541,6 +536,18 @@ class StructureLatencyTable:
                 raw_groups[g][kind].setdefault(q, []).append(row)
             if progress is not None:
                 progress(done + 1, len(plan))
+        if (
+            not given
+        ):  # the all-float time again after the rest, the faster kept: one load spike does not set it
+            again = timer(base)
+            fixed = tuple(min(a, b) for a, b in zip(fixed, again))
+        if cdb is None:
+            reference = fixed  # structure only: the same model
+        elif given:
+            reference = timer(lm.model)
+        else:
+            dp, dd = paired_difference(lm.model, base, lm.vocab_size, max(reps, 1))
+            reference = (fixed[0] + dp, fixed[1] + dd)
         for grp, raw in zip(out_groups, raw_groups):
             for kind in ("attn", "mlp"):
                 grp[kind] = {}
@@ -562,7 +569,7 @@ class StructureLatencyTable:
             "raw": raw_groups,
             "fixed": list(fixed),
             "reference": list(reference),
-            "timings": len(plan) + (2 if cdb is not None else 1),
+            "timings": len(plan) + (3 if cdb is not None else 2),
             "measured_seconds": round(time.perf_counter() - start, 1),
             "how": "per group of same-shape layers, the whole working model timed with every layer of the group at "
             "a kept size (heads, neurons) and precision, or dropped, the rest full and float: the change from the "
@@ -691,20 +698,30 @@ class StructureLatencyCost:
         }
 
 
-def measure_chosen(lm, recipe, table, predicted: dict, calibration_text=None, timer=None) -> dict:
-    """The predicted latency of the chosen point checked on the real model ``compress`` builds from its recipe:
-    measured prefill / decode seconds and fraction of the original's (the table's reference), beside the
-    prediction."""
+def measure_chosen(
+    lm, recipe, table, predicted: dict, calibration_text=None, timer=None, rounds: int = 3
+) -> dict:
+    """The predicted latency of the chosen point checked on the real model ``compress`` builds from its recipe: it
+    and the original timed back to back in each of ``rounds`` rounds (so both see the same load), the measured
+    fraction the median of the rounds' ratios, beside the prediction (whose denominator is the table's reference,
+    timed when the table was measured)."""
     from ..apply import compress
 
     real = compress(lm, recipe, calibration_text=calibration_text)
-    p, d = (timer or (lambda m: measure_model(m, lm.vocab_size)))(real.lm.model)
-    ref_p, ref_d = table.reference
-    measured = 0.5 * (p / ref_p + d / ref_d)
+    timer = timer or (lambda m: measure_model(m, lm.vocab_size))
+    runs = []
+    for _ in range(rounds):
+        ref_p, ref_d = timer(lm.model)
+        p, d = timer(real.lm.model)
+        runs.append((p, d, ref_p, ref_d, 0.5 * (p / ref_p + d / ref_d)))
+    p, d, ref_p, ref_d, measured = sorted(runs, key=lambda r: r[-1])[len(runs) // 2]
     return {
         "prefill_s": round(p, 5),
         "decode_s": round(d, 5),
+        "reference_prefill_s": round(ref_p, 5),
+        "reference_decode_s": round(ref_d, 5),
         "latency_fraction": round(measured, 5),
+        "rounds": [round(r[-1], 5) for r in runs],
         "predicted_fraction": predicted["latency_fraction"],
         "predicted_prefill_s": predicted["prefill_s"],
         "predicted_decode_s": predicted["decode_s"],
