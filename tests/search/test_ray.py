@@ -65,3 +65,32 @@ def test_ray_structured_search_equals_in_process(tiny_dir):  # noqa: F811
         assert r["kl"] == pytest.approx(q["kl"], rel=1e-6, abs=1e-12)
     assert [p.get("pareto", False) for p in remote.points] == [p.get("pareto", False) for p in local.points]
     assert remote.chosen_point["config"] == local.chosen_point["config"]
+
+
+@pytest.mark.ray
+def test_ray_combined_search_equals_in_process(tiny_dir):  # noqa: F811
+    """Precision and structure together on two Ray actors (each builds the combined database from the driver's
+    priors): the same evaluations, configurations, front and chosen point as in-process."""
+    pytest.importorskip("ray")
+    from lmscope.compress.search.combined import CombinedDatabase, CombinedSpace
+    from lmscope.compress.search.space import fp32_bytes
+
+    from .test_search import CALIB
+
+    lm = lmscope.load(str(tiny_dir), progress=False)
+    levels = ("float", "int8", "int4-g32")
+    space = CombinedSpace(lm, ("quant", "heads", "neurons"), levels, calib=CALIB)
+    db = CombinedDatabase(lm, space)
+    int8 = db.total_bytes(space.full()[: space.n_struct] + ("int8",) * (len(space.units) - space.n_struct))
+    low = db.total_bytes(tuple(lvs[-1] for lvs in space.unit_levels))
+    budget = f"bytes={(low + 0.5 * (int8 - low)) / fp32_bytes(lm.model)}"  # below uniform int8: cut, or int4
+    kw = dict(levels=levels, max_evals=16, seed=2, offspring=4, prior="priors", **FAST)
+    local = search(lm, budget, "quant,heads,neurons", **kw)
+    remote = search(lm, budget, "quant,heads,neurons", ray="auto", workers=2, **kw)
+    assert remote.stats["workers"] == "ray auto x2" and local.stats["workers"] == "in-process"
+    assert remote.stats["evaluations"] == local.stats["evaluations"] and local.stats["computed"] > 4
+    assert [p["config"] for p in remote.points] == [p["config"] for p in local.points]
+    for r, q in zip(remote.points, local.points):
+        assert r["kl"] == pytest.approx(q["kl"], rel=1e-6, abs=1e-12)
+    assert [p.get("pareto", False) for p in remote.points] == [p.get("pareto", False) for p in local.points]
+    assert remote.chosen_point["config"] == local.chosen_point["config"]

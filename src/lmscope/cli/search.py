@@ -21,10 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--budget",
         required=True,
-        help="KIND=FRACTION of the original: bytes=0.16 (of fp32 bytes, --space quant); latency=0.9 (--space "
-        "quant: mean of the measured prefill and decode ratios, from a per-layer latency table measured once on "
-        "this machine and cached); params=0.75 (of the block parameters: kept by --space heads,neurons,layers, "
-        "non-zero by --space sparsity)",
+        help="KIND=FRACTION of the original: bytes=0.16 (of fp32 bytes, --space quant or quant with structure); "
+        "latency=0.9 (any space but sparsity: mean of the measured prefill and decode ratios, from a per-layer "
+        "latency table measured once on this machine and cached); params=0.75 (of the block parameters: kept by "
+        "--space heads,neurons,layers, non-zero by --space sparsity)",
     )
     p.add_argument(
         "--latency-table",
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         "--space",
         default="quant",
         help="what each layer chooses: quant (precision levels); any of heads,neurons,layers (heads kept, MLP "
-        "neurons kept, block kept or dropped); quant with any of those (both in one search, --budget bytes=F); or sparsity (Wanda level per block, with --budget params=F: F of "
+        "neurons kept, block kept or dropped); quant with any of those (both in one search); or sparsity (Wanda level per block, with --budget params=F: F of "
         "the block weights kept; --levels default 0.5,0.55,...,0.9)",
     )
     p.add_argument(
@@ -186,21 +186,17 @@ def run(args) -> int:
     from ..compress.search.structure import STRUCT_SPACES
 
     structured = set(spaces) <= set(STRUCT_SPACES)
-    if structured and budget.kind != "params":
+    if structured and budget.kind not in ("params", "latency"):
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to --space {args.space}",
-            "use --budget params=FRACTION (of the block parameters kept)",
+            "use --budget params=FRACTION (of the block parameters kept) or latency=FRACTION",
         )
-    if not structured and spaces != ("quant",):  # quant with heads/neurons/layers: one search, bytes only
-        if budget.kind != "bytes":
+    if not structured and spaces != ("quant",):  # quant with heads/neurons/layers: one search
+        if budget.kind not in ("bytes", "latency"):
             raise LmscopeError(
                 f"a {budget.kind} budget cannot be combined with quant in --space {args.space}: precision and "
-                "structure are searched together under a bytes budget",
-                "use --budget bytes=FRACTION (of the fp32 bytes)",
-            )
-        if args.ray is not None or args.latency_table is not None:
-            raise LmscopeError(
-                f"--space {args.space} runs in-process with a bytes budget", "drop --ray / --latency-table"
+                "structure are searched together under a bytes or latency budget",
+                "use --budget bytes=FRACTION (of the fp32 bytes) or latency=FRACTION",
             )
     if not structured and budget.kind not in ("bytes", "latency"):
         raise LmscopeError(

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 from .html import Report
 
+LATENCY_AXIS = "predicted latency / original's (mean of prefill and decode ratios)"
+
+
+def _cost_axis(result, cost: str, title: str) -> tuple[str, str]:
+    """Under a latency budget the front and the summary are over the predicted latency fraction."""
+    return ("latency", LATENCY_AXIS) if result.budget.kind == "latency" else (cost, title)
+
 
 def pareto_figure(result):
     """Bytes (fraction of fp32) vs KL: every evaluated point, the front, uniform baselines, the chosen one."""
     return _pareto(
         result,
-        "bytes",
-        "bytes / fp32 bytes",
+        *_cost_axis(result, "bytes", "bytes / fp32 bytes"),
         probe_note="one layer at the fewest bytes, rest at the most",
         size=(7.5, 4.6),
         legend={"loc": "upper right"},
@@ -42,11 +48,13 @@ def _pareto(
         if group:
             ax.scatter([p[x] for p in group], [y(p) for p in group], s=8, c=color, label=label)
     ax.scatter([p[x] for p in pts], [y(p) for p in pts], s=12, c="#7a9cc6", label="evaluated")
-    front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p[cost])
+    front = sorted((p for p in pts if p.get("pareto")), key=lambda p: p[x])
     ax.step(
         [p[x] for p in front], [y(p) for p in front], where="post", c="#1f4e8c", lw=1.2, label="Pareto front"
     )
     for p in result.baselines():
+        if x not in p:  # a peer's setting scored without the latency table (--baseline-gptq)
+            continue
         ax.scatter([p[x]], [y(p)], marker="s", s=46, c="#d9822b", zorder=3)
         ax.annotate(
             p.get("label") or p.get("describe", ""),
@@ -95,8 +103,7 @@ def search_report(result) -> Report:
     _summary(
         sec,
         result,
-        "bytes",
-        "bytes / fp32",
+        *_cost_axis(result, "bytes", "bytes / fp32"),
         "float",
         tag=lambda p: f"uniform {p['label']}" if p.get("label") else "front",
     )
@@ -181,8 +188,7 @@ def structure_pareto_figure(result):
     """Block parameters kept vs KL: every evaluated point, the front, the uniform baselines, the chosen one."""
     return _pareto(
         result,
-        "params",
-        "block parameters kept / original",
+        *_cost_axis(result, "params", "block parameters kept / original"),
         probe_note="one unit at its smallest, rest full",
         size=(9.5, 4.6),
         legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)},  # outside: labels stay readable
@@ -209,8 +215,7 @@ def structure_report(result) -> Report:
     _summary(
         sec,
         result,
-        "params",
-        "block params kept",
+        *_cost_axis(result, "params", "block params kept"),
         "every head, neuron and block",
         tag=lambda p: p.get("label") or "front",
         extra=f"; priors: {result.settings.get('priors')}",
@@ -334,8 +339,7 @@ def combined_report(result) -> Report:
     _summary(
         sec,
         result,
-        "bytes",
-        "bytes / fp32",
+        *_cost_axis(result, "bytes", "bytes / fp32"),
         "float, every head, neuron and block",
         tag=lambda p: p.get("label") or "front",
     )
@@ -346,8 +350,7 @@ def combined_report(result) -> Report:
     ).image(
         _pareto(
             result,
-            "bytes",
-            "bytes / fp32 bytes",
+            *_cost_axis(result, "bytes", "bytes / fp32 bytes"),
             probe_note="one unit at its smallest, rest full and float",
             size=(9.5, 4.6),
             legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)},
@@ -547,12 +550,15 @@ def _summary(sec, result, cost: str, cost_title: str, original: str, tag, extra:
     point highlighted) and the search's cost in one sentence."""
     rows = []
     ref = result.reference_ppl
-    for p in sorted((p for p in result.points if p.get("ppl") is not None), key=lambda p: p[cost]):
+    key = cost + "_fraction"
+    for p in sorted(
+        (p for p in result.points if p.get("ppl") is not None), key=lambda p: p.get(key, float("inf"))
+    ):
         rows.append(
             [
                 "chosen" if p is result.chosen_point else tag(p),
                 p["describe"],
-                f"{p[cost + '_fraction']:.4f}",
+                f"{p[key]:.4f}" if key in p else "",
                 f"{p['kl']:.4g}",
                 f"{p['ppl']:.3f}",
                 f"{p['ppl'] / ref - 1:+.1%}" if ref else "",
@@ -566,6 +572,8 @@ def _summary(sec, result, cost: str, cost_title: str, original: str, tag, extra:
         highlight=[i for i, r in enumerate(rows) if r[0] == "chosen"],
     )
     s = result.stats
+    for line in result._latency_lines():
+        sec.text(line + ".")
     sec.text(
         f"{s.get('evaluations')} evaluations ({s.get('computed')} computed in this run, "
         f"{s.get('eval_seconds')} s of fitness), {len(result.points)} configurations, "

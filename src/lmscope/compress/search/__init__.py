@@ -103,7 +103,35 @@ class SearchResult:
         if self.settings.get("embedding", "int8") != "int8":
             header += f", token embedding {self.settings['embedding']} in every configuration"
         where = lambda p: f"{p['bytes_fraction']:.4f} of fp32"  # noqa: E731
-        return "\n".join(self._text(header, "bytes", where, 16, built=True))
+        return "\n".join(self._text(header, "bytes", where, 16, built=True) + self._latency_lines())
+
+    def _latency_lines(self) -> list[str]:
+        """Under a latency budget: the chosen point's predicted latency beside its measurement on the model
+        ``compress`` builds from the recipe, and where the table came from."""
+        m, t, c = self.stats.get("chosen_measured"), self.stats.get("latency_table") or {}, self.chosen_point
+        if not m or c is None:
+            return []
+        predicted = m.get("predicted_fraction", c.get("latency_fraction"))
+        lines = [
+            f"chosen latency: predicted {predicted:.3f} of the original (prefill {c['prefill_s'] * 1e3:.1f} ms, "
+            f"decode {c['decode_s'] * 1e3:.2f} ms), measured {m['latency_fraction']:.3f} (prefill "
+            f"{m['prefill_s'] * 1e3:.1f} ms, decode {m['decode_s'] * 1e3:.2f} ms) on the model the recipe builds"
+            + (
+                f", the original timed back to back ({m['reference_prefill_s'] * 1e3:.1f} ms, "
+                f"{m['reference_decode_s'] * 1e3:.2f} ms; median of {len(m['rounds'])} rounds)"
+                if "rounds" in m
+                else ""
+            )
+        ]
+        if t:
+            lines.append(
+                "latency table: "
+                + (f"{t['timings']} whole-model timings" if t.get("timings") else "per-unit timings")
+                + (f", grid of {t['grid']} kept sizes per kind" if t.get("grid") else "")
+                + f", {t.get('threads')} threads, {t.get('cpu')}"
+                + (f", cached at {t['path']}" if t.get("path") else "")
+            )
+        return lines
 
     def _text(self, header: str, key: str, where, width: int, built: bool = False, reference="original"):
         """The lines every search prints: header, cost, then each point with held-out perplexity, sorted by
@@ -227,12 +255,6 @@ def search(
     if set(spaces) <= set(STRUCT_SPACES):  # heads, neurons, layers: the structured search
         from .structure import search_structure
 
-        if latency_table is not None:
-            raise LmscopeError(
-                "the structured search (heads, neurons, layers) runs under a params budget",
-                "drop --latency-table, or search --space quant",
-            )
-
         return search_structure(
             lm,
             budget,
@@ -240,16 +262,12 @@ def search(
             **run,
             ray=ray,
             workers=workers,
+            latency_table=latency_table,
             **(structure or {}),
         )
     if "quant" in spaces and len(spaces) > 1 and set(spaces) - {"quant"} <= set(STRUCT_SPACES):
-        from .combined import search_combined  # precision and structure together, under bytes=F
+        from .combined import search_combined  # precision and structure together, bytes=F or latency=F
 
-        if ray is not None or latency_table is not None:
-            raise LmscopeError(
-                "precision and structure searched together run in-process under a bytes budget",
-                "drop --ray / --latency-table",
-            )
         return search_combined(
             lm,
             budget,
@@ -259,6 +277,9 @@ def search(
             **run,
             simulate=simulate,
             max_cache_bytes=max_cache_bytes,
+            latency_table=latency_table,
+            ray=ray,
+            workers=workers,
             **(structure or {}),
         )
     if prior == "priors":

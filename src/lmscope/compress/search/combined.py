@@ -278,12 +278,25 @@ class CombinedDatabase:
         return self.sdb.total_params(self.space.split(config)[0])
 
     # -- assembling --------------------------------------------------------------------------------------
-    @torch.no_grad()
     def assemble(self, config):
+        s, q = self.space.split(config)
+        n = self.space.n_struct
+        return self.assemble_levels(self.sdb.block_states(s), lambda p: q[self.unit_of[p] - n])
+
+    def part_units(self, i: int) -> tuple[int | None, int | None]:
+        """Block ``i``'s precision units (indices into the precision part of a configuration) holding its
+        attention and its MLP linears (the same unit at block granularity)."""
+        n = self.space.n_struct
+        attn = [self.unit_of[p] - n for p in self.qpaths.get(i, ()) if self._is_attn(p)]
+        mlp = [self.unit_of[p] - n for p in self.qpaths.get(i, ()) if not self._is_attn(p)]
+        return (attn[0] if attn else None), (mlp[0] if mlp else None)
+
+    @torch.no_grad()
+    def assemble_levels(self, states, level_of):
+        """The working model with blocks at structure ``states`` and each kept linear at ``level_of(path)``
+        (the latency table times attention and MLP precisions apart through this)."""
         from ..targets import set_module
 
-        s, q = self.space.split(config)
-        states = self.sdb.block_states(s)
         self.sdb.assemble_states(states)  # blocks whose structure changed: float again, re-sliced
         for i, state in enumerate(states):
             if state[2]:
@@ -299,7 +312,7 @@ class CombinedDatabase:
                 self.floats[i] = rec
                 self.placed.update(rec[1])
             for p, fl in rec[1].items():
-                m = self._module(p, self._key(p, state), q[self.unit_of[p] - self.space.n_struct], fl)
+                m = self._module(p, self._key(p, state), level_of(p), fl)
                 if self.placed[p] is not m:
                     set_module(self.work.model, p, m)
                     self.placed[p] = m
@@ -350,7 +363,16 @@ def _quantize(work, module, level: str, path: str = "layer"):
 class CombinedEvolution(StructuredEvolution):
     """The structured search's evolution over the units of both parts under a byte budget: a mutation raises one
     unit (a structure level or a precision level) and lowers others until the bytes fit. Seeds: uniform
-    precision with uniform structure that fit, and a greedy allocation by sensitivity (or priors)."""
+    precision with uniform structure that fit, and a greedy allocation by sensitivity (or priors). Under a latency
+    budget each precision unit's levels are ordered by their measured latency (at the full structure: int4 can be
+    slower than float in prefill), so "down" still means cheaper."""
+
+    def __init__(self, db, budget, evaluate, n_stages: int, seed=0, offspring=8, cost=None):
+        super().__init__(db, budget, evaluate, n_stages, seed=seed, offspring=offspring, cost=cost)
+        if self.cost.kind == "latency":
+            n = self.space.n_struct
+            for k in range(n, len(self.levels)):
+                self.levels[k] = sorted(self.levels[k], key=lambda lv, k=k: (-self.cost.unit(k, lv), lv))
 
     def uniform_seeds(self) -> dict[tuple, str]:
         space, out = self.space, {}
@@ -367,7 +389,9 @@ class CombinedEvolution(StructuredEvolution):
             combos = [{**c, k: lv} for c in combos for lv in level_lists[k]]
         full = list(space.full())
         for q in space.qspace.levels:
-            if q == "float":
+            if (
+                q == "float" and self.cost.kind != "latency"
+            ):  # under a latency budget float + structure competes
                 continue
             feasible = []
             for c in combos:
@@ -381,7 +405,7 @@ class CombinedEvolution(StructuredEvolution):
                             ok = False
                             break
                         config[k] = c[u.kind]
-                if ok and self.db.total_bytes(config) <= self.budget:
+                if ok and self.cost.total(config) <= self.budget:
                     feasible.append((c, tuple(config)))
             for c, config in feasible:  # the uniform points no other one beats on every kind
                 dominated = any(
@@ -434,35 +458,38 @@ class CombinedEvolution(StructuredEvolution):
             if (k, j) not in shape:
                 if k >= n:
                     bits = [bits_per_weight(lv) for lv in self.levels[k]]
-                    shape[(k, j)] = 0.0 if bits[j] >= 32 else 4.0 ** (bits[-1] - bits[j])
+                    shape[(k, j)] = 0.0 if bits[j] >= 32 else 4.0 ** (min(bits) - bits[j])
                 else:
                     last = len(self.levels[k]) - 1
-                    span = max(full_total - self._total_with(top, k, last), 1)
+                    span = max(full_total - self._total_with(top, k, last), 1e-12)  # bytes or a fraction
                     shape[(k, j)] = ((full_total - self._total_with(top, k, j)) / span) ** 2
             return shape[(k, j)]
 
         idx = [start[k] if k not in movable else 0 for k in range(n_units)]
         while self._total(idx) > budget:
             total = self._total(idx)
-            best, best_cost = None, math.inf
+            best, best_cost, best_j = None, math.inf, None
             for k in sorted(movable):
-                if idx[k] == len(self.levels[k]) - 1:
+                step = self._next_saving(idx, k, total)
+                if step is None:
                     continue
-                saved = total - self._total_with(idx, k, idx[k] + 1)
-                if saved <= 0:
-                    continue
+                j, saved = step
                 w = weights[self.space.units[k].name]
-                cost = w * (rel(k, idx[k] + 1) - rel(k, idx[k])) / saved
+                cost = w * (rel(k, j) - rel(k, idx[k])) / saved
                 if cost < best_cost:
-                    best, best_cost = k, cost
+                    best, best_cost, best_j = k, cost, j
             if best is None:
                 break
-            idx[best] += 1
+            idx[best] = best_j
         idx = self._refill(idx, sorted(range(n_units), key=lambda k: -weights[self.space.units[k].name]))
         return self.space.canonical(self._config(idx))
 
 
 def check_bytes_budget(evolution: CombinedEvolution, budget, reference_bytes: int) -> None:
+    if evolution.cost.kind == "latency":
+        from .strategy import check_budget
+
+        return check_budget(evolution, budget, reference_bytes)
     low = evolution.minimum_bytes()
     if low > evolution.budget:
         raise LmscopeError(
@@ -501,9 +528,17 @@ def search_combined(
     priors=None,
     head_roles=True,
     prior_tokens=1024,
+    latency_table=None,
+    latency_timer=None,
+    ray=None,
+    workers=2,
 ) -> CombinedResult:
-    """``search`` over precision and structure together under ``bytes=F`` (of the fp32 model's bytes).
-    Returns a ``CombinedResult``; bad inputs raise ``LmscopeError`` before any output exists."""
+    """``search`` over precision and structure together under ``bytes=F`` (of the fp32 model's bytes) or
+    ``latency=F`` (predicted by a ``StructureLatencyTable`` of structure x precision measured once on this machine,
+    cached, or read from ``latency_table``; ``latency_timer``: how models are timed, for tests; the chosen point
+    is measured on the model its recipe builds). ``ray``: candidates scored on ``workers`` Ray actors (the same
+    results as in-process). Returns a ``CombinedResult``; bad inputs raise ``LmscopeError`` before any output
+    exists."""
     import time
 
     from ..calibration import default_calibration_text
@@ -514,11 +549,11 @@ def search_combined(
     from .strategy import evolve
     from .structure import head_role_table
 
-    if budget.kind != "bytes":
+    if budget.kind not in ("bytes", "latency"):
         raise LmscopeError(
             f"a {budget.kind} budget cannot be combined with quant: precision and structure are searched "
-            "together under a bytes budget",
-            "use --budget bytes=FRACTION (of the fp32 bytes)",
+            "together under a bytes or latency budget",
+            "use --budget bytes=FRACTION (of the fp32 bytes) or latency=FRACTION",
         )
     _optuna()
     calib = calibration_text or default_calibration_text()
@@ -527,8 +562,18 @@ def search_combined(
     db = CombinedDatabase(lm, space, max_cache_bytes, simulate)
     reference_bytes = fp32_bytes(lm.model)
     budget_bytes = int(budget.fraction * reference_bytes)
+    latency = budget.kind == "latency"
+    table = cost = None
+    if latency or latency_table is not None:
+        from .latency import StructureLatencyCost, StructureLatencyTable
+
+        table = StructureLatencyTable.cached(lm, db, latency_table, timer=latency_timer)
+        cost = StructureLatencyCost(table, db)
+    limit = budget.fraction if latency else budget_bytes
     fitness = KLFitness(lm, calib, calibration_tokens, window, stages)
-    evolution = CombinedEvolution(db, budget_bytes, None, fitness.n_stages, seed=seed, offspring=offspring)
+    evolution = CombinedEvolution(
+        db, limit, None, fitness.n_stages, seed=seed, offspring=offspring, cost=cost if latency else None
+    )
     check_bytes_budget(evolution, budget, reference_bytes)
     settings = {
         "model": lm.name,
@@ -547,6 +592,26 @@ def search_combined(
         "priors": f"head importance (gradient), neuron activation x |W_down|, block influence; {prior_tokens} "
         "calibration tokens",
     }
+    if table is not None:
+        settings["latency_table"] = table.data["key"]
+    scorers = None
+    if ray is not None:  # an unreachable address or a missing extra fails here, before any output
+        from .distributed import RayScorers
+
+        scorers = RayScorers(
+            lm,
+            ray,
+            workers,
+            {
+                "spaces": tuple(spaces),
+                "levels": tuple(levels),
+                "granularity": granularity,
+                "priors": space.priors,
+            },
+            {"text": calib, "tokens": calibration_tokens, "window": window, "stages": stages},
+            simulate,
+            kind="combined",
+        )
     trials, evaluator = evolve(
         evolution,
         db,
@@ -560,13 +625,14 @@ def search_combined(
         time_limit=time_limit,
         on_eval=on_eval,
         before_store=before_store,
+        scorers=scorers,
     )
     search_seconds = time.perf_counter() - start
     sensitivity = dict(evolution.sensitivity)
     if not sensitivity:  # a resumed or bounded search: the probes read back from storage
         for k, unit in enumerate(space.units):
             config = list(space.full())
-            config[k] = space.unit_levels[k][-1]
+            config[k] = evolution.levels[k][-1]
             r = trials.get(tuple(config), 0)
             if r is not None:
                 sensitivity[unit.name] = r["kl"]
@@ -583,6 +649,7 @@ def search_combined(
         nbytes = db.total_bytes(config)
         params = db.params(config)
         return {
+            **(cost.fields(config) if cost is not None else {}),
             "config": space.as_dict(config),
             "describe": space.describe(config),
             "bytes": nbytes,
@@ -593,7 +660,7 @@ def search_combined(
             "kl_tokens": fitness.stage_tokens[stage],
             "stage": stage,
             "final_stage": stage == last,
-            "within_budget": nbytes <= budget_bytes,
+            "within_budget": evolution.cost.total(config) <= evolution.budget,
             "origin": origin,
             "label": label,
         }
@@ -602,7 +669,7 @@ def search_combined(
         points.append(point(config, r["kl"], stage, r["origin"], labels.get(config, "")))
     points.sort(key=lambda p: (p["bytes"], p["kl"]))
     finals = [p for p in points if p["final_stage"]]
-    for i in pareto_front(finals, "bytes"):
+    for i in pareto_front(finals, "latency_fraction" if latency else "bytes"):
         finals[i]["pareto"] = True
     full = space.full()
     feasible = [
@@ -631,6 +698,9 @@ def search_combined(
             p = point(config, fitness.kl(work, last)[0], last, "baseline", f"uniform {q}")
             p.update({"final_stage": False, "baseline": True, "ppl": perplexity(work, heldout)})
             points.append(p)
+    from .structure import latency_report
+
+    latency_stats = latency_report(table, lm, space, points, chosen, latency, calib, latency_timer)
     roles = head_role_table(lm) if head_roles and "heads" in spaces else None
     return CombinedResult(
         model=lm.name,
@@ -646,7 +716,11 @@ def search_combined(
         chosen=chosen,
         sensitivity=sensitivity,
         settings=settings,
-        stats=run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+        stats={
+            **run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+            **latency_stats,
+            "workers": f"ray {ray} x{workers}" if ray is not None else "in-process",
+        },
         reference_ppl=reference_ppl,
         space=space,
         priors=space.priors,
@@ -664,6 +738,8 @@ class CombinedResult(StructuredResult):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["budget"] = {"kind": "bytes", "fraction": self.budget.fraction, "bytes": self.budget_bytes}
+        if self.budget.kind == "latency":
+            d["budget"] = {"kind": "latency", "fraction": self.budget.fraction}
         d["reference"] = {
             "bytes_fp32": self.reference_bytes,
             "block_params": self.reference_params,
@@ -672,6 +748,18 @@ class CombinedResult(StructuredResult):
         return d
 
     def to_text(self) -> str:
+        if self.budget.kind == "latency":
+            header = (
+                f"search {self.model}: budget {self.budget} of the original's measured latency (precision and "
+                "structure together)"
+            )
+            where = lambda p: (  # noqa: E731
+                f"latency {p['latency_fraction']:.3f}, {p['bytes_fraction']:.4f} of fp32, "
+                f"{p['params_fraction']:.3f} of block params"
+            )
+            return "\n".join(
+                self._text(header, "latency_fraction", where, 36) + self._latency_lines() + self._kept()
+            )
         header = (
             f"search {self.model}: budget {self.budget} = {self.budget_bytes / 2**20:.2f} MB "
             "(precision and structure together)"

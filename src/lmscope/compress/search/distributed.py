@@ -1,7 +1,8 @@
 """Candidate evaluation on Ray (``lmscope search --ray auto|ADDRESS --workers N``): a pool of actors, each
 opening the model once and building its own level database and KL fitness from the same settings, scores the
-configurations of one generation stage in parallel (the precision search's level database, or the structured
-search's database with the driver's priors and the same refit); results come back in submission order (Ray's
+configurations of one generation stage in parallel (the precision search's level database, the structured
+search's database with the driver's priors and the same refit, or the combined search's database with the
+driver's priors); results come back in submission order (Ray's
 ``ActorPool``), and the driver stores and ranks them exactly as in-process, so a fixed seed gives the same
 front. Uses ``scan``'s Ray start-up (local runtime for ``auto``, or a cluster address). Ray is optional
 (``pip install 'lmscope[scale]'``) and imported only here.
@@ -47,6 +48,14 @@ def _evaluator_class(ray):
                         )
                     space.refit_spec = compensation.spec
                 self.db = StructureDatabase(lm, space, compensation)
+            elif kind == "combined":  # precision and structure: the driver's priors, the same levels
+                from .combined import CombinedDatabase, CombinedSpace
+
+                args = dict(space_args)
+                space = CombinedSpace(
+                    lm, args["spaces"], args["levels"], args["granularity"], priors=args["priors"]
+                )
+                self.db = CombinedDatabase(lm, space, simulate=simulate)
             else:
                 from .levels import LevelDatabase
                 from .space import QuantSpace

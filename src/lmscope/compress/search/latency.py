@@ -8,6 +8,9 @@ configuration) + the sum of its units' measured changes: for each group of units
 each level, the whole model is timed with that group at the level and the rest float, and each unit gets its
 share of the change (exact for configurations uniform per group, additive in between). The budget is
 ``latency=F``: the mean of the prefill and decode ratios to the original model's measured times is at most F.
+
+``StructureLatencyTable`` does the same for the structured and combined searches: heads kept, MLP neurons kept
+and blocks dropped (at a grid of kept sizes, interpolated), each at every precision level in the combined space.
 """
 
 from __future__ import annotations
@@ -91,6 +94,40 @@ def measure_model(model, vocab_size: int, reps: int = 3) -> tuple[float, float]:
     step = ids[:, -1:]
     decode = _best_time(lambda: model(input_ids=step, cache=past, use_cache=True), reps * 3)
     return prefill, decode
+
+
+@torch.no_grad()
+def paired_difference(model, base, vocab_size: int, rounds: int = 3) -> tuple[float, float]:
+    """Median over ``rounds`` of (``model`` - ``base``) (prefill of ``PREFILL_TOKENS`` tokens, one decode step)
+    seconds, both timed back to back in each round: on a shared machine the load drifts by more than a layer's
+    cost between measurements taken minutes apart, and a paired difference cancels what both calls share."""
+    import statistics
+
+    ids = torch.randint(0, vocab_size, (1, PREFILL_TOKENS + 1), generator=torch.Generator().manual_seed(0))
+    step = ids[:, -1:]
+    past = {}
+    for key, m in (("model", model), ("base", base)):  # also the warm-up
+        out = m(input_ids=ids[:, :-1], use_cache=True)
+        past[key] = getattr(out, "cache", None) or out.past_key_values
+
+    def prefill(m) -> float:
+        t = time.perf_counter()
+        m(input_ids=ids[:, :-1], use_cache=False)
+        return time.perf_counter() - t
+
+    def decode(m, key) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            m(input_ids=step, cache=past[key], use_cache=True)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    dp, dd = [], []
+    for _ in range(rounds):
+        dp.append(prefill(model) - prefill(base))
+        dd.append(decode(model, "model") - decode(base, "base"))
+    return statistics.median(dp), statistics.median(dd)
 
 
 class LatencyTable:
@@ -267,3 +304,426 @@ class LatencyCost:
 
     def total(self, config) -> float:
         return self.table.fraction(config)
+
+
+# -- structure (heads kept, MLP neurons kept, block dropped), alone or with the precision of what is kept ------
+STRUCTURE_VERSION = (
+    3  # 2: paired differences (1, min of calls, was swamped by a drifting load); 3: fixed twice
+)
+#: kept sizes measured per layer kind (the rest interpolated): evenly spaced over the kind's levels, ends included
+DEFAULT_GRID = 4
+
+
+def _pava(values: list[float]) -> list[float]:
+    """The non-decreasing sequence nearest ``values`` in least squares (pool adjacent violators)."""
+    pools: list[list[float]] = []  # [sum, count]
+    for v in values:
+        pools.append([v, 1])
+        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+            s, c = pools.pop()
+            pools[-1][0] += s
+            pools[-1][1] += c
+    return [s / c for s, c in pools for _ in range(int(c))]
+
+
+def _interpolate(rows: list[list[float]], x: float) -> tuple[float, float]:
+    """(prefill, decode) at kept size ``x`` from ``rows`` [kept, prefill, decode] sorted by kept: linear between
+    the two nearest measured sizes (exact at a measured size; clamped outside the measured range)."""
+    if x <= rows[0][0]:
+        return rows[0][1], rows[0][2]
+    for (x0, p0, d0), (x1, p1, d1) in zip(rows, rows[1:]):
+        if x <= x1:
+            t = (x - x0) / (x1 - x0)
+            return p0 + t * (p1 - p0), d0 + t * (d1 - d0)
+    return rows[-1][1], rows[-1][2]
+
+
+def _grid(sizes: list, points: int) -> list:
+    """``points`` of ``sizes`` (largest first), evenly spaced by index, both ends included."""
+    if len(sizes) <= points:
+        return list(sizes)
+    picks = sorted({round(k * (len(sizes) - 1) / (points - 1)) for k in range(points)})
+    return [sizes[k] for k in picks]
+
+
+def _layer_signature(block_modules: dict) -> tuple:
+    return tuple(
+        (p, tuple(m.weight.shape), getattr(m, "bias", None) is not None)
+        for p, m in sorted(block_modules.items())
+    )
+
+
+def _struct_parts(db):
+    """(structure database, combined database or None) of a structured or combined search's database."""
+    return (db.sdb, db) if hasattr(db, "sdb") else (db, None)
+
+
+def structure_table_key(lm, db, grid: int) -> str:
+    """What a structure table depends on: the architecture, the units and their levels, the precision levels,
+    the grid, torch, threads, the CPU."""
+    sdb, cdb = _struct_parts(db)
+    space = cdb.space if cdb is not None else sdb.space
+    cfg = getattr(lm.model, "config", None)
+    text = json.dumps(
+        {
+            "version": STRUCTURE_VERSION,
+            "kind": "combined" if cdb is not None else "structure",
+            "config": cfg.to_json_string(use_diff=False) if cfg is not None else repr(lm.model),
+            "units": [[u.name, list(u.paths)] for u in space.units],
+            "unit_levels": [list(lvs) for lvs in space.unit_levels],
+            "grid": grid,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": _cpu(),
+            "prefill_tokens": PREFILL_TOKENS,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class StructureLatencyTable:
+    """Measured latency of structural choices for the structured and combined searches, per group of layers
+    with the same shapes: for each precision level (float only without ``quant``), the change in (prefill,
+    decode) seconds per layer from the all-float full model when every layer of the group keeps ``k`` heads
+    (the rest of the model full and float; the median of differences paired with the all-float model, timed back
+    to back), at a grid of ``k``; the same for MLP neurons kept; and for the
+    block dropped. Between grid sizes a layer's change is interpolated linearly in the kept count. Slicing never
+    adds work, so each measured curve is made non-decreasing in the kept count (pool adjacent violators; the raw
+    measurements stay in ``data["raw"]``). A candidate = the all-float time (int8 embedding in the combined
+    space, as in every candidate there) + per kept block its attention change at (heads kept, attention
+    precision) + its MLP change at (neurons kept, MLP precision), per dropped block the drop change: precision
+    and structure interact within a part (a narrower int4 layer is timed as such), parts and blocks add.
+
+    Approximations, checked on the chosen point by ``measure_chosen``: additivity across parts and blocks;
+    linear interpolation between grid sizes; head layouts with the same count but different KV groups share
+    one measurement (k and v are the small projections)."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.fixed = tuple(data["fixed"])
+        self.reference = tuple(data["reference"])
+        self.groups = data["groups"]
+        self.group_of = {i: g for g, grp in enumerate(self.groups) for i in grp["layers"]}
+
+    # -- prediction ------------------------------------------------------------------------------------
+    def layer_seconds(self, i, heads, neurons, dropped, attn_level="float", mlp_level="float"):
+        """Change in (prefill, decode) seconds of block ``i`` from full float: ``heads`` / ``neurons`` kept
+        (counts; None = all), ``dropped``, the precision of its attention and MLP linears."""
+        grp = self.groups[self.group_of[i]]
+        if dropped:
+            return tuple(grp["drop"])
+        a = _interpolate(grp["attn"][attn_level], grp["heads"] if heads is None else heads)
+        m = _interpolate(grp["mlp"][mlp_level], grp["neurons"] if neurons is None else neurons)
+        return a[0] + m[0], a[1] + m[1]
+
+    def seconds(self, layers) -> tuple[float, float]:
+        """Predicted (prefill, decode) seconds; ``layers``: per block (heads, neurons, dropped, attn level,
+        mlp level) as ``layer_seconds`` takes them."""
+        p, d = self.fixed
+        for i, spec in enumerate(layers):
+            lp, ld = self.layer_seconds(i, *spec)
+            p += lp
+            d += ld
+        return p, d
+
+    def fraction_of(self, seconds) -> float:
+        return 0.5 * (seconds[0] / self.reference[0] + seconds[1] / self.reference[1])
+
+    # -- measuring -------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def measure(cls, lm, db, grid: int = DEFAULT_GRID, reps: int = 3, timer=None, progress=None):
+        """Measure on this machine through the search's own database (its working model, assembled as the
+        search assembles candidates). ``timer(model) -> (prefill_s, decode_s)``: how a model is timed
+        (default ``measure_model``; tests inject a deterministic one)."""
+        sdb, cdb = _struct_parts(db)
+        if cdb is not None and cdb.simulate:  # emulated layers are not timed: a real-kernel database
+            from .combined import CombinedDatabase
+
+            cdb = CombinedDatabase(lm, cdb.space)
+        space = sdb.space
+        given = timer is not None
+        timer = timer or (lambda model: measure_model(model, lm.vocab_size, reps))
+        struct_levels = (cdb.space.unit_levels if cdb is not None else space.unit_levels)[: len(space.units)]
+        precisions = list(cdb.space.qspace.levels) if cdb is not None else ["float"]
+        n = len(sdb.blocks)
+        layer_of = {p: i for i, ps in (cdb.qpaths.items() if cdb is not None else ()) for p in ps}
+        start = time.perf_counter()
+
+        def assembled(states, layers=(), attn="float", mlp="float"):
+            if cdb is None:
+                return sdb.assemble_states(states).model
+
+            def level_of(p):
+                if layer_of[p] not in layers:
+                    return "float"
+                return attn if cdb._is_attn(p) else mlp
+
+            return cdb.assemble_levels(states, level_of).model
+
+        full = [(None, None, False)] * n
+        fixed = timer(assembled(full))
+        # the all-float working model, kept aside: without a given timer every other timing is the fixed time
+        # plus a paired difference to it (see paired_difference)
+        base = None if given else copy.deepcopy(assembled(full))
+
+        def timed(states, layers=(), attn="float", mlp="float"):
+            model = assembled(states, layers, attn, mlp)
+            if given:
+                return timer(model)
+            dp, dd = paired_difference(model, base, lm.vocab_size, max(reps, 1))
+            return fixed[0] + dp, fixed[1] + dd
+
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(_layer_signature(sdb.originals[i]), []).append(i)
+        unit_at = {(u.block, u.kind): k for k, u in enumerate(space.units)}
+        plan = []  # (group, kind, precision, kept, level)
+        out_groups, raw_groups = [], []
+        for members in groups.values():
+            i0 = members[0]
+            n_heads = len(space.priors["heads"][i0]) if "heads" in space.spaces else lm.n_heads_at(i0)
+            n_neurons = len(space.priors["neurons"][i0]) if "neurons" in space.spaces else 0
+            sizes = {"attn": [(n_heads, None)], "mlp": [(n_neurons, None)]}
+            for kind, keep in (("attn", space.head_keep), ("mlp", space.neuron_keep)):
+                if (i0, kind) not in unit_at:
+                    continue
+                common = [
+                    lv
+                    for lv in struct_levels[unit_at[(i0, kind)]]
+                    if all(lv in struct_levels[unit_at[(i, kind)]] for i in members)
+                ]
+                found = sorted(((len(keep[(i0, lv)]), lv) for lv in common), key=lambda s: -s[0])
+                sizes[kind] = [(k, None if k == sizes[kind][0][0] else lv) for k, lv in _grid(found, grid)]
+            out_groups.append({"layers": members, "heads": n_heads, "neurons": n_neurons})
+            raw_groups.append({"attn": {}, "mlp": {}})
+            for kind in ("attn", "mlp"):
+                for q in precisions:
+                    for k, lv in sizes[kind]:
+                        plan.append((len(out_groups) - 1, kind, q, k, lv))
+            if "layers" in space.spaces:
+                plan.append((len(out_groups) - 1, "drop", None, None, None))
+        from ... import progress as bars
+
+        for done, (g, kind, q, k, lv) in bars.track(
+            list(enumerate(plan)), "latency table (whole-model timings)", unit="timing"
+        ):
+            members = out_groups[g]["layers"]
+            if kind == "drop":
+                t = timed([(None, None, i in members) for i in range(n)])
+                out_groups[g]["drop"] = [(t[j] - fixed[j]) / len(members) for j in (0, 1)]
+            else:
+                if lv is None and q == "float":
+                    row = [k, 0.0, 0.0]
+                else:
+                    keep = space.head_keep if kind == "attn" else space.neuron_keep
+                    states = [
+                        (
+                            keep[(i, lv)] if kind == "attn" and lv is not None and i in members else None,
+                            keep[(i, lv)] if kind == "mlp" and lv is not None and i in members else None,
+                            False,
+                        )
+                        for i in range(n)
+                    ]
+                    t = timed(
+                        states,
+                        set(members),
+                        q if kind == "attn" else "float",
+                        q if kind == "mlp" else "float",
+                    )
+                    row = [k, *((t[j] - fixed[j]) / len(members) for j in (0, 1))]
+                raw_groups[g][kind].setdefault(q, []).append(row)
+            if progress is not None:
+                progress(done + 1, len(plan))
+        if (
+            not given
+        ):  # the all-float time again after the rest, the faster kept: one load spike does not set it
+            again = timer(base)
+            fixed = tuple(min(a, b) for a, b in zip(fixed, again))
+        if cdb is None:
+            reference = fixed  # structure only: the same model
+        elif given:
+            reference = timer(lm.model)
+        else:
+            dp, dd = paired_difference(lm.model, base, lm.vocab_size, max(reps, 1))
+            reference = (fixed[0] + dp, fixed[1] + dd)
+        for grp, raw in zip(out_groups, raw_groups):
+            for kind in ("attn", "mlp"):
+                grp[kind] = {}
+                for q, rows in raw[kind].items():
+                    rows = sorted(rows)
+                    mono = [_pava([r[1] for r in rows]), _pava([r[2] for r in rows])]
+                    grp[kind][q] = [[r[0], mono[0][j], mono[1][j]] for j, r in enumerate(rows)]
+        data = {
+            "version": STRUCTURE_VERSION,
+            "key": structure_table_key(lm, db, grid),
+            "kind": "combined" if cdb is not None else "structure",
+            "model": lm.name,
+            "prefill_tokens": PREFILL_TOKENS,
+            "threads": torch.get_num_threads(),
+            "cpu": _cpu(),
+            "levels": precisions,
+            "grid": grid,
+            "groups": out_groups,
+            "raw": raw_groups,
+            "fixed": list(fixed),
+            "reference": list(reference),
+            "timings": len(plan) + (3 if cdb is not None else 2),
+            "measured_seconds": round(time.perf_counter() - start, 1),
+            "how": "per group of same-shape layers, the whole working model timed with every layer of the group at "
+            "a kept size (heads, neurons) and precision, or dropped, the rest full and float: the change from the "
+            "all-float working model is the median of paired differences (both timed back to back in each "
+            "round); a layer's entry = its share of the change; linear in the kept count between measured "
+            "sizes; curves made non-decreasing in the kept count",
+        }
+        data["timer"] = "given (not this machine's measurements)" if given else "measure_model"
+        return cls(data)
+
+    # -- disk -------------------------------------------------------------------------------------------
+    save = LatencyTable.save
+
+    @classmethod
+    def load(cls, path, lm, db, grid: int = DEFAULT_GRID) -> StructureLatencyTable:
+        path = Path(path)
+        table = cls._read(path, lm, db, grid)
+        table.data["path"] = str(path)
+        return table
+
+    @classmethod
+    def _read(cls, path: Path, lm, db, grid: int) -> StructureLatencyTable:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise LmscopeError(
+                f"there is no readable latency table at '{path}'",
+                "drop --latency-table to measure one on this machine",
+            ) from None
+        if data.get("key") != structure_table_key(lm, db, grid):
+            raise LmscopeError(
+                f"the latency table '{path}' was measured for another model, space, level set, thread count or "
+                "CPU",
+                "drop --latency-table to measure one for this setup",
+            )
+        return cls(data)
+
+    @classmethod
+    def cached(cls, lm, db, path=None, grid: int = DEFAULT_GRID, timer=None, progress=None):
+        """The table at ``path`` (must exist and match), else the cached one for this setup, else measured now
+        and cached. A given ``timer`` is never cached (its table is not this machine's)."""
+        if path is not None:
+            return cls.load(path, lm, db, grid)
+        if timer is not None:
+            return cls.measure(lm, db, grid, timer=timer, progress=progress)
+        from ...models.cache import cache_root
+
+        default = (
+            cache_root() / "latency" / f"{lm.name.replace('/', '_')}-{structure_table_key(lm, db, grid)}.json"
+        )
+        if default.is_file():
+            try:
+                table = cls.load(default, lm, db, grid)
+                table.data["path"] = str(default)
+                return table
+            except LmscopeError:
+                pass
+        table = cls.measure(lm, db, grid, progress=progress)
+        table.save(default)
+        table.data["path"] = str(default)
+        return table
+
+
+class StructureLatencyCost:
+    """The latency budget of the structured and combined searches as a cost: the predicted mean of the prefill
+    and decode ratios to the original, from a ``StructureLatencyTable``."""
+
+    kind = "latency"
+
+    def __init__(self, table: StructureLatencyTable, db):
+        self.table = table
+        self.sdb, self.cdb = _struct_parts(db)
+        self.space = db.space
+        n = len(self.sdb.blocks)
+        self.parts = [self.cdb.part_units(i) for i in range(n)] if self.cdb is not None else None
+        self._memo: dict[tuple, tuple[float, float]] = {}
+
+    def layers_of_states(self, states, qconfig=None) -> list[tuple]:
+        out = []
+        for i, (heads, neurons, dropped) in enumerate(states):
+            attn = mlp = "float"
+            if qconfig is not None:
+                a, m = self.parts[i]
+                attn = "float" if a is None else qconfig[a]
+                mlp = "float" if m is None else qconfig[m]
+            out.append(
+                (
+                    None if heads is None else len(heads),
+                    None if neurons is None else len(neurons),
+                    dropped,
+                    attn,
+                    mlp,
+                )
+            )
+        return out
+
+    def seconds(self, config) -> tuple[float, float]:
+        config = tuple(config)
+        if config not in self._memo:
+            if self.cdb is not None:
+                s, q = self.space.split(config)
+            else:
+                s, q = config, None
+            self._memo[config] = self.table.seconds(self.layers_of_states(self.sdb.block_states(s), q))
+        return self._memo[config]
+
+    def total(self, config) -> float:
+        return self.table.fraction_of(self.seconds(config))
+
+    def states_fraction(self, states, qconfig=None) -> float:
+        return self.table.fraction_of(self.table.seconds(self.layers_of_states(states, qconfig)))
+
+    def unit(self, u: int, level: str) -> float:
+        """Unit ``u`` at ``level``, everything else full and float: its change in the budget's fraction."""
+        full = list(self.space.full())
+        base = self.total(full)
+        full[u] = level
+        return self.total(full) - base
+
+    def fields(self, config) -> dict:
+        p, d = self.seconds(config)
+        return {
+            "prefill_s": round(p, 5),
+            "decode_s": round(d, 5),
+            "latency_fraction": round(self.total(config), 5),
+        }
+
+
+def measure_chosen(
+    lm, recipe, table, predicted: dict, calibration_text=None, timer=None, rounds: int = 3
+) -> dict:
+    """The predicted latency of the chosen point checked on the real model ``compress`` builds from its recipe: it
+    and the original timed back to back in each of ``rounds`` rounds (so both see the same load), the measured
+    fraction the median of the rounds' ratios, beside the prediction (whose denominator is the table's reference,
+    timed when the table was measured)."""
+    from ..apply import compress
+
+    real = compress(lm, recipe, calibration_text=calibration_text)
+    timer = timer or (lambda m: measure_model(m, lm.vocab_size))
+    runs = []
+    for _ in range(rounds):
+        ref_p, ref_d = timer(lm.model)
+        p, d = timer(real.lm.model)
+        runs.append((p, d, ref_p, ref_d, 0.5 * (p / ref_p + d / ref_d)))
+    p, d, ref_p, ref_d, measured = sorted(runs, key=lambda r: r[-1])[len(runs) // 2]
+    return {
+        "prefill_s": round(p, 5),
+        "decode_s": round(d, 5),
+        "reference_prefill_s": round(ref_p, 5),
+        "reference_decode_s": round(ref_d, 5),
+        "latency_fraction": round(measured, 5),
+        "rounds": [round(r[-1], 5) for r in runs],
+        "predicted_fraction": predicted["latency_fraction"],
+        "predicted_prefill_s": predicted["prefill_s"],
+        "predicted_decode_s": predicted["decode_s"],
+        "error": round(measured / predicted["latency_fraction"] - 1, 4),
+    }

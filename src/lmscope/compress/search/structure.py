@@ -411,7 +411,9 @@ class StructuredEvolution(Evolution):
     the parent class's (one unit up, others down until the budget holds, free parameters refilled);
     children are canonicalized (a dropped block's other units do not matter)."""
 
-    def __init__(self, db: StructureDatabase, budget: int, evaluate, n_stages: int, seed=0, offspring=8):
+    def __init__(
+        self, db: StructureDatabase, budget, evaluate, n_stages: int, seed=0, offspring=8, cost=None
+    ):
         import random
 
         self.db = db
@@ -429,7 +431,8 @@ class StructuredEvolution(Evolution):
         self.extra_seeds: list[tuple[str, ...]] = []
         from .latency import ByteCost
 
-        self.cost = ByteCost(db)  # the parent's moves ask a cost: here block parameters (db.total_bytes)
+        # the parent's moves ask a cost: block parameters (db.total_bytes), or a StructureLatencyCost
+        self.cost = cost if cost is not None else ByteCost(db)
 
     def mutate(self, parent):
         child = super().mutate(parent)
@@ -489,7 +492,7 @@ class StructuredEvolution(Evolution):
         feasible = []
         for c in combos:
             config = uniform(c)
-            if config is not None and self.db.total_bytes(config) <= self.budget:
+            if config is not None and self.cost.total(config) <= self.budget:
                 feasible.append((c, config))
         # keep the uniform points no other uniform point dominates (more parameters at every kind)
         for c, config in feasible:
@@ -508,7 +511,7 @@ class StructuredEvolution(Evolution):
                     "drop" if u.kind == "block" and u.block in drop else lv
                     for u, lv in zip(space.units, full)
                 )
-                if self.db.total_bytes(config) <= self.budget:
+                if self.cost.total(config) <= self.budget:
                     out[space.canonical(config)] = f"drop {n} blocks (block influence)"
                     break
         return out
@@ -541,7 +544,7 @@ class StructuredEvolution(Evolution):
         for k in range(len(self.levels)):
             top = self._total_with(idx, k, 0)
             low = self._total_with(idx, k, len(self.levels[k]) - 1)
-            span.append(max(top - low, 1))
+            span.append(max(top - low, 1e-12))  # parameters, or a latency fraction
 
         full_total = self._total([0] * len(idx))
         removed_memo: dict[tuple[int, int], int] = {}
@@ -554,19 +557,18 @@ class StructuredEvolution(Evolution):
         idx = [start[k] if k not in movable else 0 for k in range(len(idx))]
         while self._total(idx) > budget:
             total = self._total(idx)
-            best, best_cost = None, math.inf
+            best, best_cost, best_j = None, math.inf, None
             for k in sorted(movable):
-                if idx[k] == len(self.levels[k]) - 1:
+                step = self._next_saving(idx, k, total)
+                if step is None:
                     continue
-                saved = total - self._total_with(idx, k, idx[k] + 1)
-                if saved <= 0:
-                    continue
-                cost = (loss(k, idx[k] + 1, total) - loss(k, idx[k], total)) / saved
+                j, saved = step
+                cost = (loss(k, j, total) - loss(k, idx[k], total)) / saved
                 if cost < best_cost:
-                    best, best_cost = k, cost
+                    best, best_cost, best_j = k, cost, j
             if best is None:
                 break
-            idx[best] += 1
+            idx[best] = best_j
         idx = self._refill(idx, sorted(range(len(idx)), key=lambda k: -weights[self.space.units[k].name]))
         return self.space.canonical(self._config(idx))
 
@@ -604,6 +606,15 @@ class StructuredEvolution(Evolution):
                 return tuple(config)
         return self.space.canonical(self._config(idx))
 
+    def _next_saving(self, idx, k: int, total) -> tuple[int, float] | None:
+        """Unit ``k``'s next lower level that saves cost, and what it saves (a measured latency can be flat
+        over a few levels: the greedy moves past such plateaus)."""
+        for j in range(idx[k] + 1, len(self.levels[k])):
+            saved = total - self._total_with(idx, k, j)
+            if saved > 0:
+                return j, saved
+        return None
+
     def _total_with(self, idx, k, level_index) -> int:
         j = list(idx)
         j[k] = level_index
@@ -629,6 +640,7 @@ class StructuredEvolution(Evolution):
                 self.space.canonical(self._config(self._refill(self._index(config), range(len(self.levels)))))
             )
         seeds = list(dict.fromkeys(seeds))
+        seeds = [c for c in seeds if self.cost.total(c) <= self.budget] or seeds
         scored = [(kl, i, c) for i, (kl, c) in enumerate(zip(self._many(seeds, self.last, "seed"), seeds))]
         self.parent = min(scored)[2]
         while True:
@@ -653,7 +665,41 @@ class StructuredEvolution(Evolution):
             self.history.append({"parent_kl": min(best_kl, parent_kl), "accepted": accepted})
 
 
+def latency_report(table, lm, space, points, chosen, latency: bool, calib, timer=None) -> dict:
+    """The latency table's summary for ``stats``, and under a latency budget the chosen point's predicted
+    latency checked on the model ``compress`` builds from its recipe."""
+    if table is None:
+        return {}
+    out = {
+        "latency_table": {
+            k: table.data.get(k)
+            for k in (
+                "path",
+                "key",
+                "prefill_tokens",
+                "threads",
+                "cpu",
+                "reference",
+                "fixed",
+                "grid",
+                "timings",
+            )
+            + ("measured_seconds", "timer")
+        }
+    }
+    if latency and chosen is not None:
+        from .latency import measure_chosen
+
+        config = tuple(points[chosen]["config"][u.name] for u in space.units)
+        out["chosen_measured"] = measure_chosen(lm, space.recipe(config), table, points[chosen], calib, timer)
+    return out
+
+
 def check_params_budget(evolution: StructuredEvolution, budget, reference: int) -> None:
+    if evolution.cost.kind == "latency":
+        from .strategy import check_budget
+
+        return check_budget(evolution, budget, reference)
     low = evolution.minimum_bytes()
     if low > evolution.budget:
         raise LmscopeError(
@@ -665,13 +711,14 @@ def check_params_budget(evolution: StructuredEvolution, budget, reference: int) 
 
 
 def uniform_baselines(
-    db: StructureDatabase, budget: int, configs: dict | None = None
+    db: StructureDatabase, budget, configs: dict | None = None, cost=None
 ) -> dict[str, list[tuple]]:
-    """Uniform importance-ordered pruning at the budget's parameters, off the level grid: every layer loses
-    the same number of neurons (the fewest that fit), alone and beside uniformly pruned heads. Returns block
-    states by label; ``configs`` (if given) receives each one's per-unit description (neuron fractions
+    """Uniform importance-ordered pruning at the budget, off the level grid: every layer loses the same number
+    of neurons (the fewest that fit), alone and beside uniformly pruned heads. ``cost(states)``: what the budget
+    limits (default: block parameters; a predicted latency fraction). Returns block states by label; ``configs`` (if given) receives each one's per-unit description (neuron fractions
     off the level grid)."""
     space = db.space
+    cost = db.params_of_states if cost is None else cost
     out: dict[str, list[tuple]] = {}
     configs = {} if configs is None else configs
     n = space.n_layers
@@ -690,7 +737,7 @@ def uniform_baselines(
     for label, heads in head_options:
         d = len(space.priors["neurons"][0])
         for keep in range(d - 1, 0, -1):  # counted with stand-in lists; the kept neurons chosen once it fits
-            if db.params_of_states([(heads.get(i), range(keep), False) for i in range(n)]) <= budget:
+            if cost([(heads.get(i), range(keep), False) for i in range(n)]) <= budget:
                 name = f"uniform {label}neurons {keep}/{d}"
                 configs[name] = {
                     **({f"{i}.attn": head_level(len(h)) for i, h in heads.items()}),
@@ -740,9 +787,14 @@ def search_structure(
     refit_damp=None,
     ray=None,
     workers=2,
+    latency_table=None,
+    latency_timer=None,
 ):
-    """``search`` for the structured spaces (heads, neurons, layers) under ``params=F``: F of the block
-    parameters kept. ``refit``: every candidate's sliced o_proj / down_proj re-solved by least squares on the
+    """``search`` for the structured spaces (heads, neurons, layers) under ``params=F`` (F of the block
+    parameters kept) or ``latency=F`` (the mean of the prefill and decode ratios to the original, predicted by a
+    ``StructureLatencyTable`` measured once on this machine and cached, or read from ``latency_table``;
+    ``latency_timer``: how models are timed, for tests); the chosen point's latency is then measured on the
+    model its recipe builds. ``refit``: every candidate's sliced o_proj / down_proj re-solved by least squares on the
     original model's inputs (``refit_tokens`` calibration tokens, ridge ``refit_damp``; the recipe carries
     it); uniform baselines are scored both with and without it. Returns a ``StructuredResult``."""
     import time
@@ -753,10 +805,10 @@ def search_structure(
     from .fitness import KLFitness, heldout_windows, perplexity
     from .store import _optuna
 
-    if budget.kind != "params":
+    if budget.kind not in ("params", "latency"):
         raise LmscopeError(
             f"a {budget.kind} budget does not apply to the structured spaces ({','.join(spaces)})",
-            "use --budget params=FRACTION (of the block parameters kept)",
+            "use --budget params=FRACTION (of the block parameters kept) or latency=FRACTION",
         )
     _optuna()
     calib = calibration_text or default_calibration_text()
@@ -768,8 +820,18 @@ def search_structure(
         space.refit_spec = compensation.spec
     db = StructureDatabase(lm, space, compensation)
     budget_params = int(budget.fraction * db.reference_params)
+    latency = budget.kind == "latency"
+    table = cost = None
+    if latency or latency_table is not None:
+        from .latency import StructureLatencyCost, StructureLatencyTable
+
+        table = StructureLatencyTable.cached(lm, db, latency_table, timer=latency_timer)
+        cost = StructureLatencyCost(table, db)
+    limit = budget.fraction if latency else budget_params
     fitness = KLFitness(lm, calib, calibration_tokens, window, stages)
-    evolution = StructuredEvolution(db, budget_params, None, fitness.n_stages, seed=seed, offspring=offspring)
+    evolution = StructuredEvolution(
+        db, limit, None, fitness.n_stages, seed=seed, offspring=offspring, cost=cost if latency else None
+    )
     check_params_budget(evolution, budget, db.reference_params)
     settings = {
         "model": lm.name,
@@ -789,6 +851,8 @@ def search_structure(
         if compensation is None
         else {**compensation.spec, "calibration_tokens_used": compensation.n_tokens},
     }
+    if table is not None:
+        settings["latency_table"] = table.data["key"]
     scorers = None
     if ray is not None:  # an unreachable address or a missing extra fails here, before any output
         from .distributed import RayScorers
@@ -827,7 +891,7 @@ def search_structure(
     if not sensitivity:  # a resumed or bounded search: read the probes back from storage
         for k, unit in enumerate(space.units):
             config = list(space.full())
-            config[k] = space.unit_levels[k][-1]
+            config[k] = evolution.levels[k][-1]
             r = trials.get(tuple(config), 0)
             if r is not None:
                 sensitivity[unit.name] = r["kl"]
@@ -844,6 +908,7 @@ def search_structure(
         params = int(r["bytes"])
         points.append(
             {
+                **(cost.fields(config) if cost is not None else {}),
                 "config": space.as_dict(config),
                 "describe": space.describe(config),
                 "params": params,
@@ -855,14 +920,14 @@ def search_structure(
                 "kl_tokens": fitness.stage_tokens[stage],
                 "stage": stage,
                 "final_stage": stage == last,
-                "within_budget": params <= budget_params,
+                "within_budget": evolution.cost.total(config) <= evolution.budget,
                 "origin": r["origin"],
                 "label": labels.get(config, ""),
             }
         )
     points.sort(key=lambda p: (p["params"], p["kl"]))
     finals = [p for p in points if p["final_stage"]]
-    for i in pareto_front(finals):
+    for i in pareto_front(finals, "latency_fraction" if latency else "bytes"):
         finals[i]["pareto"] = True
     full = space.full()
     feasible = [
@@ -884,7 +949,7 @@ def search_structure(
     with torch.no_grad():
         baseline_recipes, baseline_configs = {}, {}
         variants = [(True, " + refit"), (False, "")] if compensation is not None else [(False, "")]
-        plain = uniform_baselines(db, budget_params, baseline_configs)
+        plain = uniform_baselines(db, limit, baseline_configs, cost=cost.states_fraction if latency else None)
         for (compensate, suffix), (base_label, states) in (
             (v, item) for item in plain.items() for v in variants
         ):
@@ -900,8 +965,17 @@ def search_structure(
             params = db.params_of_states(states)
             work = db.assemble_states(states)
             kl, _ = fitness.kl(work, last)
+            timing = {}
+            if cost is not None:
+                sec = cost.table.seconds(cost.layers_of_states(states))
+                timing = {
+                    "prefill_s": round(sec[0], 5),
+                    "decode_s": round(sec[1], 5),
+                    "latency_fraction": round(cost.table.fraction_of(sec), 5),
+                }
             points.append(
                 {
+                    **timing,
                     "config": baseline_configs[label],
                     "describe": label,
                     "params": params,
@@ -913,7 +987,11 @@ def search_structure(
                     "kl_tokens": fitness.stage_tokens[last],
                     "stage": last,
                     "final_stage": False,
-                    "within_budget": params <= budget_params,
+                    "within_budget": (
+                        cost.states_fraction(states) <= budget.fraction
+                        if latency
+                        else params <= budget_params
+                    ),
                     "origin": "baseline",
                     "baseline": True,
                     "label": label,
@@ -922,6 +1000,7 @@ def search_structure(
                 }
             )
         db.compensate = compensation is not None
+    latency_stats = latency_report(table, lm, space, points, chosen, latency, calib, latency_timer)
     roles = None
     if head_roles and "heads" in spaces:
         roles = head_role_table(lm)
@@ -941,6 +1020,7 @@ def search_structure(
         settings=settings,
         stats={
             **run_stats(evaluator, evolution, db, fitness, heldout, search_seconds),
+            **latency_stats,
             "workers": f"ray {ray} x{workers}" if ray is not None else "in-process",
         },
         reference_ppl=reference_ppl,
@@ -1042,6 +1122,8 @@ class StructuredResult(SearchResult):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["budget"] = {"kind": "params", "fraction": self.budget.fraction, "params": self.budget_bytes}
+        if self.budget.kind == "latency":
+            d["budget"] = {"kind": "latency", "fraction": self.budget.fraction}
         d["reference"] = {"block_params": self.reference_params, "ppl": self.reference_ppl}
         d["unit_levels"] = self.unit_levels
         d["priors"] = self.priors
@@ -1050,6 +1132,14 @@ class StructuredResult(SearchResult):
         return d
 
     def to_text(self) -> str:
+        if self.budget.kind == "latency":
+            header = f"search {self.model}: budget {self.budget} of the original's measured latency"
+            where = lambda p: (  # noqa: E731
+                f"latency {p['latency_fraction']:.3f}, {p['params_fraction']:.3f} of block params"
+            )
+            return "\n".join(
+                self._text(header, "latency_fraction", where, 44) + self._latency_lines() + self._kept()
+            )
         header = (
             f"search {self.model}: budget {self.budget} = {self.budget_bytes:,} of "
             f"{self.reference_params:,} block parameters"
