@@ -24,7 +24,9 @@ demo: $(STAMP)
 # the whole suite, browser tests included (marker `browser`: headless Debian Chromium driven by the Python
 # Playwright client, never `playwright install`). `chromium` installs it with apt-get when it can, or stops
 # with the one command to run; LMSCOPE_REQUIRE_BROWSER=1 turns a missing browser into an error instead of
-# skipped tests, so a green `make test` means the browser tests ran.
+# skipped tests, so a green `make test` means the browser tests ran. pytest-xdist runs the files in one worker
+# per core (at most 4, each holding its own models), one torch thread each (tests/conftest.py); a file's tests
+# stay in one worker, so its module-scoped fixtures are built once. Plain `pytest` runs them in one process.
 CHROMIUM_PKGS := chromium fonts-dejavu-core fonts-liberation
 CHROMIUM_FIX := sudo apt-get install -y $(CHROMIUM_PKGS)
 
@@ -42,7 +44,7 @@ chromium:
 	  fi; }
 
 test: $(STAMP) chromium
-	LMSCOPE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
+	LMSCOPE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 serve: $(STAMP)
 	$(BIN)/lmscope serve

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# ``make test`` runs the suite in pytest-xdist workers (one per core): each worker's torch then takes one
+# thread, as do the CLI runs and subprocesses it starts (lmscope's --threads default reads OMP_NUM_THREADS).
+# torch's default of one thread per core would run cores x cores threads and make every matmul wait.
+# Set before torch is imported; OMP_NUM_THREADS set by the caller wins.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # tests must never reach a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,6 +138,22 @@ def smollm2(smollm2_dir):
     import lmscope
 
     return lmscope.load("smollm2", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_ray_runtime_at_a_time(request, tmp_path_factory):
+    """Under pytest-xdist (``make test``), tests marked ``ray`` take a lock shared by the workers: each starts
+    a local Ray runtime of its own (a process per core, a 512 MB object store), and two at once on a small
+    machine would compete for its cores and memory."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or request.node.get_closest_marker("ray") is None:
+        yield
+        return
+    import fcntl
+
+    # every worker's base temp folder is a sibling under the run's own: its parent is shared by the run only
+    with open(tmp_path_factory.getbasetemp().parent / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -65,12 +65,21 @@ def _shards_done(out: Path) -> int:
     return len(list((out / "windows").glob("shard-*"))) if (out / "windows").exists() else 0
 
 
-def test_sigkill_then_resume_gives_identical_outputs(tiny_dir, tmp_path):
-    ref, out = tmp_path / "ref", tmp_path / "out"
+@pytest.fixture(scope="module")
+def reference_scan(tiny_dir, tmp_path_factory):
+    """One uninterrupted scan in a subprocess (as users run it) with ``_args``: the reference that the killed and
+    resumed scan must reproduce byte for byte and the Ray scan must match (each test used to run its own copy).
+    Read-only for the tests."""
+    ref = tmp_path_factory.mktemp("scan") / "ref"
     p = _start(_args(tiny_dir, ref))
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
-    reference = _files(ref)
+    return ref
+
+
+def test_sigkill_then_resume_gives_identical_outputs(tiny_dir, reference_scan, tmp_path):
+    out = tmp_path / "out"
+    reference = _files(reference_scan)
     assert {"scan.json", "stats.safetensors", "topk.safetensors", "heads.json", "report.html"} <= set(
         reference
     )
@@ -98,6 +107,7 @@ def test_sigkill_then_resume_gives_identical_outputs(tiny_dir, tmp_path):
     assert p.returncode == 0, err
     assert _files(out) == reference
     assert not [q for q in tmp_path.rglob(".*")]  # no temporary files left anywhere
+    assert not [q for q in reference_scan.parent.rglob(".*")]
 
 
 def _err_line(capsys) -> str:
@@ -174,18 +184,14 @@ def test_resume_refuses_other_settings_and_existing_out_needs_resume(tiny_dir, t
 
 
 @pytest.mark.ray
-def test_ray_equals_in_process(tiny_dir, tmp_path):
+def test_ray_equals_in_process(tiny_dir, reference_scan, tmp_path):
     pytest.importorskip("ray")
-    common = _args(tiny_dir, tmp_path / "local")
-    p = _start(common)
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err
     t0 = time.time()
     p = _start([*_args(tiny_dir, tmp_path / "ray"), "--ray", "auto", "--workers", "2"])
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
     print(f"ray scan of 5000 tokens incl. runtime start: {time.time() - t0:.1f}s")
-    local, ray = tmp_path / "local", tmp_path / "ray"
+    local, ray = reference_scan, tmp_path / "ray"
     for name in ("topk.safetensors", "windows/index.safetensors"):
         a, b = load_file(local / name), load_file(ray / name)
         assert a.keys() == b.keys()
