@@ -160,7 +160,12 @@ def test_structured_latency_search(tiny, tmp_path):
     front = [p for p in data["points"] if p.get("pareto")]
     lat = sorted((p["latency_fraction"], p["kl"]) for p in front)
     assert all(b[1] < a[1] for a, b in zip(lat, lat[1:]))  # a front over latency: slower points have lower KL
-    assert "chosen latency: predicted" in (tmp_path / "out" / "report.html").read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "chosen latency: predicted" in html
+    assert "of the original&#x27;s measured latency" in html or "of the original's measured latency" in html
+    assert (
+        "latency predicted from the measured latency table" in html and "block parameters kept (" not in html
+    )
     assert "chosen latency: predicted" in res.to_text()
 
 

@@ -97,8 +97,10 @@ def search_report(result) -> Report:
     )
     sec = rep.section(
         "Summary",
-        note="bytes of the state dict as stored (the counter compress uses), as a fraction of the fp32 model; "
-        "KL on calibration tokens; perplexity on held-out text disjoint from calibration",
+        note=_cost_note(
+            result,
+            "bytes of the state dict as stored (the counter compress uses), as a fraction of the fp32 model",
+        ),
     )
     _summary(
         sec,
@@ -196,21 +198,39 @@ def structure_pareto_figure(result):
     )
 
 
+def _cost_note(result, other: str) -> str:
+    """The summary's note: what the cost column is (the predicted latency under a latency budget, else
+    ``other``), then KL and perplexity."""
+    cost = (
+        "latency predicted from the measured latency table, as a fraction of the original's (mean of the prefill "
+        "and decode ratios)"
+        if result.budget.kind == "latency"
+        else other
+    )
+    return f"{cost}; KL on calibration tokens; perplexity on held-out text disjoint from calibration"
+
+
 def structure_report(result) -> Report:
     from ..compress.search.structure import kept_structure, role_sentence, role_summary
     from .plots import plt  # noqa: F401  (Agg backend set up once)
 
     c = result.chosen_point
+    latency = result.budget.kind == "latency"
     rep = Report(
         f"Search: {result.model} (structure)",
-        subtitle=f"budget {result.budget} of the block parameters — "
+        subtitle=f"budget {result.budget} of the "
+        + ("original's measured latency" if latency else "block parameters")
+        + " — "
         + (c["describe"] if c else "no configuration within the budget"),
     )
     sec = rep.section(
         "Summary",
-        note="block parameters kept (attention, MLP and norms of the transformer blocks; embeddings and head "
-        "excluded) as a fraction of the original; KL on calibration tokens; perplexity on held-out text disjoint "
-        "from calibration. Uniform baselines: the same priors, the same amount removed in every layer",
+        note=_cost_note(
+            result,
+            "block parameters kept (attention, MLP and norms of the transformer blocks; embeddings and head "
+            "excluded) as a fraction of the original",
+        )
+        + ". Uniform baselines: the same priors, the same amount removed in every layer",
     )
     _summary(
         sec,
@@ -333,8 +353,10 @@ def combined_report(result) -> Report:
     )
     sec = rep.section(
         "Summary",
-        note="bytes of the state dict as compress stores the model the recipe builds, as a fraction of the fp32 "
-        "model; KL on calibration tokens; perplexity on held-out text disjoint from calibration",
+        note=_cost_note(
+            result,
+            "bytes of the state dict as compress stores the model the recipe builds, as a fraction of the fp32 model",
+        ),
     )
     _summary(
         sec,
