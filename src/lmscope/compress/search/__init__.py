@@ -274,6 +274,7 @@ def search(
             spaces,
             levels=levels,
             granularity=granularity,
+            embedding=embedding,
             **run,
             simulate=simulate,
             max_cache_bytes=max_cache_bytes,
@@ -303,11 +304,6 @@ def search(
     budget_bytes = int(budget.fraction * reference_bytes)
     table = cost = None
     if latency_table is not None or budget.kind == "latency":
-        if embedding != "int8":  # the latency table is measured with the int8 embedding + tied head
-            raise LmscopeError(
-                f"a latency table is measured with the int8 embedding, not '{embedding}'",
-                "drop --embedding, or use a bytes budget",
-            )
         from .latency import LatencyCost, LatencyTable
 
         table = LatencyTable.cached(lm, qspace, latency_table)
@@ -340,7 +336,7 @@ def search(
     )
     limit = budget.fraction if cost is not None else budget_bytes
     evolution = Evolution(db, limit, None, fitness.n_stages, seed=seed, offspring=offspring, cost=cost)
-    check_budget(evolution, budget, reference_bytes)  # before the store file exists
+    check_budget(evolution, budget, reference_bytes, embedding)  # before the store file exists
     scorers = None
     if ray is not None:  # an unreachable address or a missing extra fails here, before any output
         from .distributed import RayScorers
