@@ -214,7 +214,8 @@ def search(
     per-unit latency table measured on this machine (cached; ``latency_table``: a given table file).
     ``ray``: "auto" (a local runtime) or a cluster address: candidates are scored on ``workers`` Ray actors
     (same results as in-process). ``embedding``: the token embedding + tied head in every configuration,
-    "int8" or an int4 level ("gptq4-g32": GPTQ on the head's inputs), leaving its bytes to the blocks; GPTQ
+    "int8" or an int4 level ("gptq4-g32": GPTQ on the head's inputs), leaving its bytes to the blocks, or "float"
+    (as in the original model, its fp32 bytes counted; latency tables are measured with it); GPTQ
     levels and a GPTQ embedding use the calibration ``compress`` uses (8 x 256 tokens of the same text).
     Bad inputs raise ``LmscopeError`` before any output exists."""
     from ..calibration import default_calibration_text
