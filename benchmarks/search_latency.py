@@ -4,7 +4,7 @@ models ``compress`` builds from their recipes (prefill of 128 tokens + one decod
 table's interpolation checked against a direct measurement of a configuration off its grid of kept sizes.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/search_latency.py --budget latency=0.7 \\
-        --space quant,heads,neurons --max-evals 40 --time-limit 900
+        --space quant,heads,neurons --max-evals 40 --time-limit 900 [--embedding float]
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--space", default="quant,heads,neurons")
     ap.add_argument("--levels", default="float,int8,int4-g32")
     ap.add_argument("--granularity", default="block")
+    ap.add_argument(
+        "--embedding", default="int8", help="token embedding + tied head: int8 (default) or float"
+    )
     ap.add_argument("--max-evals", type=int, default=40)
     ap.add_argument("--time-limit", type=float, default=900.0, help="seconds of search (evaluations)")
     ap.add_argument("--calibration-tokens", type=int, default=128)
@@ -57,6 +60,7 @@ def main() -> None:
         args.space,
         levels=tuple(args.levels.split(",")),
         granularity=args.granularity,
+        embedding=args.embedding,
         simulate=quant,  # KL from emulated kernels (fast on this CPU); the latency table times the real ones
         calibration_tokens=args.calibration_tokens,
         heldout_tokens=args.heldout_tokens,
@@ -129,7 +133,10 @@ def main() -> None:
         check = (lv, kept, sorted(grid), pred, (mp, md, mf))
 
     print()
-    print(f"{args.model}, {args.budget}, --space {args.space}, levels {args.levels}, {load()}")
+    print(
+        f"{args.model}, {args.budget}, --space {args.space}, levels {args.levels}, embedding {args.embedding}, "
+        f"{load()}"
+    )
     print()
     print("| point | predicted latency | measured latency (prefill / decode) | KL | held-out ppl | Δppl |")
     print("|---|---|---|---|---|---|")

@@ -48,7 +48,9 @@ def add_parser(sub) -> None:
         "--embedding",
         default="int8",
         help="the token embedding + tied LM head in every configuration: int8 (default), int4-gN, int4m-gN or gptq4-gN "
-        "(GPTQ on the head's inputs), leaving its bytes to the blocks",
+        "(GPTQ on the head's inputs), leaving its bytes to the blocks; or float: as in the original model (its "
+        "fp32 bytes counted; on CPUs without bf16 matmul units its prefill is faster than int8's, which a "
+        "latency budget feels)",
     )
     p.add_argument("--granularity", default="kind", help="kind (block x attention/MLP, default) or block")
     p.add_argument("--out", required=True, help="folder for pareto.json, recipe.json, report.html, search.db")

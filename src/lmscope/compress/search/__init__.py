@@ -214,7 +214,8 @@ def search(
     per-unit latency table measured on this machine (cached; ``latency_table``: a given table file).
     ``ray``: "auto" (a local runtime) or a cluster address: candidates are scored on ``workers`` Ray actors
     (same results as in-process). ``embedding``: the token embedding + tied head in every configuration,
-    "int8" or an int4 level ("gptq4-g32": GPTQ on the head's inputs), leaving its bytes to the blocks; GPTQ
+    "int8" or an int4 level ("gptq4-g32": GPTQ on the head's inputs), leaving its bytes to the blocks, or "float"
+    (as in the original model, its fp32 bytes counted; latency tables are measured with it); GPTQ
     levels and a GPTQ embedding use the calibration ``compress`` uses (8 x 256 tokens of the same text).
     Bad inputs raise ``LmscopeError`` before any output exists."""
     from ..calibration import default_calibration_text
@@ -274,6 +275,7 @@ def search(
             spaces,
             levels=levels,
             granularity=granularity,
+            embedding=embedding,
             **run,
             simulate=simulate,
             max_cache_bytes=max_cache_bytes,
@@ -303,11 +305,6 @@ def search(
     budget_bytes = int(budget.fraction * reference_bytes)
     table = cost = None
     if latency_table is not None or budget.kind == "latency":
-        if embedding != "int8":  # the latency table is measured with the int8 embedding + tied head
-            raise LmscopeError(
-                f"a latency table is measured with the int8 embedding, not '{embedding}'",
-                "drop --embedding, or use a bytes budget",
-            )
         from .latency import LatencyCost, LatencyTable
 
         table = LatencyTable.cached(lm, qspace, latency_table)
@@ -340,7 +337,7 @@ def search(
     )
     limit = budget.fraction if cost is not None else budget_bytes
     evolution = Evolution(db, limit, None, fitness.n_stages, seed=seed, offspring=offspring, cost=cost)
-    check_budget(evolution, budget, reference_bytes)  # before the store file exists
+    check_budget(evolution, budget, reference_bytes, embedding)  # before the store file exists
     scorers = None
     if ray is not None:  # an unreachable address or a missing extra fails here, before any output
         from .distributed import RayScorers

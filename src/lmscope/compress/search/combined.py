@@ -3,8 +3,8 @@
 A candidate is a structure configuration (heads kept, MLP neurons kept, block kept or dropped: the units and
 levels of ``StructuredSpace``) and a precision configuration (a level per block or block x projection kind: the
 units and levels of ``QuantSpace``). Its bytes are exact: the state-dict bytes ``compress`` counts for the
-model its recipe builds (the embedding int8 as in every precision candidate; each kept linear at its level, at
-the shape the structure left). The recipe applies the structural steps first (``keep_heads``, ``keep_neurons``,
+model its recipe builds (the embedding int8, or ``embedding``, as in every precision candidate; each kept
+linear at its level, at the shape the structure left). The recipe applies the structural steps first (``keep_heads``, ``keep_neurons``,
 ``prune_layers``), then one ``quantize`` step per level over what is kept (paths renumbered past dropped
 blocks). The evolution is the structured search's (one unit up, others down until the budget holds), over the
 units of both parts, so a mutation moves either.
@@ -45,10 +45,23 @@ class CombinedSpace:
     name = "combined"
 
     def __init__(
-        self, lm, spaces, levels, granularity: str = "kind", calib=None, priors=None, prior_tokens=1024
+        self,
+        lm,
+        spaces,
+        levels,
+        granularity: str = "kind",
+        calib=None,
+        priors=None,
+        prior_tokens=1024,
+        embedding: str = "int8",
     ):
         struct = tuple(s for s in spaces if s in STRUCT_SPACES)
-        self.qspace = QuantSpace(lm, levels, granularity)
+        if embedding.startswith("gptq4"):  # the combined database keeps no calibration Hessians
+            raise LmscopeError(
+                f"embedding level '{embedding}' needs calibration Hessians the combined search does not keep",
+                "use --embedding int8, float, int4-gN or int4m-gN in a combined search",
+            )
+        self.qspace = QuantSpace(lm, levels, granularity, embedding)
         self.sspace = StructuredSpace(lm, struct, calib, priors=priors, prior_tokens=prior_tokens)
         self.spaces = self.sspace.spaces  # StructuredEvolution asks whether blocks can be dropped
         self.n_layers = self.sspace.n_layers
@@ -93,8 +106,8 @@ class CombinedSpace:
 
     def recipe(self, config):
         """Structure first (explicit kept heads / neurons, dropped blocks), then one quantize step per level over
-        the kept linears, their paths renumbered past the dropped blocks; the embedding int8 as in every
-        candidate."""
+        the kept linears, their paths renumbered past the dropped blocks; the embedding as in every candidate
+        (int8 by default, float: left as it is)."""
         from ..recipe import Quantize, Recipe
 
         s, q = self.split(self.canonical(config))
@@ -104,8 +117,9 @@ class CombinedSpace:
             steps += list(self.sspace.recipe(s).steps)
         gone = set(dropped)
         q = tuple("float" if u.block in gone else lv for u, lv in zip(self.qspace.units, q))
-        if all(lv == "float" for lv in q):  # the embedding is int8 in every candidate
-            qsteps = [Quantize("int8", modules=(self.qspace.embed,))]
+        emb = self.qspace.embedding
+        if all(lv == "float" for lv in q):  # the embedding as in every candidate (float: no step)
+            qsteps = [] if emb == "float" else [Quantize("int8", embedding=emb, modules=(self.qspace.embed,))]
         else:
             qsteps = list(self.qspace.recipe(q).steps)
         prefix = self.blocks + "."
@@ -145,7 +159,8 @@ class CombinedDatabase:
         self.simulate = simulate
         self.max_bytes = max_bytes
         with torch.no_grad():
-            C.quantize_embeddings(self.work)  # as in every precision candidate (and in the recipe)
+            if space.qspace.embedding != "float":  # as in every precision candidate (and in the recipe)
+                C.quantize_embeddings(self.work, space.qspace.embedding)
         fam = lm.family
         self.attn_prefix = fam.attn + "."
         self._attn: dict[str, bool] = {}
@@ -183,12 +198,12 @@ class CombinedDatabase:
         self.placed: dict[str, torch.nn.Module] = {}  # path -> the module this database put there
         space.restrict(self._divisible_levels())
         if simulate:
-            from ..quantize.modules import Int8TiedHead
+            from ..quantize.modules import Int4TiedHead, Int8TiedHead
             from ..targets import set_module
             from .levels import EmulatedLinear
 
             head = fam.unembed
-            if head and isinstance(self.work.module(head), Int8TiedHead):
+            if head and isinstance(self.work.module(head), (Int8TiedHead, Int4TiedHead)):
                 set_module(self.work.model, head, EmulatedLinear(self.work.module(head)))
 
     def _key(self, path: str, state) -> tuple | None:
@@ -485,11 +500,11 @@ class CombinedEvolution(StructuredEvolution):
         return self.space.canonical(self._config(idx))
 
 
-def check_bytes_budget(evolution: CombinedEvolution, budget, reference_bytes: int) -> None:
+def check_bytes_budget(evolution: CombinedEvolution, budget, reference_bytes: int, embedding=None) -> None:
     if evolution.cost.kind == "latency":
         from .strategy import check_budget
 
-        return check_budget(evolution, budget, reference_bytes)
+        return check_budget(evolution, budget, reference_bytes, embedding)
     low = evolution.minimum_bytes()
     if low > evolution.budget:
         raise LmscopeError(
@@ -507,6 +522,7 @@ def search_combined(
     *,
     levels,
     granularity="kind",
+    embedding="int8",
     calibration_text=None,
     calibration_tokens=512,
     window=64,
@@ -558,7 +574,7 @@ def search_combined(
     _optuna()
     calib = calibration_text or default_calibration_text()
     start = time.perf_counter()
-    space = CombinedSpace(lm, spaces, levels, granularity, calib, priors, prior_tokens)
+    space = CombinedSpace(lm, spaces, levels, granularity, calib, priors, prior_tokens, embedding)
     db = CombinedDatabase(lm, space, max_cache_bytes, simulate)
     reference_bytes = fp32_bytes(lm.model)
     budget_bytes = int(budget.fraction * reference_bytes)
@@ -574,13 +590,14 @@ def search_combined(
     evolution = CombinedEvolution(
         db, limit, None, fitness.n_stages, seed=seed, offspring=offspring, cost=cost if latency else None
     )
-    check_bytes_budget(evolution, budget, reference_bytes)
+    check_bytes_budget(evolution, budget, reference_bytes, embedding)
     settings = {
         "model": lm.name,
         "budget": str(budget),
         "space": ",".join(spaces),
         "levels": list(space.levels),
         "granularity": granularity,
+        "embedding": embedding,
         "calibration_tokens": calibration_tokens,
         "calibration": "given text" if calibration_text else "built-in calibration half",
         "window": window,
@@ -607,6 +624,7 @@ def search_combined(
                 "levels": tuple(levels),
                 "granularity": granularity,
                 "priors": space.priors,
+                "embedding": embedding,
             },
             {"text": calib, "tokens": calibration_tokens, "window": window, "stages": stages},
             simulate,

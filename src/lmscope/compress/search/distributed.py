@@ -53,7 +53,12 @@ def _evaluator_class(ray):
 
                 args = dict(space_args)
                 space = CombinedSpace(
-                    lm, args["spaces"], args["levels"], args["granularity"], priors=args["priors"]
+                    lm,
+                    args["spaces"],
+                    args["levels"],
+                    args["granularity"],
+                    priors=args["priors"],
+                    embedding=args.get("embedding", "int8"),
                 )
                 self.db = CombinedDatabase(lm, space, simulate=simulate)
             else:

@@ -3,8 +3,8 @@
 counted: on a CPU without bf16 matmul units an int4 layer's prefill is *slower* than fp32 (it unpacks to bf16),
 while its decode is faster (the int4 kernel reads fewer bytes) -- FLOPs say neither.
 
-A candidate's latency = the working model's measured all-float time (int8 embedding and head, as in every
-configuration) + the sum of its units' measured changes: for each group of units with the same layer shapes and
+A candidate's latency = the working model's measured all-float time (the token embedding and tied head stored
+as the space stores them in every configuration: int8 by default, or float, or int4) + the sum of its units' measured changes: for each group of units with the same layer shapes and
 each level, the whole model is timed with that group at the level and the rest float, and each unit gets its
 share of the change (exact for configurations uniform per group, additive in between). The budget is
 ``latency=F``: the mean of the prefill and decode ratios to the original model's measured times is at most F.
@@ -72,10 +72,29 @@ def table_key(lm, space) -> str:
             "threads": torch.get_num_threads(),
             "cpu": _cpu(),
             "prefill_tokens": PREFILL_TOKENS,
+            # the embedding the working model is timed with (absent for int8: tables measured before keep
+            # their key)
+            **({} if embedding_of(space) == "int8" else {"embedding": embedding_of(space)}),
         },
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def embedding_of(space) -> str:
+    """How a quantization or combined space stores the token embedding (+ tied head) in every configuration."""
+    return getattr(getattr(space, "qspace", space), "embedding", "int8")
+
+
+def embed_as_timed(work, embedding: str) -> None:
+    """Store ``work``'s token embedding (+ tied head) as ``embedding`` for timing: float leaves it; a GPTQ level
+    is timed on round-to-nearest codes (the same kernel, no Hessian needed)."""
+    from ..quantize import _common as C
+
+    if embedding == "float":
+        return
+    scheme, group = C.embedding_level(embedding)
+    C.quantize_embeddings(work, f"int4-g{group}" if scheme == "gptq4" else embedding)
 
 
 def default_table_path(lm, space) -> Path:
@@ -149,7 +168,6 @@ class LatencyTable:
     def measure(cls, lm, space, reps: int = 3, progress=None) -> LatencyTable:
         from ...lm import LM
         from ..quantize import SCHEMES, load_schemes
-        from ..quantize import _common as C
         from ..steps import Quantize
         from .space import LEVELS
 
@@ -161,7 +179,7 @@ class LatencyTable:
 
         reference = model_times(lm.model)
         work = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
-        C.quantize_embeddings(work)  # every configuration has the int8 embedding (and tied head)
+        embed_as_timed(work, space.embedding)  # as every configuration stores it
         work_float = model_times(work.model)
         from ..targets import set_module
 
@@ -204,6 +222,7 @@ class LatencyTable:
             "threads": torch.get_num_threads(),
             "cpu": _cpu(),
             "levels": list(space.levels),
+            "embedding": space.embedding,
             "units": units,
             "fixed": fixed,
             "reference": list(reference),
@@ -235,7 +254,8 @@ class LatencyTable:
             ) from None
         if data.get("key") != table_key(lm, space):
             raise LmscopeError(
-                f"the latency table '{path}' was measured for another model, level set, thread count or CPU",
+                f"the latency table '{path}' was measured for another model, level set, embedding, thread count "
+                "or CPU",
                 "drop --latency-table to measure one for this setup",
             )
         return cls(data, space)
@@ -376,6 +396,11 @@ def structure_table_key(lm, db, grid: int) -> str:
             "threads": torch.get_num_threads(),
             "cpu": _cpu(),
             "prefill_tokens": PREFILL_TOKENS,
+            **(
+                {"embedding": embedding_of(space)}
+                if cdb is not None and embedding_of(space) != "int8"
+                else {}
+            ),
         },
         sort_keys=True,
     )
@@ -390,8 +415,8 @@ class StructureLatencyTable:
     to back), at a grid of ``k``; the same for MLP neurons kept; and for the
     block dropped. Between grid sizes a layer's change is interpolated linearly in the kept count. Slicing never
     adds work, so each measured curve is made non-decreasing in the kept count (pool adjacent violators; the raw
-    measurements stay in ``data["raw"]``). A candidate = the all-float time (int8 embedding in the combined
-    space, as in every candidate there) + per kept block its attention change at (heads kept, attention
+    measurements stay in ``data["raw"]``). A candidate = the all-float time (the embedding stored in the
+    combined space as in every candidate there: int8 by default, or float) + per kept block its attention change at (heads kept, attention
     precision) + its MLP change at (neurons kept, MLP precision), per dropped block the drop change: precision
     and structure interact within a part (a narrower int4 layer is timed as such), parts and blocks add.
 
@@ -601,8 +626,8 @@ class StructureLatencyTable:
             ) from None
         if data.get("key") != structure_table_key(lm, db, grid):
             raise LmscopeError(
-                f"the latency table '{path}' was measured for another model, space, level set, thread count or "
-                "CPU",
+                f"the latency table '{path}' was measured for another model, space, level set, embedding, "
+                "thread count or CPU",
                 "drop --latency-table to measure one for this setup",
             )
         return cls(data)

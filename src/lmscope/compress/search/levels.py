@@ -93,7 +93,7 @@ class LevelDatabase:
         # simulate: candidates (and the int8 tied head) use ``EmulatedLinear``: the real kernels' prefill
         # arithmetic (bf16 rounding included) in fp32 matmuls, much faster on CPUs without bf16 matmul units
         self.simulate = simulate
-        # the working model: a copy whose embedding is int8 (every configuration has it so)
+        # the working model: a copy whose embedding is stored as every configuration has it (int8 by default)
         # GPTQ levels: every block linear's Hessian from the unquantized model on the calibration windows
         # ``compress`` uses by default (8 x 256 tokens of the same text), computed once; the weight errors are
         # then output errors on that Hessian for every level (a plain weight error ranks GPTQ below RTN)
@@ -107,7 +107,8 @@ class LevelDatabase:
         self.work = LM(copy.deepcopy(lm.model), lm.tokenizer, name=lm.name, path=None)
         with torch.no_grad():  # the embedding as the recipe's first quantize step stores it
             head_hessian = self.hessians.get(lm.family.unembed) if self.hessians else None
-            C.quantize_embeddings(self.work, space.embedding, head_hessian)
+            if space.embedding != "float":  # float: as in the original model
+                C.quantize_embeddings(self.work, space.embedding, head_hessian)
         self.float_modules = {p: self.work.model.get_submodule(p) for u in space.units for p in u.paths}
         self._cache: OrderedDict[tuple[int, str], dict[str, nn.Module]] = OrderedDict()
         self._cache_bytes: dict[tuple[int, str], int] = {}

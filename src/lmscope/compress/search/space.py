@@ -4,7 +4,9 @@ and the recipe a configuration stands for.
 The quantization space gives every block (or every block x projection kind: ``self_attn``, ``mlp``) one
 precision level. The token embedding (and a tied LM head) is int8 in every configuration, as in a uniform
 ``lmscope compress --quantize int4``, so the uniform configurations are exactly the uniform baselines; or, with
-``embedding="gptq4-g32"`` (or another int4 level), int4 in every configuration, its bytes left to the blocks.
+``embedding="gptq4-g32"`` (or another int4 level), int4 in every configuration, its bytes left to the blocks;
+or, with ``embedding="float"``, as in the original model in every configuration (its fp32 bytes counted): on a
+CPU without bf16 matmul units the int8 tied head's prefill is slower than fp32, which a latency budget feels.
 """
 
 from __future__ import annotations
@@ -162,10 +164,13 @@ class QuantSpace:
         self.embed = lm.family.embed
         # the token embedding (+ tied head), fixed for every configuration: int8 rows, or int4 (RTN / GPTQ on
         # the head's inputs), which leaves the blocks more of a bytes budget
-        step = Quantize("int8", embedding=embedding, modules=(self.embed,))
-        step.check(lm)
+        if embedding != "float":  # float: no step ever selects the embedding
+            Quantize("int8", embedding=embedding, modules=(self.embed,)).check(lm)
         head = lm.module(lm.family.unembed) if lm.family.unembed else None
-        if embedding != "int8" and getattr(head, "weight", None) is not lm.module(self.embed).weight:
+        if (
+            embedding not in ("int8", "float")
+            and getattr(head, "weight", None) is not lm.module(self.embed).weight
+        ):
             raise LmscopeError(
                 f"embedding level '{embedding}' needs an LM head tied to the embedding", "keep it int8"
             )
@@ -180,7 +185,8 @@ class QuantSpace:
 
     def recipe(self, config):
         """The Recipe this configuration stands for: one quantize step per level used, each owning its units'
-        linears; the embedding goes with the first step (int8 rows whatever the scheme). GPTQ steps come first:
+        linears; the embedding goes with the first step (int8 rows whatever the scheme), or with none when it stays
+        float. GPTQ steps come first:
         their Hessians are the unquantized model's, as in the level database."""
         from ..recipe import Quantize, Recipe
 
@@ -197,9 +203,10 @@ class QuantSpace:
         for i, (lv, paths) in enumerate(order):
             scheme, group = LEVELS[lv]
             extra = {"sequential": False} if scheme == "gptq4" else {}
-            if i == 0:
+            with_embed = i == 0 and self.embedding != "float"
+            if with_embed:
                 extra["embedding"] = self.embedding
-            modules = tuple(paths) + ((self.embed,) if i == 0 else ())
+            modules = tuple(paths) + ((self.embed,) if with_embed else ())
             steps.append(Quantize(scheme, group_size=group, modules=modules, **extra))
         return Recipe.of(*steps)
 

@@ -272,14 +272,19 @@ class Evolution:
             self.history.append({"parent_kl": min(best_kl, parent_kl), "accepted": accepted})
 
 
-def check_budget(evolution: Evolution, budget, reference_bytes: int) -> None:
+def check_budget(evolution: Evolution, budget, reference_bytes: int, embedding: str | None = None) -> None:
+    """Refuse a budget no configuration meets. ``embedding``: the space's token embedding storage; under a
+    latency budget, one that is not float gets ``--embedding float`` suggested (on CPUs without bf16 matmul
+    units the quantized tied head's prefill is slower than fp32)."""
     low = evolution.minimum_bytes()
     if evolution.cost.kind == "latency":
         if low > evolution.budget:
+            also = " or --embedding float (the token embedding and tied head kept fp32)"
             raise LmscopeError(
                 f"budget {budget} is below the fastest configuration of this space ({low:.3f} of the original's "
                 "measured prefill+decode latency on this machine)",
-                f"raise the budget to at least latency={math.ceil(low * 1000) / 1000:g}, or add levels",
+                f"raise the budget to at least latency={math.ceil(low * 1000) / 1000:g}, or add levels"
+                + (f",{also}" if embedding not in (None, "float") else ""),
             )
         return
     if low > evolution.budget:
