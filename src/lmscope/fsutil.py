@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+# set by the CLI's SIGINT handler: a Ctrl-C that some library swallowed (a bare ``except`` around an optional
+# import) is still honoured before anything is moved into place
+INTERRUPTED = threading.Event()
 
 
 @contextmanager
@@ -16,13 +21,16 @@ def atomic_directory(final: str | os.PathLike, keep_existing: bool = False) -> I
 
     A new ``final`` appears in one rename; into an existing one, each file is replaced by a rename
     (or, with ``keep_existing``, the existing directory wins: a concurrent writer finished first).
-    If the block raises, nothing is written and the temporary directory is removed.
+    If the block raises, or Ctrl-C was pressed meanwhile (``INTERRUPTED``), nothing is written and the temporary
+    directory is removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         _apply_umask(tmp)  # mkdtemp makes 0700 and some writers 0600: give what a plain mkdir/open would
         if not final.exists():
             os.replace(tmp, final)

@@ -131,3 +131,35 @@ def test_sigint_while_importing_gives_no_traceback(tmp_path, smollm2_dir):
     assert proc.returncode in (130, -2), err
     assert "Traceback" not in err and err.strip().splitlines() == ["lmscope: interrupted"]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_ctrl_c_swallowed_by_a_library_still_stops_before_anything_is_written(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    """Some third-party code catches every exception around an optional import, KeyboardInterrupt included.
+    The CLI's SIGINT handler remembers the press: the run ends with the interrupted line and code 130, and the
+    output folder is never moved into place."""
+    import os
+    import signal
+
+    import lmscope.views.report as report
+    from lmscope.cli.main import main
+
+    real = report.inspect_summary
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, delivered here
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        except BaseException:  # the library's bare except
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "inspect_summary", swallowing)
+    out = tmp_path / "o"
+    rc = main(["inspect", "--model", str(tiny_dir), "--text", "a short text", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[-1:] == ["lmscope: interrupted"], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 
 # verb modules, in the order --help lists them; a new verb is one module + one name here
 VERBS = [
@@ -53,11 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from ..fsutil import INTERRUPTED
+
+    def on_sigint(signum, frame):
+        INTERRUPTED.set()  # remembered even if a library catches the KeyboardInterrupt below
+        raise KeyboardInterrupt
+
+    INTERRUPTED.clear()
+    previous = signal.getsignal(signal.SIGINT)
+    ours = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if ours:  # not when Ctrl-C is ignored (nohup) or handled by a host program
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        return _main(argv)
+        code = _main(argv)
+        if INTERRUPTED.is_set():  # swallowed on the way, but nothing was moved into place after it
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:  # anywhere, imports included: one line, no traceback
         print("lmscope: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: list[str] | None) -> int:
