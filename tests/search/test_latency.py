@@ -43,8 +43,10 @@ def test_the_table_is_measured_not_counted(make_tiny, slow_int8):
         n = len(unit.paths)
         for k in (0, 1):  # prefill, decode
             int8, int4 = table.unit[(u, "int8")][k], table.unit[(u, "int4-g64")][k]
-            # int8 and int4 layers do the same matmul (same FLOPs); only the planted delay separates them
-            assert int8 - int4 >= 0.5 * DELAY * n
+            # int8 and int4 layers do the same matmul (same FLOPs, a FLOP count says 0); only the planted delay
+            # separates them. A quarter of it: a loaded machine (xdist workers beside other jobs) shifts whole-model
+            # timings by a good part of the delay (failed at half of it, load 4-5)
+            assert int8 - int4 >= 0.25 * DELAY * n
     assert table.fixed[0] >= 0 and table.reference[0] > 0 and table.reference[1] > 0
     # a candidate's latency is the fixed part plus its units'
     config = space.uniform("int8")
