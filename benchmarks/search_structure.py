@@ -25,18 +25,9 @@ import torch
 
 
 def prefill_seconds(models: dict, tokens: int, repeats: int) -> dict[str, float]:
-    ids = torch.randint(3, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():  # warm-up
-            m(input_ids=ids, attention_mask=mask, use_cache=False)
-        for _ in range(repeats):
-            for name, m in models.items():
-                t = time.perf_counter()
-                m(input_ids=ids, attention_mask=mask, use_cache=False)
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    from search_prefill import times  # the same in-turn timing loop
+
+    return {k: statistics.median(v) for k, v in times(models, tokens, repeats).items()}
 
 
 def main() -> None:
