@@ -114,7 +114,15 @@ def test_sigint_while_importing_gives_no_traceback(tmp_path, smollm2_dir):
     text = "When Mary and John went to the store, John gave a drink to"
     cmd = [sys.executable, "-m", "lmscope.cli.main", "explain", "--text", text, "--target", " Mary"]
     cmd += ["--out", str(tmp_path / "o")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: SIGINT at its default, whatever an earlier test left in this (xdist) worker -- an
+    # ignored SIGINT is inherited by the child, which then ignores every press
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     time.sleep(1.5)  # inside main by now: importing torch / transformers, loading the model or explaining
     # a third-party import can swallow one Ctrl-C (a bare except around an optional import: seen once in a
     # fresh-clone run, explain then finished with 0), so press it again, as a user would, until the process ends
@@ -134,7 +142,7 @@ def test_sigint_while_importing_gives_no_traceback(tmp_path, smollm2_dir):
 
 
 def test_a_ctrl_c_swallowed_by_a_library_still_stops_before_anything_is_written(
-    tiny_dir, tmp_path, capsys, monkeypatch
+    tiny_dir, tmp_path, capsys, monkeypatch, request
 ):
     """Some third-party code catches every exception around an optional import, KeyboardInterrupt included.
     The CLI's SIGINT handler remembers the press: the run ends with the interrupted line and code 130, and the
@@ -157,6 +165,9 @@ def test_a_ctrl_c_swallowed_by_a_library_still_stops_before_anything_is_written(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(report, "inspect_summary", swallowing)
+    # as in a terminal, whatever an earlier test left in this (xdist) worker (an ignored SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     out = tmp_path / "o"
     rc = main(["inspect", "--model", str(tiny_dir), "--text", "a short text", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

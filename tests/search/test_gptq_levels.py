@@ -229,7 +229,6 @@ def test_w8a8_level_reproduces_and_costs_the_bytes_of_int8(make_tiny):
     [
         (["--embedding", "int3"], "unknown embedding level 'int3'"),
         (["--levels", "int8,gptq-g48"], "unknown precision level 'gptq-g48'"),
-        (["--embedding", "int4-g32", "--budget", "latency=0.9"], "measured with the int8 embedding"),
     ],
 )
 def test_cli_bad_embedding_or_gptq_level_exits_2_and_writes_nothing(
