@@ -446,19 +446,9 @@ def search(
         )
     latency_stats = {}
     if table is not None:
-        latency_stats["latency_table"] = {
-            k: table.data.get(k)
-            for k in (
-                "path",
-                "key",
-                "prefill_tokens",
-                "threads",
-                "cpu",
-                "reference",
-                "fixed",
-                "measured_seconds",
-            )
-        }
+        from .latency import table_summary
+
+        latency_stats["latency_table"] = table_summary(table)
         if (
             chosen is not None and budget.kind == "latency"
         ):  # the estimate checked on the real compressed model

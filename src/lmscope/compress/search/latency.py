@@ -149,6 +149,24 @@ def paired_difference(model, base, vocab_size: int, rounds: int = 3) -> tuple[fl
     return statistics.median(dp), statistics.median(dd)
 
 
+#: what ``stats`` and pareto.json say of a latency table: where it is, what it was measured on, the reference
+SUMMARY_KEYS = ("path", "key", "prefill_tokens", "threads", "cpu", "reference", "fixed", "measured_seconds")
+
+
+def table_summary(table, *extra: str) -> dict:
+    return {k: table.data.get(k) for k in SUMMARY_KEYS + extra}
+
+
+def _read_table(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LmscopeError(
+            f"there is no readable latency table at '{path}'",
+            "drop --latency-table to measure one on this machine",
+        ) from None
+
+
 class LatencyTable:
     """``unit[(u, level)] = (prefill_s, decode_s)``, ``fixed = (prefill_s, decode_s)``, ``reference`` (the
     original model's measured prefill / decode seconds), ``measured_seconds`` (what building it took)."""
@@ -245,13 +263,7 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | os.PathLike, lm, space) -> LatencyTable:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise LmscopeError(
-                f"there is no readable latency table at '{path}'",
-                "drop --latency-table to measure one on this machine",
-            ) from None
+        data = _read_table(path)
         if data.get("key") != table_key(lm, space):
             raise LmscopeError(
                 f"the latency table '{path}' was measured for another model, level set, embedding, thread count "
@@ -617,13 +629,7 @@ class StructureLatencyTable:
 
     @classmethod
     def _read(cls, path: Path, lm, db, grid: int) -> StructureLatencyTable:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise LmscopeError(
-                f"there is no readable latency table at '{path}'",
-                "drop --latency-table to measure one on this machine",
-            ) from None
+        data = _read_table(path)
         if data.get("key") != structure_table_key(lm, db, grid):
             raise LmscopeError(
                 f"the latency table '{path}' was measured for another model, space, level set, embedding, "

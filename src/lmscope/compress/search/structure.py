@@ -670,23 +670,9 @@ def latency_report(table, lm, space, points, chosen, latency: bool, calib, timer
     latency checked on the model ``compress`` builds from its recipe."""
     if table is None:
         return {}
-    out = {
-        "latency_table": {
-            k: table.data.get(k)
-            for k in (
-                "path",
-                "key",
-                "prefill_tokens",
-                "threads",
-                "cpu",
-                "reference",
-                "fixed",
-                "grid",
-                "timings",
-            )
-            + ("measured_seconds", "timer")
-        }
-    }
+    from .latency import table_summary
+
+    out = {"latency_table": table_summary(table, "grid", "timings", "timer")}
     if latency and chosen is not None:
         from .latency import measure_chosen
 
