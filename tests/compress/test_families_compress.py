@@ -11,7 +11,7 @@ from lmscope.capture.session import hooks
 from lmscope.compress import PruneHeads, Quantize, compress
 from lmscope.compress.prune.heads import plan_heads, remove_heads
 from lmscope.errors import LmscopeError
-from lmscope.testing import tiny_model
+from lmscope.testing import FAMILIES, tiny_model
 
 SLICED = [
     "llama",
@@ -124,3 +124,36 @@ def test_smoothquant_runs_and_tracks_the_float_model(mt, causal_tokenizer):
         ref = lm.output_of(lm.forward(probe))
         got = res.lm.output_of(res.lm.forward(probe))
     assert float((got - ref).norm() / ref.norm()) < 0.1
+
+
+@pytest.mark.parametrize("mt", FAMILIES)
+def test_int4m_on_every_family_or_a_one_line_refusal(mt, causal_tokenizer, encoder_tokenizer):
+    """int4m ("scale and min") quantizes every family's block projections, GPT-2's Conv1D included: each stored
+    weight is within half a quantization step of the original, and the model still computes nearly the same
+    function; a family it cannot handle is refused with an LmscopeError (one line on the CLI)."""
+    from lmscope.compress.quantize.modules import Int4Linear
+    from lmscope.testing import ENCODERS
+
+    lm = LM(tiny_model(mt), encoder_tokenizer if mt in ENCODERS else causal_tokenizer, name=mt)
+    widths = {m.in_features for m in lm.model.modules() if isinstance(m, torch.nn.Linear)}
+    if any(w % 32 for w in widths):
+        pytest.skip(f"{mt}: a linear width is not a multiple of 32")
+    probe = _probe(lm)
+    with torch.no_grad():
+        ref = lm.output_of(lm.forward(probe))
+    try:
+        res = compress(lm, Quantize("int4m", group_size=32))
+    except LmscopeError as e:
+        assert "\n" not in str(e)
+        return
+    q4 = {n: m for n, m in res.lm.model.named_modules() if isinstance(m, Int4Linear)}
+    assert q4 and all(m.zero.dtype == torch.float16 for m in q4.values())
+    originals = dict(lm.model.named_modules())
+    for name, m in q4.items():
+        w = originals[name].weight.detach().float()
+        w = w.t() if type(originals[name]).__name__ == "Conv1D" else w
+        err = (m.dequantized_weight() - w).abs().view(w.shape[0], -1, 32).amax(-1)
+        assert bool((err <= 0.51 * m.scale.float() + 1e-3 * w.abs().max()).all()), name
+    with torch.no_grad():
+        got = res.lm.output_of(res.lm.forward(probe))
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.5
